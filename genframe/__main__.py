@@ -1,0 +1,3 @@
+from genframe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""The `genframe` command: `genframe <task> [overrides]`, `genframe plugins`, `--help`.
+
+Hydra runs every task (so `key=value`, `+key`, `~key`, `--cfg`, `--info` and `-m` work as
+Hydra users expect). This module only picks the task's primary config, loads plugins,
+and turns user mistakes into a short message with exit status 2. torch and Lightning are
+imported by the task functions, never here, so `genframe --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from genframe import __version__
+from genframe.config import TASKS
+from genframe.errors import GenframeError, did_you_mean
+
+TASK_HELP = {
+    "train": "fit a model on data; writes checkpoints, weights, samples, metrics",
+    "finetune": "continue from a run's weights (new data, frozen parts, new lr)",
+    "generate": "sample from a trained run or checkpoint into a new run directory",
+    "evaluate": "compute a trained model's metrics on validation data",
+}
+OTHER_COMMANDS = {"plugins": "list loaded plugins and what each registered"}
+# Keys whose children are open-ended (model-specific): `sampling.x=1` needs no `+`.
+OPEN_KEYS = ("sampling.", "condition.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        os.environ["GENFRAME_DEBUG"] = "1"
+    try:
+        return _dispatch(argv)
+    except GenframeError as exc:
+        if _show_traceback():
+            raise
+        print(f"genframe: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _show_traceback() -> bool:
+    return bool(os.environ.get("GENFRAME_DEBUG") or os.environ.get("HYDRA_FULL_ERROR"))
+
+
+def _dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(main_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"genframe {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "plugins":
+        from genframe.plugins_report import print_plugins
+
+        print_plugins()
+        return 0
+    if command not in TASKS:
+        from genframe.errors import UserError, valid_list
+
+        raise UserError(
+            f"unknown command '{command}'.{did_you_mean(command, [*TASKS, *OTHER_COMMANDS])}"
+            f" Commands: {valid_list([*TASKS, *OTHER_COMMANDS])} (see `genframe --help`)"
+        )
+    return run_task(command, rest)
+
+
+def run_task(task: str, overrides: list[str]) -> int:
+    """Run one task through Hydra with the given command-line arguments."""
+    import hydra
+
+    from genframe.config import conf_dir, register_plugin_configs
+    from genframe.hydra_errors import explain
+
+    register_plugin_configs()
+    overrides = [_open_key(a) for a in overrides]
+    # Let Hydra's exceptions reach us so they become our short messages (exit 2).
+    user_wants_full = bool(os.environ.get("HYDRA_FULL_ERROR"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    saved_argv = sys.argv
+    sys.argv = [f"genframe {task}", *overrides]
+    try:
+        app = hydra.main(config_path=str(conf_dir()), config_name=task, version_base="1.3")(
+            _task_entry
+        )
+        app()
+    except SystemExit as exc:  # argparse and --help exit through here
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    except GenframeError:
+        raise
+    except Exception as exc:
+        if user_wants_full or os.environ.get("GENFRAME_DEBUG"):
+            raise
+        message = explain(exc, task, overrides)
+        if message is None:
+            raise
+        print(f"genframe: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved_argv
+        if not user_wants_full:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+    return 0
+
+
+def _open_key(arg: str) -> str:
+    if arg.startswith(OPEN_KEYS) and "=" in arg:
+        return "++" + arg
+    return arg
+
+
+def _task_entry(cfg):
+    from genframe.tasks import run
+
+    return run(cfg)
+
+
+def main_help() -> str:
+    from genframe.config import config_groups
+
+    lines = [
+        f"genframe {__version__}: train, fine-tune, evaluate and sample generative models "
+        "from YAML configs.",
+        "",
+        "usage: genframe <command> [KEY=VALUE ...] [GROUP=CHOICE ...] [-m] [--cfg job] [--debug]",
+        "",
+        "tasks:",
+    ]
+    lines += [f"  {t:<10} {h}" for t, h in TASK_HELP.items()]
+    lines += ["", "other commands:"]
+    lines += [f"  {t:<10} {h}" for t, h in OTHER_COMMANDS.items()]
+    try:
+        from genframe.plugins import get_registry
+
+        extra = [d for _, d in get_registry().config_dirs]
+    except GenframeError as exc:
+        extra = []
+        lines += ["", f"(plugins could not be loaded: {exc})"]
+    lines += ["", "config groups (GROUP=CHOICE):"]
+    for group, choices in config_groups(extra).items():
+        lines.append(f"  {group:<10} {', '.join(choices)}")
+    lines += [
+        "",
+        "examples:",
+        "  genframe train                                   # VAE on the bundled digits",
+        "  genframe train model.latent_dim=8 trainer.max_epochs=20",
+        "  genframe train -m model.latent_dim=4,8 trainer.max_epochs=1",
+        "  genframe generate run=outputs/train/<time> num_samples=64 seed=0",
+        "  genframe train --help                            # a task's groups and config",
+        "",
+        "--debug (or HYDRA_FULL_ERROR=1) shows tracebacks. Plugins: GENFRAME_PLUGINS=a,b "
+        "loads only a and b; GENFRAME_DISABLE_PLUGIN_AUTOLOAD=1 loads none.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

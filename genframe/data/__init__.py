@@ -1,0 +1,1 @@
+"""Data modules shipped with genframe (registered through `genframe.data.builtin`)."""

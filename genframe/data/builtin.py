@@ -1,0 +1,11 @@
+"""genframe's own data modules, registered through the same hook plugins use."""
+
+from genframe.hookspecs import hookimpl
+
+
+@hookimpl
+def genframe_register_data(register):
+    register("digits", "genframe.data.digits:DigitsDataModule",
+             description="scikit-learn's 1,797 handwritten 8x8 digits with labels (offline)")
+    register("image_folder", "genframe.data.image_folder:ImageFolderDataModule",
+             description="your images from a folder tree (sub-folders become labels)")

@@ -1,0 +1,52 @@
+"""Errors genframe raises on purpose.
+
+`UserError` is for mistakes a user can fix (a bad override, a missing file, a model that
+does not fit the data). The CLI prints its message without a traceback and exits with
+status 2. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class GenframeError(Exception):
+    """Base class of errors whose message is meant for the user."""
+
+    exit_code = 1
+
+
+class UserError(GenframeError):
+    """A mistake in the user's config, command line or files (exit status 2)."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(GenframeError):
+    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+    exit_code = 1
+
+
+def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """The choices that look most like `word` (for 'did you mean' hints)."""
+    choices = [str(c) for c in choices]
+    found = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+    return found
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A ' Did you mean X?' suffix, or '' when nothing is close."""
+    found = closest(word, choices)
+    if not found:
+        return ""
+    return " Did you mean " + " or ".join(repr(f) for f in found) + "?"
+
+
+def valid_list(choices: Iterable[str], limit: int = 20) -> str:
+    choices = sorted(str(c) for c in choices)
+    text = ", ".join(choices[:limit])
+    if len(choices) > limit:
+        text += f", ... ({len(choices) - limit} more)"
+    return text or "(none)"

@@ -1,0 +1,25 @@
+"""Building blocks shared by genframe's models. Never imports a plugin."""
+
+from genframe.layers.conv import (
+    ConvDecoder,
+    ConvEncoder,
+    Downsample,
+    ResBlock,
+    Upsample,
+    as_size2d,
+    downsampled_sizes,
+    group_norm,
+    norm_groups,
+)
+
+__all__ = [
+    "ConvDecoder",
+    "ConvEncoder",
+    "Downsample",
+    "ResBlock",
+    "Upsample",
+    "as_size2d",
+    "downsampled_sizes",
+    "group_norm",
+    "norm_groups",
+]

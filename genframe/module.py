@@ -1,0 +1,91 @@
+"""`GenerativeModule`: the base class every genframe model plugin builds on."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+
+from genframe.samples import Samples
+
+
+class GenerativeModule(pl.LightningModule):
+    """A LightningModule that trains on genframe batches and can generate.
+
+    Subclasses compute their own objective in ``training_step``/``validation_step``
+    (logging ``train/loss`` and ``val/loss``), and implement :meth:`generate`.
+    Constructor arguments must be plain Python values (the YAML keys of the model's
+    config) and be saved with ``self.save_hyperparameters()`` so a checkpoint or a run
+    directory can rebuild the model.
+
+    Class attributes:
+        needs: batch keys the model reads (``"image"``, ``"label"``, ``"tokens"``,
+            ``"caption"``). An instance may narrow or widen it in ``__init__`` (a
+            class-conditional model needs ``"label"`` only when it is conditional).
+        condition_keys: keys ``generate(condition=...)`` accepts, empty when the model is
+            unconditional.
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset({"image"})
+    condition_keys: ClassVar[frozenset[str]] = frozenset()
+    #: Set by genframe's builder: ``{"name": registered name, "kwargs": constructor args}``.
+    genframe_spec: dict[str, Any] | None = None
+
+    def generate(
+        self,
+        num_samples: int,
+        *,
+        condition: dict[str, Any] | None = None,
+        seed: int | None = None,
+        **sampling: Any,
+    ) -> Samples:
+        """Generate `num_samples` samples.
+
+        Args:
+            num_samples: how many samples to make.
+            condition: e.g. ``{"label": 3}``; must only use keys in ``condition_keys``.
+            seed: the same seed gives the same samples; None draws a fresh seed, which is
+                recorded in the metadata.
+            **sampling: model-specific sampling options (temperature, sampler, ...).
+        """
+        raise NotImplementedError
+
+    def example_batch(self, batch_size: int = 4) -> dict[str, Any]:
+        """A random batch this model accepts (used by `genframe.testing`)."""
+        raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the model's spec so the checkpoint alone rebuilds it (call super() if
+        you override this)."""
+        if self.genframe_spec is not None:
+            checkpoint["genframe"] = self.genframe_spec
+
+    # -- helpers for subclasses -----------------------------------------------------
+
+    def check_condition(self, condition: dict[str, Any] | None) -> dict[str, Any]:
+        """Refuse condition keys the model cannot use (a `UserError`)."""
+        from genframe.errors import UserError, valid_list
+
+        condition = dict(condition or {})
+        unknown = set(condition) - set(self.condition_keys)
+        if unknown:
+            if not self.condition_keys:
+                raise UserError(
+                    f"condition: {type(self).__name__} is unconditional; it cannot use "
+                    f"{', '.join(sorted(unknown))}"
+                )
+            raise UserError(
+                f"condition: unknown key(s) {', '.join(sorted(unknown))}; this model "
+                f"accepts {valid_list(self.condition_keys)}"
+            )
+        return condition
+
+    def make_generator(self, seed: int | None) -> tuple[torch.Generator, int]:
+        """A torch.Generator on the model's device seeded with `seed` (or a fresh seed)."""
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**31)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed))
+        return gen, int(seed)

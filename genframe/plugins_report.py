@@ -1,0 +1,25 @@
+"""`genframe plugins`: what is loaded, from which distribution, and what it registered."""
+
+from __future__ import annotations
+
+from genframe.plugins import ALLOW_ENV, AUTOLOAD_ENV, get_registry
+
+
+def print_plugins() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    registry = get_registry()
+    table = Table(title="genframe plugins", show_lines=False)
+    for col in ("plugin", "distribution", "version", "registered"):
+        table.add_column(col)
+    for info in registry.plugins.values():
+        regs = [r for r in info.registered if not r.startswith("configs=")]
+        confs = [r.removeprefix("configs=") for r in info.registered if r.startswith("configs=")]
+        text = ", ".join(regs) + (f"\nconfigs: {', '.join(confs)}" if confs else "")
+        table.add_row(info.name, info.distribution, info.version, text or "(nothing)")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"[dim]{ALLOW_ENV}=a,b loads only a and b; {AUTOLOAD_ENV}=1 loads no entry-point plugin.[/dim]"
+    )

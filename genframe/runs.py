@@ -1,0 +1,162 @@
+"""Run directories: what a run writes, and how a later task reads it back.
+
+A run directory holds::
+
+    config.yaml           the composed config (interpolations kept, as Hydra composed it)
+    .hydra/               Hydra's own copy, the overrides and Hydra's settings
+    run.json              genframe and plugin versions, git revision, the model's name
+                          and constructor arguments, the resolved data config, lineage
+    checkpoints/          last.ckpt and best.ckpt (train and finetune)
+    model.safetensors     the weights of the best checkpoint
+    samples/              PNGs (or .txt), grid.png, manifest.jsonl
+    metrics.json          final metrics
+    logs/                 logger output (csv/, tensorboard/, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from genframe.errors import UserError
+
+RUN_INFO = "run.json"
+CONFIG = "config.yaml"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def git_revision() -> str | None:
+    """The git commit of the current directory's repository (with '-dirty'), if any."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def plugin_versions() -> dict[str, dict[str, str]]:
+    from genframe.plugins import get_registry
+
+    return {
+        name: {"distribution": p.distribution, "version": p.version}
+        for name, p in get_registry().plugins.items()
+    }
+
+
+def start_run(out_dir: Path, cfg, task: str, **info: Any) -> dict[str, Any]:
+    """Write config.yaml and run.json at the start of a task; returns the info dict."""
+    from omegaconf import OmegaConf
+
+    from genframe import __version__
+
+    out_dir = Path(out_dir)
+    if (out_dir / RUN_INFO).exists():
+        raise UserError(
+            f"run directory {out_dir} already holds a run; choose another hydra.run.dir "
+            "(nothing was overwritten)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / CONFIG, OmegaConf.to_yaml(cfg).encode())
+    record = {
+        "genframe_version": __version__,
+        "task": task,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_revision": git_revision(),
+        "plugins": plugin_versions(),
+        "status": "running",
+        **info,
+    }
+    atomic_write_json(out_dir / RUN_INFO, record)
+    return record
+
+
+def update_run(out_dir: Path, **info: Any) -> None:
+    path = Path(out_dir) / RUN_INFO
+    record = json.loads(path.read_text())
+    record.update(info)
+    atomic_write_json(path, record)
+
+
+@dataclass
+class Run:
+    """A finished (or interrupted) run directory, read back."""
+
+    path: Path
+    info: dict[str, Any]
+
+    @property
+    def config(self):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.load(self.path / CONFIG)
+
+    @property
+    def model_spec(self) -> dict[str, Any]:
+        return self.info["model"]
+
+    @property
+    def data_config(self) -> dict[str, Any] | None:
+        return self.info.get("data")
+
+    def checkpoint(self, which: str = "last") -> Path | None:
+        path = self.path / "checkpoints" / f"{which}.ckpt"
+        return path if path.exists() else None
+
+    def weights(self) -> Path | None:
+        path = self.path / WEIGHTS
+        return path if path.exists() else None
+
+
+def open_run(path: str | os.PathLike, *, key: str = "run") -> Run:
+    """Read a run directory; a clear `UserError` if it is missing or not genframe's."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{key}={path}: no such directory")
+    if not p.is_dir():
+        raise UserError(f"{key}={path}: not a directory (use ckpt= for a checkpoint file)")
+    info_path = p / RUN_INFO
+    if not info_path.exists():
+        raise UserError(
+            f"{key}={path}: not a genframe run directory (it has no {RUN_INFO}); "
+            "give the directory a `genframe train` run printed at its end"
+        )
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{key}={path}: {RUN_INFO} is not valid JSON ({exc})") from exc
+    if "model" not in info:
+        raise UserError(f"{key}={path}: this run holds no model (it was a '{info.get('task')}' run)")
+    return Run(p.resolve(), info)

@@ -1,0 +1,151 @@
+"""The one place where config becomes objects: data module, model, trainer, loggers.
+
+Everything built here takes plain Python arguments; a `DictConfig` never goes further.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from genframe.config import check_kwargs
+from genframe.errors import UserError, valid_list
+from genframe.plugins import get_registry
+
+
+def to_plain(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node."""
+    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    return node
+
+
+def source_map(group: str) -> Callable[[str], str]:
+    """Tell where a key of `group` was set: the command line or the group's YAML file."""
+    overrides: list[str] = []
+    choice = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        overrides = list(hc.overrides.task)
+        choice = hc.runtime.choices.get(group)
+    except (ValueError, ImportError):  # not inside a Hydra run (tests, notebooks)
+        pass
+
+    def source(key: str) -> str:
+        full = f"{group}.{key}"
+        for o in overrides:
+            if o.lstrip("+~").split("=", 1)[0] == full:
+                return f"the command line: {o}"
+        return f"{group}/{choice}.yaml" if choice else f"the '{group}' config"
+
+    return source
+
+
+def split_name(node: Mapping[str, Any], group: str) -> tuple[str, dict[str, Any]]:
+    kwargs = dict(node)
+    name = kwargs.pop("name", None)
+    if not name:
+        raise UserError(f"{group}: the config has no 'name' key naming a registered {group}")
+    return str(name), kwargs
+
+
+def instantiate_model(name: str, kwargs: dict[str, Any], *, where: str = "model", source=None):
+    """Build the registered model `name` from checked constructor arguments."""
+    cls = get_registry().model(name).load()
+    kwargs = check_kwargs(cls, kwargs, where=where, source=source)
+    model = cls(**kwargs)
+    model.genframe_spec = {"name": name, "kwargs": kwargs}
+    return model
+
+
+def build_model(model_cfg: Any):
+    name, kwargs = split_name(to_plain(model_cfg), "model")
+    return instantiate_model(name, kwargs, source=source_map("model"))
+
+
+def build_data(data_cfg: Any):
+    name, kwargs = split_name(to_plain(data_cfg), "data")
+    cls = get_registry().data_module(name).load()
+    kwargs = check_kwargs(cls, kwargs, where="data", source=source_map("data"))
+    return cls(**kwargs)
+
+
+# Model constructor argument -> data config key that must agree with it.
+_SHAPE_KEYS = {"in_channels": "channels", "image_size": "image_size", "num_classes": "num_classes"}
+
+
+def check_fit(model, data, data_cfg: Mapping[str, Any]) -> None:
+    """Refuse a model whose needs the data cannot meet, before any training starts."""
+    needs = set(getattr(model, "needs", ()))
+    provides = set(getattr(data, "provides", ()))
+    mname = (getattr(model, "genframe_spec", None) or {}).get("name", type(model).__name__)
+    dname = data_cfg.get("name", type(data).__name__)
+    missing = needs - provides
+    if missing:
+        raise UserError(
+            f"model '{mname}' needs batch keys {valid_list(needs)}, but data '{dname}' provides "
+            f"only {valid_list(provides)} (missing: {valid_list(missing)}). Choose data that "
+            "provides them, or a model setting that does not need them."
+        )
+    kwargs = (getattr(model, "genframe_spec", None) or {}).get("kwargs", {})
+    for mkey, dkey in _SHAPE_KEYS.items():
+        if mkey in kwargs and dkey in data_cfg and kwargs[mkey] and data_cfg[dkey]:
+            if kwargs[mkey] != data_cfg[dkey]:
+                raise UserError(
+                    f"model.{mkey}={kwargs[mkey]} but data.{dkey}={data_cfg[dkey]} "
+                    f"(model '{mname}', data '{dname}'): the model was built for other data. "
+                    f"Set data.{dkey}={kwargs[mkey]} or train a new model."
+                )
+
+
+def instantiate_group(node: Any, group: str) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a logger/callbacks config group."""
+    from hydra.utils import instantiate
+
+    objects = []
+    if node is None:
+        return objects
+    for key, entry in node.items():
+        if not isinstance(entry, (Mapping, DictConfig)) or "_target_" not in entry:
+            raise UserError(f"{group}.{key}: expected a mapping with a _target_ class")
+        try:
+            objects.append(instantiate(entry))
+        except Exception as exc:  # instantiate wraps the class's own TypeError
+            cause = exc.__cause__ or exc
+            raise UserError(f"{group}.{key}: cannot build {entry['_target_']}: {cause}") from exc
+    return objects
+
+
+def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None, train: bool = True):
+    """A Lightning Trainer from `cfg.trainer`, `cfg.logger` and `cfg.callbacks`."""
+    import pytorch_lightning as pl
+
+    from genframe.callbacks import FiniteLossGuard
+    from genframe.hardware import resolve_trainer_kwargs
+
+    kwargs = to_plain(cfg.trainer)
+    choice = "?"
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("trainer", "?")
+    except ValueError:
+        pass
+    kwargs = check_kwargs(pl.Trainer, kwargs, where="trainer", source=source_map("trainer"))
+    n_params = sum(p.numel() for p in model.parameters())
+    kwargs = resolve_trainer_kwargs(kwargs, n_params, choice)
+    loggers = instantiate_group(cfg.get("logger"), "logger") if train else []
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") if train else []
+    callbacks.append(FiniteLossGuard())
+    callbacks += extra_callbacks or []
+    return pl.Trainer(
+        **kwargs,
+        logger=loggers or False,
+        callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+        default_root_dir=str(cfg.paths.output_dir),
+    )

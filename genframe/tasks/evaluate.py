@@ -1,0 +1,51 @@
+"""`genframe evaluate`: a trained model's metrics on validation data."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from genframe.errors import UserError
+from genframe.runs import atomic_write_json, start_run, update_run
+from genframe.tasks.build import build_data, build_trainer, check_fit, to_plain
+from genframe.tasks.fit import report
+from genframe.weights import load_model
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Validate ``run`` (or ``ckpt``) on its data (or ``data=...``).
+
+    Writes ``metrics.json`` into the new run directory and appends a line to the
+    evaluated run's ``evaluations.jsonl``.
+    """
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"))
+    if cfg.get("data") is not None:
+        data_cfg = to_plain(cfg.data)
+    elif run is not None and run.data_config:
+        data_cfg = run.data_config
+    else:
+        raise UserError("evaluate from a checkpoint file needs data=<choice>")
+    data = build_data(data_cfg)
+    check_fit(model, data, data_cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    start_run(out_dir, cfg, "evaluate", source={"run": str(run.path) if run else None,
+                                               "weights": str(weights)}, data=data_cfg)
+    trainer = build_trainer(cfg, model, train=False)
+    results = trainer.validate(model, datamodule=data, verbose=False)
+    metrics = {k: float(v) for k, v in sorted((results[0] if results else {}).items())}
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    update_run(out_dir, status="completed")
+    if run is not None:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "evaluate_run": str(out_dir),
+                "data": data_cfg, "metrics": metrics}
+        with open(run.path / "evaluations.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    report(out_dir, metrics)
+    return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get("val/loss")}

@@ -1,0 +1,78 @@
+"""The training loop shared by `train` and `finetune`: fit, export, sample, report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genframe.errors import TrainingDiverged, UserError
+from genframe.runs import METRICS, WEIGHTS, atomic_write_json, start_run, update_run
+from genframe.sample_writer import write_samples
+from genframe.tasks.build import build_trainer, to_plain
+from genframe.weights import save_weights
+
+log = logging.getLogger("genframe")
+
+
+def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str | None = None,
+        lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train `model` on `data` under `cfg`, then write weights, samples and metrics."""
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    out_dir = Path(cfg.paths.output_dir)
+    trainer = build_trainer(cfg, model)
+    start_run(out_dir, cfg, task, model=model.genframe_spec, data=data_cfg, **(lineage or {}))
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    except TrainingDiverged:
+        update_run(out_dir, status="diverged")
+        raise
+    except MisconfigurationException as exc:
+        update_run(out_dir, status="failed")
+        raise UserError(f"{exc}".splitlines()[0] + f" (monitor={cfg.monitor})") from exc
+    if trainer.interrupted:
+        update_run(out_dir, status="interrupted")
+        raise UserError(f"training was interrupted; resume with `genframe train resume={out_dir}`")
+
+    best = _best_checkpoint(trainer)
+    if best is not None:  # export and sample from the best weights, not the last ones
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict(state)
+    save_weights(model, out_dir / WEIGHTS, model.genframe_spec)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    val = trainer.validate(model, datamodule=data, verbose=False)
+    metrics.update({k: float(v) for k, v in (val[0] if val else {}).items()})
+    metrics = {k: v for k, v in sorted(metrics.items()) if not k.endswith("_step")}
+
+    samples = None
+    if cfg.num_samples > 0:
+        model.eval()
+        samples = model.generate(cfg.num_samples, seed=cfg.seed, **to_plain(cfg.sampling))
+        write_samples(samples, out_dir)
+    atomic_write_json(out_dir / METRICS, metrics)
+    update_run(out_dir, status="completed", best_checkpoint=str(best) if best else None,
+               epochs=trainer.current_epoch, steps=trainer.global_step)
+    report(out_dir, metrics)
+    monitor = cfg.get("monitor")
+    return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get(monitor),
+            "model": model, "trainer": trainer, "samples": samples}
+
+
+def _best_checkpoint(trainer) -> str | None:
+    cb = getattr(trainer, "checkpoint_callback", None)
+    path = getattr(cb, "best_model_path", "") if cb is not None else ""
+    return path if path and Path(path).exists() else None
+
+
+def report(out_dir: Path, metrics: dict[str, float]) -> None:
+    """Print where the run is and its final metrics."""
+    lines = [f"run directory: {out_dir}"]
+    for key, value in metrics.items():
+        lines.append(f"  {key:<24} {value:.4f}")
+    print("\n".join(lines), flush=True)
+    log.info("run directory: %s; metrics: %s", out_dir, metrics)

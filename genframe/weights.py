@@ -1,0 +1,93 @@
+"""Saving and loading model weights without unpickling code.
+
+Weights go to safetensors with the model's spec (registered name and constructor
+arguments) in the file's metadata; Lightning checkpoints are read with
+``torch.load(weights_only=True)``. Either file alone is enough to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genframe.errors import UserError
+from genframe.runs import Run, atomic_write_bytes, open_run
+
+SPEC_KEY = "genframe"
+
+
+def save_weights(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> Path:
+    """Write `model`'s weights and `spec` to a safetensors file, atomically."""
+    from safetensors.torch import save
+
+    # Clones break storage sharing (tied weights), which safetensors refuses to write.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write_bytes(Path(path), save(state, metadata={SPEC_KEY: json.dumps(spec)}))
+    return Path(path)
+
+
+def read_weights(path: str | Path, *, key: str = "ckpt") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Return (spec, state_dict) from a .safetensors file or a Lightning .ckpt."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{key}={path}: no such file")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{key}={path}: not a readable safetensors file ({exc})") from exc
+        if SPEC_KEY not in meta:
+            raise UserError(f"{key}={path}: a safetensors file, but not genframe's (no model spec)")
+        return json.loads(meta[SPEC_KEY]), state
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or foreign file
+        raise UserError(
+            f"{key}={path}: cannot be read as a checkpoint without unpickling code "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
+    if not isinstance(ckpt, dict) or SPEC_KEY not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"{key}={path}: not a genframe checkpoint (no model spec inside)")
+    return ckpt[SPEC_KEY], ckpt["state_dict"]
+
+
+def build_from_spec(spec: dict[str, Any], state: dict[str, torch.Tensor] | None = None):
+    """Instantiate the registered model named in `spec` and load `state` into it."""
+    from genframe.tasks.build import instantiate_model
+
+    model = instantiate_model(spec["name"], spec["kwargs"], where="model", source=None)
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"the weights do not fit model '{spec['name']}': missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+    return model
+
+
+def load_model(run: str | None = None, ckpt: str | None = None) -> tuple[Any, Run | None, Path]:
+    """Rebuild a model from a run directory (its best weights) or a checkpoint file.
+
+    Returns (model, run or None, the weights file used).
+    """
+    if run is None and ckpt is None:
+        raise UserError("give run=<run directory> or ckpt=<checkpoint file>")
+    opened = open_run(run) if run is not None else None
+    if ckpt is None:
+        assert opened is not None
+        path = opened.weights() or opened.checkpoint("best") or opened.checkpoint("last")
+        if path is None:
+            raise UserError(f"run={run}: the run has no weights or checkpoints (did it finish?)")
+    else:
+        path = Path(ckpt).expanduser()
+    spec, state = read_weights(path)
+    return build_from_spec(spec, state), opened, Path(path).resolve()

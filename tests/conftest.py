@@ -1,0 +1,59 @@
+"""Shared fixtures: offline, CPU-only, every run in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+GENFRAME = [sys.executable, "-m", "genframe"]
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `genframe ARGS` in a subprocess; runs land under `cwd`/outputs."""
+    full_env = {**os.environ, "GENFRAME_OUTPUT_ROOT": str(Path(cwd) / "outputs"), **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([*GENFRAME, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    def _run(*args: str, **kw) -> subprocess.CompletedProcess:
+        return run_cli(*args, cwd=tmp_path, **kw)
+
+    return _run
+
+
+# Small and fast training settings for task tests.
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "model.latent_dim=2",
+    "model.channels=[8,16]",
+    "num_samples=4",
+]
+
+
+@pytest.fixture
+def compose_task(tmp_path):
+    """Compose a task's config as the CLI would, with its run directory in tmp_path."""
+    from genframe.config import compose
+
+    counter = iter(range(1000))
+
+    def _compose(task: str, *overrides: str):
+        out = tmp_path / f"{task}-{next(counter)}"
+        return compose(task, [*overrides, f"paths.output_dir={out}"])
+
+    return _compose

@@ -1,0 +1,15 @@
+"""Small models used by tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from genframe_plugins.vae.model import VAE
+
+
+class TokensModel(VAE):
+    """A VAE that (wrongly for image data) declares it needs token batches."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.needs = frozenset({"tokens"})
