@@ -42,8 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
 
 
+_USER_FULL_ERROR = bool(os.environ.get("HYDRA_FULL_ERROR"))
+
+
 def _show_traceback() -> bool:
-    return bool(os.environ.get("GENFRAME_DEBUG") or os.environ.get("HYDRA_FULL_ERROR"))
+    return bool(os.environ.get("GENFRAME_DEBUG") or _USER_FULL_ERROR)
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -77,9 +80,10 @@ def run_task(task: str, overrides: list[str]) -> int:
     from genframe.hydra_errors import explain
 
     register_plugin_configs()
+    _JOB_ERRORS.clear()
     overrides = [_open_key(a) for a in overrides]
     # Let Hydra's exceptions reach us so they become our short messages (exit 2).
-    user_wants_full = bool(os.environ.get("HYDRA_FULL_ERROR"))
+    user_wants_full = _USER_FULL_ERROR
     os.environ["HYDRA_FULL_ERROR"] = "1"
     saved_argv = sys.argv
     sys.argv = [f"genframe {task}", *overrides]
@@ -104,7 +108,17 @@ def run_task(task: str, overrides: list[str]) -> int:
         sys.argv = saved_argv
         if not user_wants_full:
             os.environ.pop("HYDRA_FULL_ERROR", None)
-    return 0
+    return _report_job_errors()
+
+
+def _report_job_errors() -> int:
+    if not _JOB_ERRORS:
+        return 0
+    if len(_JOB_ERRORS) == 1:
+        raise _JOB_ERRORS[0][1]
+    for overrides, exc in _JOB_ERRORS:
+        print(f"genframe: error: job [{overrides}]: {exc}", file=sys.stderr)
+    return max(exc.exit_code for _, exc in _JOB_ERRORS)
 
 
 def _open_key(arg: str) -> str:
@@ -113,10 +127,31 @@ def _open_key(arg: str) -> str:
     return arg
 
 
+_JOB_ERRORS: list[tuple[str, GenframeError]] = []
+
+
 def _task_entry(cfg):
     from genframe.tasks import run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except Exception as exc:
+        # Keep user errors away from Hydra's own error printing: the CLI reports them
+        # after Hydra returns (in a sweep, after the other jobs ran).
+        if _show_traceback():
+            raise
+        from hydra.core.hydra_config import HydraConfig
+
+        from genframe.errors import UserError
+        from genframe.hydra_errors import explain
+
+        if not isinstance(exc, GenframeError):
+            message = explain(exc, cfg.task_name, list(HydraConfig.get().overrides.task))
+            if message is None:
+                raise
+            exc = UserError(message)
+        _JOB_ERRORS.append((" ".join(HydraConfig.get().overrides.task), exc))
+        return None
 
 
 def main_help() -> str:

@@ -186,9 +186,11 @@ def _fits(value: Any, hint: Any) -> bool:
             return False
         if org is tuple and len(args) == 2 and args[1] is Ellipsis:
             args = (args[0],)
-        if org is tuple and args and len(args) != len(value) and len(args) != 1:
-            return False
-        return all(_fits(v, args[0] if len(args) == 1 else a) for v, a in zip(value, args or [Any] * len(value)))
+        if not args:
+            return True
+        if len(args) == 1:
+            return all(_fits(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args))
     if org in (dict, Mapping, typing.Mapping) or hint is dict:
         return isinstance(value, Mapping)
     if isinstance(hint, type):

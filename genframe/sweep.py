@@ -45,8 +45,10 @@ def _table(rows: list[dict], config: Any) -> str:
         keys.remove(monitor)
         keys.insert(0, monitor)
     keys = keys[:4]
-    header = ["job", "overrides", *keys]
-    body = [[r["job"], " ".join(r["overrides"]) or "-",
+    # Show only the overrides that differ between jobs (the swept ones).
+    common = set.intersection(*(set(r["overrides"]) for r in rows))
+    header = ["job", "swept", *keys]
+    body = [[r["job"], " ".join(o for o in r["overrides"] if o not in common) or "-",
              *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else r["status"] for k in keys)]
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]

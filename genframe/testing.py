@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +74,16 @@ def _check_training_step(m, batch, name: str) -> None:
     opt = opt[0] if isinstance(opt, (list, tuple)) else opt
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     before = [p.detach().clone() for p in m.parameters() if p.requires_grad]
-    out = m.training_step(batch, 0)
+    with warnings.catch_warnings():  # self.log() outside a Trainer only warns
+        warnings.simplefilter("ignore")
+        out = m.training_step(batch, 0)
     loss = out["loss"] if isinstance(out, dict) else out
     if loss is None:  # manual optimisation steps its own optimisers
         assert not m.automatic_optimization, f"{name}: training_step returned no loss"
     else:
         assert torch.is_tensor(loss) and loss.dim() == 0, f"{name}: loss must be a scalar tensor"
-        assert math.isfinite(float(loss)), f"{name}: loss is not finite ({float(loss)})"
+        value = float(loss.detach())
+        assert math.isfinite(value), f"{name}: loss is not finite ({value})"
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -98,7 +102,11 @@ def _check_lightning_loop(m, batch, name: str, tmp_path: Path | None) -> None:
             enable_progress_bar=False, enable_model_summary=False,
             default_root_dir=str(tmp_path or tmp),
         )
-        trainer.fit(m, train_dataloaders=[batch], val_dataloaders=[batch])
+        from torch.utils.data import DataLoader
+
+        # batch_size=None: the loader yields the ready-made batch as it is.
+        loader = DataLoader([batch], batch_size=None)
+        trainer.fit(m, train_dataloaders=loader, val_dataloaders=loader)
     for key in ("train/loss",):
         assert key in trainer.callback_metrics, f"{name}: training_step must log '{key}'"
     assert "val/loss" in trainer.callback_metrics, f"{name}: validation_step must log 'val/loss'"

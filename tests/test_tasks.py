@@ -62,10 +62,13 @@ def test_generate_from_checkpoint_file(trained, compose_task):
 def test_evaluate_matches_training_validation(trained, compose_task):
     from genframe.tasks.evaluate import evaluate
 
-    result = evaluate(compose_task("evaluate", f"run={trained['run_dir']}"))
+    result = evaluate(compose_task("evaluate", f"run={trained['run_dir']}", "trainer.limit_val_batches=1"))
+    again = evaluate(compose_task("evaluate", f"run={trained['run_dir']}", "trainer.limit_val_batches=1"))
     assert json.loads((result["run_dir"] / "metrics.json").read_text()) == result["metrics"]
-    # Same weights, same data, same seed: the same validation loss as the training run's.
-    assert result["metrics"]["val/loss"] == pytest.approx(trained["metrics"]["val/loss"], rel=1e-4)
+    assert again["metrics"] == result["metrics"]  # seeded: the ELBO's z samples repeat
+    # Same weights and validation batch as the training run's last validation; only the
+    # z sample of the ELBO estimate differs.
+    assert result["metrics"]["val/loss"] == pytest.approx(trained["metrics"]["val/loss"], rel=0.05)
     lines = (trained["run_dir"] / "evaluations.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["metrics"] == result["metrics"]
 

@@ -135,9 +135,9 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
         choice = HydraConfig.get().runtime.choices.get("trainer", "?")
     except ValueError:
         pass
-    kwargs = check_kwargs(pl.Trainer, kwargs, where="trainer", source=source_map("trainer"))
     n_params = sum(p.numel() for p in model.parameters())
     kwargs = resolve_trainer_kwargs(kwargs, n_params, choice)
+    kwargs = check_kwargs(pl.Trainer, kwargs, where="trainer", source=source_map("trainer"))
     loggers = instantiate_group(cfg.get("logger"), "logger") if train else []
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") if train else []
     callbacks.append(FiniteLossGuard())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,6 @@ from genframe.runs import METRICS, WEIGHTS, atomic_write_json, start_run, update
 from genframe.sample_writer import write_samples
 from genframe.tasks.build import build_trainer, to_plain
 from genframe.weights import save_weights
-
-log = logging.getLogger("genframe")
 
 
 def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str | None = None,
@@ -47,7 +44,9 @@ def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     val = trainer.validate(model, datamodule=data, verbose=False)
     metrics.update({k: float(v) for k, v in (val[0] if val else {}).items()})
-    metrics = {k: v for k, v in sorted(metrics.items()) if not k.endswith("_step")}
+    # Lightning also reports `x_step`/`x_epoch` copies of metrics logged both ways.
+    metrics = {k: v for k, v in sorted(metrics.items())
+               if not k.endswith("_step") and not (k.endswith("_epoch") and k[:-6] in metrics)}
 
     samples = None
     if cfg.num_samples > 0:
@@ -75,4 +74,3 @@ def report(out_dir: Path, metrics: dict[str, float]) -> None:
     for key, value in metrics.items():
         lines.append(f"  {key:<24} {value:.4f}")
     print("\n".join(lines), flush=True)
-    log.info("run directory: %s; metrics: %s", out_dir, metrics)

@@ -54,8 +54,12 @@ def _log_ndtr_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     lo = torch.where(upper, -b, a)
     log_hi = torch.special.log_ndtr(hi)
     log_lo = torch.special.log_ndtr(lo)
+    # d = log Phi(lo) - log Phi(hi) < 0. Far out in a tail both logs are ~-1e9 and float32
+    # rounding can make d >= 0; the clamp keeps expm1 finite there (the value is ~-1e9
+    # anyway, and the gradient still flows through log_hi towards the data).
+    d = (log_lo - log_hi).clamp(max=-1e-30)
     # -expm1(d) = 1 - exp(d) without cancellation when d is close to 0 (narrow bins).
-    return log_hi + torch.log((-torch.expm1(log_lo - log_hi)).clamp_min(1e-30))
+    return log_hi + torch.log(-torch.expm1(d))
 
 
 def discretized_gaussian_log_prob(
@@ -76,16 +80,17 @@ def discretized_gaussian_log_prob(
     half_bin = 1.0 / (num_levels - 1)
     inv_scale = torch.exp(-log_scale)
     centered = x - mean
-    lower = centered - half_bin
-    upper = centered + half_bin
-    # Edge bins: the open interval (-inf, upper) and (lower, +inf). The sentinels are
-    # finite so gradients stay finite; Phi(+-1e4) is exactly 1 / 0 in float32.
-    edge = 1e4
+    # Standardised bin edges. The clamp only binds for a mean absurdly far from the data
+    # (where the mass is ~0 anyway); it keeps log_ndtr from overflowing to -inf.
+    a = ((centered - half_bin) * inv_scale).clamp(-1e5, 1e5)
+    b = ((centered + half_bin) * inv_scale).clamp(-1e5, 1e5)
+    # All three branches are finite everywhere, so torch.where passes finite gradients.
+    log_first = torch.special.log_ndtr(b)  # x = -1 owns (-inf, upper)
+    log_last = torch.special.log_ndtr(-a)  # x = +1 owns (lower, +inf)
+    log_mid = _log_ndtr_diff(a, b)
     first = x < -1 + half_bin
     last = x > 1 - half_bin
-    a = torch.where(first, torch.full_like(lower, -edge), lower * inv_scale)
-    b = torch.where(last, torch.full_like(upper, edge), upper * inv_scale)
-    return _log_ndtr_diff(a, b)
+    return torch.where(first, log_first, torch.where(last, log_last, log_mid))
 
 
 class VAE(GenerativeModule):

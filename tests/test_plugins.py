@@ -1,0 +1,70 @@
+"""Plugin discovery: entry points, allow-list and autoload switches, attribution."""
+
+from __future__ import annotations
+
+import pytest
+
+from genframe import plugins
+from genframe.errors import UserError
+from genframe.hookspecs import hookimpl
+
+
+def test_builtins_come_through_entry_points():
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="genframe")}
+    assert "vae" in names
+    registry = plugins.build_registry()
+    assert registry.models["vae"].plugin == "vae"
+    assert registry.plugins["vae"].distribution == "genframe"
+    assert "model=vae" in registry.plugins["vae"].registered
+
+
+def test_disable_autoload(monkeypatch):
+    monkeypatch.setenv(plugins.AUTOLOAD_ENV, "1")
+    registry = plugins.build_registry()
+    assert "vae" not in registry.models
+    assert "digits" in registry.data  # the core's data modules are not plugins
+
+
+def test_allow_list(monkeypatch):
+    monkeypatch.setenv(plugins.AUTOLOAD_ENV, "1")
+    monkeypatch.setenv(plugins.ALLOW_ENV, "vae")
+    assert "vae" in plugins.build_registry().models
+
+
+def test_allow_list_unknown_name(monkeypatch):
+    monkeypatch.setenv(plugins.ALLOW_ENV, "vea")
+    with pytest.raises(UserError, match="Did you mean 'vae'"):
+        plugins.build_registry()
+
+
+class _Twice:
+    @staticmethod
+    @hookimpl
+    def genframe_register_models(register):
+        register("vae", "genframe_plugins.vae.model:VAE")
+
+
+def test_duplicate_names_are_refused():
+    with pytest.raises(UserError, match="registered twice"):
+        plugins.build_registry([("twice", _Twice)])
+
+
+def test_unknown_model_name_suggests():
+    registry = plugins.build_registry()
+    with pytest.raises(UserError, match="Did you mean 'vae'"):
+        registry.model("vea")
+
+
+def test_cli_plugins_lists_what_each_registered(cli):
+    result = cli("plugins")
+    assert result.returncode == 0, result.stderr
+    assert "vae" in result.stdout and "model=vae" in result.stdout
+    assert "digits" in result.stdout
+
+
+def test_cli_with_autoload_off_has_no_vae(cli):
+    result = cli("train", "--cfg", "job", env={plugins.AUTOLOAD_ENV: "1"})
+    assert result.returncode == 2
+    assert "model=vae" in result.stderr
