@@ -41,19 +41,42 @@ def quantize(x: torch.Tensor, num_levels: int) -> torch.Tensor:
     return torch.round((x.clamp(-1, 1) + 1) * (step / 2)) * (2 / step) - 1
 
 
+# Below this point log Phi(x) uses its asymptotic series (see `_log_ndtr`).
+_LOWER_TAIL = -20.0
+
+
+def _log_ndtr(x: torch.Tensor) -> torch.Tensor:
+    """log Phi(x), the log standard normal CDF, with a usable gradient everywhere.
+
+    torch.special.log_ndtr has accurate values, but in float32 its gradient goes wrong
+    below about -1000 (and can overflow to inf), which a badly placed mean early in
+    training can reach. Below -20 we use the asymptotic series (Abramowitz & Stegun
+    26.2.12) log Phi(x) = -x^2/2 - log(-x) - log(2 pi)/2 + log(1 - 1/x^2 + 3/x^4 - ...),
+    whose truncation error there is below 1e-7 and whose gradient is exact arithmetic.
+    """
+    inner = torch.special.log_ndtr(x.clamp(min=_LOWER_TAIL))
+    t = x.clamp(max=_LOWER_TAIL)  # both branches stay finite, so where() is safe
+    t2 = t * t
+    tail = (
+        -0.5 * t2 - torch.log(-t) - 0.5 * math.log(2 * math.pi)
+        + torch.log1p(-1.0 / t2 + 3.0 / (t2 * t2))
+    )
+    return torch.where(x < _LOWER_TAIL, tail, inner)
+
+
 def _log_ndtr_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """log(Phi(b) - Phi(a)) for a < b, accurate in both tails.
 
     Subtracting two CDFs loses everything when both are near 1, so for intervals in the
     upper half we use the mirror identity Phi(b) - Phi(a) = Phi(-a) - Phi(-b). Then
     log(Phi(hi) - Phi(lo)) = log Phi(hi) + log(1 - exp(log Phi(lo) - log Phi(hi))),
-    where log_ndtr stays accurate deep in the lower tail.
+    where log Phi stays accurate deep in the lower tail.
     """
     upper = (a + b) > 0
     hi = torch.where(upper, -a, b)
     lo = torch.where(upper, -b, a)
-    log_hi = torch.special.log_ndtr(hi)
-    log_lo = torch.special.log_ndtr(lo)
+    log_hi = _log_ndtr(hi)
+    log_lo = _log_ndtr(lo)
     # d = log Phi(lo) - log Phi(hi) < 0. Far out in a tail both logs are ~-1e9 and float32
     # rounding can make d >= 0; the clamp keeps expm1 finite there (the value is ~-1e9
     # anyway, and the gradient still flows through log_hi towards the data).
@@ -81,12 +104,12 @@ def discretized_gaussian_log_prob(
     inv_scale = torch.exp(-log_scale)
     centered = x - mean
     # Standardised bin edges. The clamp only binds for a mean absurdly far from the data
-    # (where the mass is ~0 anyway); it keeps log_ndtr from overflowing to -inf.
+    # (where the mass is ~0 anyway); it keeps x^2 in the tail series finite.
     a = ((centered - half_bin) * inv_scale).clamp(-1e5, 1e5)
     b = ((centered + half_bin) * inv_scale).clamp(-1e5, 1e5)
     # All three branches are finite everywhere, so torch.where passes finite gradients.
-    log_first = torch.special.log_ndtr(b)  # x = -1 owns (-inf, upper)
-    log_last = torch.special.log_ndtr(-a)  # x = +1 owns (lower, +inf)
+    log_first = _log_ndtr(b)  # x = -1 owns (-inf, upper)
+    log_last = _log_ndtr(-a)  # x = +1 owns (lower, +inf)
     log_mid = _log_ndtr_diff(a, b)
     first = x < -1 + half_bin
     last = x > 1 - half_bin
