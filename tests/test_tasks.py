@@ -112,3 +112,51 @@ def test_resume_continues_from_last_checkpoint(trained, compose_task):
     assert info["epochs"] == 3
     # The resumed run keeps the stored model config, not the default one.
     assert info["model"]["kwargs"]["latent_dim"] == 2
+
+
+def _image_folder(root, channels_mode="L", n=12):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(12, 12, generator=g) * 255).byte().numpy()
+        Image.fromarray(arr, mode="L").convert(channels_mode).save(root / f"img{i}.png")
+    return root
+
+
+def test_finetune_on_an_image_folder(trained, compose_task, tmp_path):
+    from genframe.tasks.finetune import finetune
+
+    folder = _image_folder(tmp_path / "pics")
+    cfg = compose_task("finetune", f"run={trained['run_dir']}", "data=image_folder",
+                       f"data.root={folder}", "data.channels=1", "data.image_size=8",
+                       "data.num_levels=17", "data.batch_size=4",
+                       *[o for o in FAST if not o.startswith("model.")])
+    result = finetune(cfg)
+    info = json.loads((result["run_dir"] / "run.json").read_text())
+    assert info["data"]["name"] == "image_folder" and info["data"]["root"] == str(folder)
+
+
+def test_finetune_refuses_data_of_another_shape(trained, compose_task, tmp_path):
+    from genframe.errors import UserError
+    from genframe.tasks.finetune import finetune
+
+    folder = _image_folder(tmp_path / "rgb", "RGB")
+    cfg = compose_task("finetune", f"run={trained['run_dir']}", "data=image_folder",
+                       f"data.root={folder}", "data.image_size=8")
+    with pytest.raises(UserError, match=r"model.in_channels=1 but data.channels=3"):
+        finetune(cfg)
+
+
+def test_train_on_image_folder_skips_corrupt_files(compose_task, tmp_path, caplog):
+    from genframe.tasks.train import train
+
+    folder = _image_folder(tmp_path / "mixed", "RGB")
+    (folder / "broken.png").write_bytes(b"not an image")
+    cfg = compose_task("train", "data=image_folder", f"data.root={folder}", "data.image_size=16",
+                       "data.batch_size=4", *FAST)
+    with caplog.at_level("WARNING", logger="genframe"):
+        result = train(cfg)
+    assert "skipped 1 of 13" in caplog.text and "broken.png" in caplog.text
+    assert result["samples"].images.shape[1:] == (3, 16, 16)

@@ -110,7 +110,17 @@ def test_untrained_loss_is_near_uniform_guess():
     assert 0.5 * 64 * math.log(17) < nelbo < 2 * 64 * math.log(17)
 
 
-def test_training_lowers_validation_negative_elbo():
+@pytest.fixture
+def one_thread():
+    # Tiny convs gain nothing from intra-op threads, and on a busy machine with few cores
+    # OpenMP spin-waiting can make them 10x slower; one thread keeps the test ~5 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_lowers_validation_negative_elbo(one_thread):
     torch.manual_seed(0)
     images, _ = digits()
     train, val = images[:1024], images[-256:]

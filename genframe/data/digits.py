@@ -48,6 +48,8 @@ class DigitsDataModule(GenerativeDataModule):
         self.seed = seed
         self.image_size = image_size
         self.channels = channels
+        self.num_classes = num_classes
+        self.num_levels = num_levels
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

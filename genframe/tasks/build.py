@@ -93,10 +93,13 @@ def check_fit(model, data, data_cfg: Mapping[str, Any]) -> None:
         )
     kwargs = (getattr(model, "genframe_spec", None) or {}).get("kwargs", {})
     for mkey, dkey in _SHAPE_KEYS.items():
-        if mkey in kwargs and dkey in data_cfg and kwargs[mkey] and data_cfg[dkey]:
-            if kwargs[mkey] != data_cfg[dkey]:
+        # The data module's attribute wins: it may be filled in from the files (the
+        # number of class folders), while the config still says 0.
+        dval = getattr(data, dkey, None) or data_cfg.get(dkey)
+        if kwargs.get(mkey) and dval:
+            if kwargs[mkey] != dval:
                 raise UserError(
-                    f"model.{mkey}={kwargs[mkey]} but data.{dkey}={data_cfg[dkey]} "
+                    f"model.{mkey}={kwargs[mkey]} but data.{dkey}={dval} "
                     f"(model '{mname}', data '{dname}'): the model was built for other data. "
                     f"Set data.{dkey}={kwargs[mkey]} or train a new model."
                 )
