@@ -145,10 +145,17 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") if train else []
     callbacks.append(FiniteLossGuard())
     callbacks += extra_callbacks or []
-    return pl.Trainer(
-        **kwargs,
-        logger=loggers or False,
-        callbacks=callbacks,
-        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
-        default_root_dir=str(cfg.paths.output_dir),
-    )
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return pl.Trainer(
+            **kwargs,
+            logger=loggers or False,
+            callbacks=callbacks,
+            enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+            default_root_dir=str(cfg.paths.output_dir),
+        )
+    except (MisconfigurationException, ValueError) as exc:
+        # Lightning's own checks of argument combinations (strategy vs accelerator, a
+        # progress-bar callback with enable_progress_bar=false, ...).
+        raise UserError(f"trainer (preset '{choice}'): {exc}") from exc

@@ -1,0 +1,74 @@
+"""Every shipped choice of every group is composed and run (tiny and fast, on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from genframe.config import config_groups
+from tests.conftest import FAST
+
+GROUPS = config_groups()
+
+
+@pytest.mark.parametrize("experiment", GROUPS["experiment"])
+def test_experiment_runs(experiment, compose_task):
+    from genframe.tasks.train import train
+
+    # FAST comes after the experiment so the run stays tiny; the experiment's choices hold.
+    result = train(compose_task("train", f"experiment={experiment}", *FAST))
+    assert result["metrics"]["val/loss"] > 0
+
+
+@pytest.mark.parametrize("debug", GROUPS["debug"])
+def test_debug_preset_runs(debug, compose_task):
+    from genframe.tasks.train import train
+
+    overrides = [o for o in FAST if not o.startswith("trainer.")] + ["trainer.enable_progress_bar=false"]
+    if debug == "overfit":
+        overrides.append("trainer.max_epochs=2")
+    result = train(compose_task("train", f"debug={debug}", *overrides))
+    assert (result["run_dir"] / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("logger", GROUPS["logger"])
+def test_logger_writes_under_the_run_dir(logger, compose_task):
+    from genframe.tasks.train import train
+
+    result = train(compose_task("train", f"logger={logger}", *FAST))
+    logs = result["run_dir"] / "logs"
+    expected = {"csv": ["csv/metrics.csv"], "tensorboard": ["tensorboard"], "many": ["csv/metrics.csv", "tensorboard"],
+                "wandb": ["wandb"], "none": []}[logger]
+    for rel in expected:
+        assert (logs / rel).exists(), rel
+    if logger == "none":
+        assert not logs.exists()
+    if "tensorboard" in expected:
+        assert list((logs / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("callbacks", GROUPS["callbacks"])
+def test_callbacks_preset_runs(callbacks, compose_task):
+    from genframe.tasks.train import train
+
+    bar = "true" if callbacks == "rich" else "false"  # the rich preset brings a progress bar
+    result = train(compose_task("train", f"callbacks={callbacks}", *FAST, f"trainer.enable_progress_bar={bar}"))
+    has_ckpt = (result["run_dir"] / "checkpoints" / "last.ckpt").exists()
+    assert has_ckpt == (callbacks != "none")
+    assert (result["run_dir"] / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "auto"])
+def test_trainer_preset_runs_on_cpu(trainer, compose_task):
+    from genframe.tasks.train import train
+
+    result = train(compose_task("train", f"trainer={trainer}", *FAST))
+    assert result["trainer"].precision == "32-true"  # tiny model: no bf16 casts
+
+
+def test_conflicting_trainer_settings_are_a_user_error(compose_task):
+    from genframe.errors import UserError
+    from genframe.tasks.train import train
+
+    cfg = compose_task("train", "callbacks=rich", *FAST)  # FAST turns the progress bar off
+    with pytest.raises(UserError, match="enable_progress_bar"):
+        train(cfg)

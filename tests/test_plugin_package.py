@@ -1,0 +1,172 @@
+"""A third-party plugin package becomes selectable when pip-installed, and not before.
+
+`examples/genframe-ppca` is a plugin written only against genframe's public API. These
+tests pip-install it (offline, no build isolation) into a throwaway virtual environment
+that sees this environment's packages through a `.pth` bridge, so the project's own venv
+is never modified and parallel tests never see the plugin. Then they drive the real CLI
+in subprocesses: `genframe plugins` lists it, `genframe train model=ppca` trains it, the
+plugin switches hide it, the plugin author's own tests pass, and `pip uninstall` makes
+`model=ppca` an unknown choice again. No file of genframe is edited at any point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "genframe-ppca"
+DIST = "genframe-ppca"
+
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "num_samples=4",
+]
+
+
+class PluginEnv:
+    """A throwaway venv layered over this one, with the example's source copied beside it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.source = root / DIST
+        # Build artefacts (build/, *.egg-info) land next to the sources: keep them out
+        # of the repository by building from a copy.
+        shutil.copytree(EXAMPLE, self.source, ignore=shutil.ignore_patterns(
+            "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+        venv = root / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        self.python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+        purelib = Path(self._check([str(self.python), "-c",
+                                    "import sysconfig; print(sysconfig.get_path('purelib'))"]).strip())
+        # The bridge: the new venv also reads this environment's site-packages (after its
+        # own), .pth files included, so genframe's editable install, torch and pip load
+        # there while anything pip installs goes into the new venv only.
+        parents = "; ".join(f"site.addsitedir({d!r})" for d in site.getsitepackages())
+        (purelib / "_genframe_parent_env.pth").write_text(f"import site; {parents}\n")
+        self.installed = False
+
+    def _check(self, cmd: list[str], **kw) -> str:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+        assert result.returncode == 0, (cmd, result.stdout[-3000:], result.stderr[-3000:])
+        return result.stdout
+
+    def pip(self, *args: str) -> str:
+        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+        return self._check([str(self.python), "-m", "pip", *args], env=env, cwd=self.root)
+
+    def install(self) -> None:
+        if not self.installed:
+            # Offline: no index, no dependency resolution, setuptools from this env.
+            self.pip("install", "--no-deps", "--no-build-isolation", "--no-index", str(self.source))
+            self.installed = True
+
+    def uninstall(self) -> None:
+        if self.installed:
+            self.installed = False
+            self.pip("uninstall", "-y", DIST)
+
+    def run(self, *args: str, env: dict | None = None, timeout: int = 300,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+        """Run ``python ARGS`` with the venv's interpreter; runs land under root/outputs."""
+        full_env = {**os.environ, "GENFRAME_OUTPUT_ROOT": str(self.root / "outputs"),
+                    "COLUMNS": "200", **(env or {})}  # a wide `genframe plugins` table
+        for key in ("HYDRA_FULL_ERROR", "GENFRAME_PLUGINS", "GENFRAME_DISABLE_PLUGIN_AUTOLOAD"):
+            if key not in (env or {}):
+                full_env.pop(key, None)
+        return subprocess.run([str(self.python), *args], cwd=cwd or self.root,
+                              env=full_env, capture_output=True, text=True, timeout=timeout)
+
+    def genframe(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return self.run("-m", "genframe", *args, **kw)
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory):
+    env = PluginEnv(tmp_path_factory.mktemp("ppca-plugin"))
+    try:
+        yield env
+    finally:  # even after a failure: never leave the plugin installed
+        env.uninstall()
+
+
+@pytest.fixture
+def installed(plugin_env):
+    plugin_env.install()
+    return plugin_env
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, (result.returncode, result.stdout[-3000:], result.stderr[-3000:])
+    return result
+
+
+def ppca_row(plugins_output: str) -> str | None:
+    """The `genframe plugins` table row of the ppca plugin, or None."""
+    rows = [line for line in plugins_output.splitlines() if DIST in line or "model=ppca" in line]
+    return rows[0] if rows else None
+
+
+def assert_unknown_model_choice(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "model=ppca" in result.stderr and "Valid choices" in result.stderr, result.stderr
+
+
+def test_genframe_plugins_lists_the_installed_package(installed):
+    row = ppca_row(ok(installed.genframe("plugins")).stdout)
+    assert row is not None, "ppca is missing from `genframe plugins`"
+    cells = [c.strip() for c in row.strip("│| ").split("│")]
+    assert cells[:4] == ["ppca", DIST, "0.1.0", "model=ppca"], cells
+
+
+def test_train_model_ppca_writes_a_run(installed):
+    result = ok(installed.genframe("train", "model=ppca", *FAST))
+    runs = sorted((installed.root / "outputs" / "train").glob("*/model.safetensors"))
+    assert runs, result.stdout[-2000:]
+    run_dir = runs[-1].parent
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert math.isfinite(metrics["val/loss"]) and math.isfinite(metrics["val/bpd"]), metrics
+    assert (run_dir / "samples" / "grid.png").is_file()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["plugins"]["ppca"] == {"distribution": DIST, "version": "0.1.0"}, info["plugins"]
+    assert info["model"]["name"] == "ppca"
+
+
+@pytest.mark.parametrize("switch", [
+    {"GENFRAME_PLUGINS": "vae"},
+    {"GENFRAME_DISABLE_PLUGIN_AUTOLOAD": "1"},
+], ids=["allow-list", "no-autoload"])
+def test_plugin_switches_hide_the_installed_package(installed, switch):
+    listing = ok(installed.genframe("plugins", env=switch)).stdout
+    assert ppca_row(listing) is None, listing
+    assert_unknown_model_choice(installed.genframe("train", "model=ppca", *FAST, env=switch))
+
+
+def test_the_plugin_authors_own_tests_pass(installed):
+    """The example's suite, genframe's contract test included, against the installed plugin."""
+    where = installed.run("-c", (
+        "from genframe.plugins import get_registry; r = get_registry(); "
+        "print(r.models['ppca'].plugin, r.plugins['ppca'].distribution)"))
+    assert ok(where).stdout.split() == ["ppca", DIST]  # found through its entry point
+    result = installed.run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
+                           cwd=installed.source, timeout=600)
+    ok(result)
+    assert "passed" in result.stdout and "failed" not in result.stdout, result.stdout[-2000:]
+
+
+def test_uninstalling_removes_the_choice(installed):
+    installed.uninstall()
+    assert ppca_row(ok(installed.genframe("plugins")).stdout) is None
+    assert_unknown_model_choice(installed.genframe("train", "model=ppca", *FAST))
