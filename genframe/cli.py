@@ -22,7 +22,7 @@ TASK_HELP = {
     "generate": "sample from a trained run or checkpoint into a new run directory",
     "evaluate": "compute a trained model's metrics on validation data",
 }
-OTHER_COMMANDS = {"plugins": "list loaded plugins and what each registered"}
+OTHER_COMMANDS = {"plugins": "list loaded plugins and what each registered (--json)"}
 # Keys whose children are open-ended (model-specific): `sampling.x=1` needs no `+`.
 OPEN_KEYS = ("sampling.", "condition.")
 
@@ -60,7 +60,12 @@ def _dispatch(argv: list[str]) -> int:
     if command == "plugins":
         from genframe.plugins_report import print_plugins
 
-        print_plugins()
+        unknown = [a for a in rest if a != "--json"]
+        if unknown:
+            from genframe.errors import UserError
+
+            raise UserError(f"plugins: unknown argument(s) {' '.join(unknown)}; only --json is accepted")
+        print_plugins(as_json="--json" in rest)
         return 0
     if command not in TASKS:
         from genframe.errors import UserError, valid_list

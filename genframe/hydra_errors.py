@@ -61,8 +61,19 @@ def _missing_choice(text: str, task: str, overrides: list[str]) -> str:
     options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
     if not group:
         return f"no primary config named '{path}'"
-    origin = next((o for o in overrides if o.lstrip("+~").split("=")[0] == group), None)
+    origin = next((o for o in overrides if o.lstrip("+~") == f"{group}={choice}"), None)
     where = f"(from the command line: {origin})" if origin else f"(from the defaults of {task}.yaml or an experiment)"
+    if not options:
+        # Hydra names the default it failed on first; the user's own choice, if they
+        # gave one, is the one to talk about.
+        given = next((o for o in overrides if o.lstrip("+~").split("=")[0] == group), None)
+        if given:
+            choice, where = given.split("=", 1)[1], f"(from the command line: {given})"
+        hint = ""
+        if group == "model":
+            hint = (" No model plugin is loaded: check `genframe plugins`, "
+                    "GENFRAME_PLUGINS and GENFRAME_DISABLE_PLUGIN_AUTOLOAD.")
+        return f"{group}={choice}: config group '{group}' has no choices at all {where}.{hint}"
     return (
         f"{group}={choice}: no such choice in config group '{group}' {where}."
         f"{did_you_mean(choice, options)} Valid choices: {valid_list(options)}"

@@ -82,6 +82,17 @@ class GenerativeModule(pl.LightningModule):
             )
         return condition
 
+    def check_sampling(self, sampling: dict[str, Any], allowed: Any) -> None:
+        """Refuse sampling options the model does not know (a `UserError`)."""
+        from genframe.errors import UserError, did_you_mean, valid_list
+
+        for key in sampling:
+            if key not in allowed:
+                raise UserError(
+                    f"sampling.{key}: not an option of {type(self).__name__}."
+                    f"{did_you_mean(key, allowed)} Valid options: {valid_list(allowed)}"
+                )
+
     def make_generator(self, seed: int | None) -> tuple[torch.Generator, int]:
         """A torch.Generator on the model's device seeded with `seed` (or a fresh seed)."""
         if seed is None:

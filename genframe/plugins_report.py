@@ -5,7 +5,21 @@ from __future__ import annotations
 from genframe.plugins import ALLOW_ENV, AUTOLOAD_ENV, get_registry
 
 
-def print_plugins() -> None:
+def plugins_as_dicts() -> list[dict]:
+    return [
+        {"plugin": p.name, "module": p.module, "distribution": p.distribution,
+         "version": p.version, "registered": list(p.registered)}
+        for p in get_registry().plugins.values()
+    ]
+
+
+def print_plugins(as_json: bool = False) -> None:
+    """Print the loaded plugins as a table (or JSON with `as_json`)."""
+    if as_json:
+        import json
+
+        print(json.dumps(plugins_as_dicts(), indent=2))
+        return
     from rich.console import Console
     from rich.table import Table
 

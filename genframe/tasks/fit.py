@@ -17,7 +17,6 @@ from genframe.weights import save_weights
 def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str | None = None,
         lineage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `model` on `data` under `cfg`, then write weights, samples and metrics."""
-    import pytorch_lightning as pl
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     out_dir = Path(cfg.paths.output_dir)
@@ -52,6 +51,7 @@ def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str
     if cfg.num_samples > 0:
         model.eval()
         samples = model.generate(cfg.num_samples, seed=cfg.seed, **to_plain(cfg.sampling))
+        samples.metadata.setdefault("model", model.genframe_spec["name"])
         write_samples(samples, out_dir)
     atomic_write_json(out_dir / METRICS, metrics)
     update_run(out_dir, status="completed", best_checkpoint=str(best) if best else None,

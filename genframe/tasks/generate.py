@@ -39,7 +39,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     batches = []
     for b, start in enumerate(range(0, cfg.num_samples, cfg.batch_size)):
         n = min(cfg.batch_size, cfg.num_samples - start)
-        batches.append(model.generate(n, condition=condition or None, seed=cfg.seed + b, **sampling))
+        samples = model.generate(n, condition=condition or None, seed=cfg.seed + b, **sampling)
+        samples.metadata.setdefault("model", model.genframe_spec["name"])
+        batches.append(samples)
     folder = write_samples(batches, out_dir)
     update_run(out_dir, status="completed", num_samples=cfg.num_samples)
     atomic_write_json(out_dir / "metrics.json", {})

@@ -1,4 +1,6 @@
-"""A convolutional variational autoencoder (Kingma & Welling 2014, https://arxiv.org/abs/1312.6114).
+"""A convolutional variational autoencoder.
+
+Kingma & Welling 2014, https://arxiv.org/abs/1312.6114.
 
 The encoder maps an image to a diagonal Gaussian q(z|x); the decoder maps a latent z to a
 per-pixel likelihood p(x|z); training minimises the negative ELBO
@@ -142,7 +144,9 @@ class VAE(GenerativeModule):
         weight_decay: AdamW weight decay.
 
     Logs ``train/loss``, ``train/recon``, ``train/kl`` and ``val/loss`` (the negative
-    ELBO with KL weight 1, nats per image), ``val/recon``, ``val/kl``, ``val/bpd``.
+    ELBO with KL weight 1, nats per image), ``val/recon``, ``val/kl``, ``val/bpd``
+    (``val/loss`` / (ln 2 * C*H*W); bits per dimension of the discrete data for the
+    discretized likelihood, only comparable between runs for the other two).
     """
 
     def __init__(
@@ -359,13 +363,7 @@ class VAE(GenerativeModule):
                 for cleaner images).
             mean: return the decoder's mean image (True) or a sample from p(x|z).
         """
-        if sampling:
-            unknown = ", ".join(sorted(sampling))
-            hint = did_you_mean(next(iter(sorted(sampling))), SAMPLING_OPTIONS)
-            raise UserError(
-                f"sampling: unknown option(s) {unknown} for the vae; valid options are "
-                f"{valid_list(SAMPLING_OPTIONS)}.{hint}"
-            )
+        self.check_sampling(sampling, SAMPLING_OPTIONS)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
         temperature = float(temperature)
