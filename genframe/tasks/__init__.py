@@ -12,6 +12,10 @@ from typing import Any
 
 
 def run(cfg) -> Any:
+    import warnings
+
+    # A deprecation inside Lightning's own code, not actionable by users.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     from genframe.tasks.evaluate import evaluate
     from genframe.tasks.finetune import finetune
     from genframe.tasks.generate import generate

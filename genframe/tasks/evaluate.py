@@ -47,5 +47,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 "data": data_cfg, "metrics": metrics}
         with open(run.path / "evaluations.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
-    report(out_dir, metrics)
+    report(out_dir, metrics, f"metrics of {weights}:")
     return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get("val/loss")}

@@ -56,7 +56,7 @@ def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str
     atomic_write_json(out_dir / METRICS, metrics)
     update_run(out_dir, status="completed", best_checkpoint=str(best) if best else None,
                epochs=trainer.current_epoch, steps=trainer.global_step)
-    report(out_dir, metrics)
+    report(out_dir, metrics, "final metrics (val/* measured with the best checkpoint's weights):")
     monitor = cfg.get("monitor")
     return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get(monitor),
             "model": model, "trainer": trainer, "samples": samples}
@@ -68,9 +68,9 @@ def _best_checkpoint(trainer) -> str | None:
     return path if path and Path(path).exists() else None
 
 
-def report(out_dir: Path, metrics: dict[str, float]) -> None:
-    """Print where the run is and its final metrics."""
-    lines = [f"run directory: {out_dir}"]
+def report(out_dir: Path, metrics: dict[str, float], title: str) -> None:
+    """Print where the run is and its metrics under `title`."""
+    lines = [f"run directory: {out_dir}", title]
     for key, value in metrics.items():
         lines.append(f"  {key:<24} {value:.4f}")
     print("\n".join(lines), flush=True)
