@@ -22,17 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FAST_TRAINING as FAST
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "genframe-ppca"
 DIST = "genframe-ppca"
 
-FAST = [
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "num_samples=4",
-]
+
 
 
 class PluginEnv:

@@ -159,3 +159,23 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
         # Lightning's own checks of argument combinations (strategy vs accelerator, a
         # progress-bar callback with enable_progress_bar=false, ...).
         raise UserError(f"trainer (preset '{choice}'): {exc}") from exc
+
+
+def trained_model_and_data(cfg, task: str):
+    """The model of ``cfg.run``/``cfg.ckpt`` and the data to use with it.
+
+    The data is ``cfg.data`` when the user chose one, else the data the run trained on.
+    Returns (model, run or None, weights path, data module, plain data config).
+    """
+    from genframe.weights import load_model
+
+    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"))
+    if cfg.get("data") is not None:
+        data_cfg = to_plain(cfg.data)
+    elif run is not None and run.data_config:
+        data_cfg = run.data_config
+    else:
+        raise UserError(f"{task} from a checkpoint file needs data=<choice> (and its keys)")
+    data = build_data(data_cfg)
+    check_fit(model, data, data_cfg)
+    return model, run, weights, data, data_cfg

@@ -9,11 +9,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from genframe.errors import UserError
 from genframe.runs import atomic_write_json, start_run, update_run
-from genframe.tasks.build import build_data, build_trainer, check_fit, to_plain
+from genframe.tasks.build import build_trainer, trained_model_and_data
 from genframe.tasks.fit import report
-from genframe.weights import load_model
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -25,15 +23,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     import pytorch_lightning as pl
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"))
-    if cfg.get("data") is not None:
-        data_cfg = to_plain(cfg.data)
-    elif run is not None and run.data_config:
-        data_cfg = run.data_config
-    else:
-        raise UserError("evaluate from a checkpoint file needs data=<choice>")
-    data = build_data(data_cfg)
-    check_fit(model, data, data_cfg)
+    model, run, weights, data, data_cfg = trained_model_and_data(cfg, "evaluate")
     out_dir = Path(cfg.paths.output_dir)
     start_run(out_dir, cfg, "evaluate", source={"run": str(run.path) if run else None,
                                                "weights": str(weights)}, data=data_cfg)

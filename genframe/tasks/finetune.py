@@ -8,9 +8,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from genframe.errors import UserError, valid_list
-from genframe.tasks.build import build_data, check_fit, to_plain
+from genframe.tasks.build import to_plain, trained_model_and_data
 from genframe.tasks.fit import fit
-from genframe.weights import load_model
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
@@ -27,15 +26,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     import pytorch_lightning as pl
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"))
-    if cfg.get("data") is not None:
-        data_cfg = to_plain(cfg.data)
-    elif run is not None and run.data_config:
-        data_cfg = run.data_config
-    else:
-        raise UserError("finetune from a checkpoint file needs data=<choice> (and its keys)")
-    data = build_data(data_cfg)
-    check_fit(model, data, data_cfg)
+    model, run, weights, data, data_cfg = trained_model_and_data(cfg, "finetune")
 
     lr = cfg.finetune.lr
     if lr is not None:
