@@ -160,3 +160,24 @@ def test_train_on_image_folder_skips_corrupt_files(compose_task, tmp_path, caplo
         result = train(cfg)
     assert "skipped 1 of 13" in caplog.text and "broken.png" in caplog.text
     assert result["samples"].images.shape[1:] == (3, 16, 16)
+
+
+def test_conditional_vae_generates_the_requested_label(compose_task):
+    from genframe.errors import UserError
+    from genframe.tasks.generate import generate
+    from genframe.tasks.train import train
+
+    run = train(compose_task("train", *FAST, "model.num_classes=${data.num_classes}"))["run_dir"]
+    result = generate(compose_task("generate", f"run={run}", "num_samples=4", "condition.label=3"))
+    manifest = [json.loads(x) for x in (result["run_dir"] / "samples/manifest.jsonl").read_text().splitlines()]
+    assert [m["condition"] for m in manifest] == [{"label": 3}] * 4
+    with pytest.raises(UserError, match="condition.label"):
+        generate(compose_task("generate", f"run={run}", "condition.label=12"))
+
+
+def test_condition_on_an_unconditional_model_is_refused(trained, compose_task):
+    from genframe.errors import UserError
+    from genframe.tasks.generate import generate
+
+    with pytest.raises(UserError, match="unconditional"):
+        generate(compose_task("generate", f"run={trained['run_dir']}", "condition.label=3"))
