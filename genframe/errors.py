@@ -29,6 +29,12 @@ class TrainingDiverged(GenframeError):
     exit_code = 1
 
 
+class Interrupted(GenframeError):
+    """The user stopped the run (Ctrl-C); its last checkpoint is kept."""
+
+    exit_code = 130
+
+
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The choices that look most like `word` (for 'did you mean' hints)."""
     choices = [str(c) for c in choices]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from genframe.errors import TrainingDiverged, UserError
+from genframe.errors import Interrupted, TrainingDiverged, UserError
 from genframe.runs import METRICS, WEIGHTS, atomic_write_json, start_run, update_run
 from genframe.sample_writer import write_samples
 from genframe.tasks.build import build_trainer, to_plain
@@ -32,7 +32,7 @@ def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str
         raise UserError(f"{exc}".splitlines()[0] + f" (monitor={cfg.monitor})") from exc
     if trainer.interrupted:
         update_run(out_dir, status="interrupted")
-        raise UserError(f"training was interrupted; resume with `genframe train resume={out_dir}`")
+        raise Interrupted(f"training was interrupted; continue it with `genframe train resume={out_dir}`")
 
     best = _best_checkpoint(trainer)
     if best is not None:  # export and sample from the best weights, not the last ones
