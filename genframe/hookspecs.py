@@ -1,4 +1,4 @@
-"""The whole extension surface of genframe: three pluggy hooks.
+"""The whole extension surface of genframe: four pluggy hooks.
 
 A plugin is a module (or object) with functions marked ``@hookimpl`` and listed under the
 ``genframe`` entry-point group of its distribution::
@@ -46,4 +46,14 @@ def genframe_register_configs(register):
     The directory is laid out like genframe's ``conf/`` (``model/foo.yaml`` adds the
     choice ``model=foo``); its files join Hydra's config store, so no edit to genframe
     is needed to select them.
+    """
+
+
+@hookspec
+def genframe_register_samplers(register):
+    """Add samplers for diffusion-style models: ``register(name, target, *, description="")``.
+
+    `target` is a `genframe.samplers.Sampler` subclass or a ``"module:Class"`` string; it
+    is chosen at generate time with ``sampler=name`` and its constructor arguments
+    (``sampler.steps=50``), without retraining.
     """

@@ -67,6 +67,7 @@ class PluginInfo:
 class Registry:
     models: dict[str, Registration] = field(default_factory=dict)
     data: dict[str, Registration] = field(default_factory=dict)
+    samplers: dict[str, Registration] = field(default_factory=dict)
     config_dirs: list[tuple[str, Path]] = field(default_factory=list)
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
 
@@ -75,6 +76,9 @@ class Registry:
 
     def data_module(self, name: str) -> Registration:
         return self._lookup(self.data, "data", name)
+
+    def sampler(self, name: str) -> Registration:
+        return self._lookup(self.samplers, "sampler", name)
 
     @staticmethod
     def _lookup(table: dict[str, Registration], kind: str, name: str) -> Registration:
@@ -112,6 +116,9 @@ class _Collector:
         def register_data(name, target, *, description=""):
             self._add("data", self.registry.data, plugin, name, target, description=description)
 
+        def register_sampler(name, target, *, description=""):
+            self._add("sampler", self.registry.samplers, plugin, name, target, description=description)
+
         def register_configs(path):
             path = Path(path)
             if not path.is_dir():
@@ -119,7 +126,8 @@ class _Collector:
             self.registry.config_dirs.append((plugin, path))
             self.registry.plugins[plugin].registered.append(f"configs={path}")
 
-        return {"model": register_model, "data": register_data, "configs": register_configs}
+        return {"model": register_model, "data": register_data, "sampler": register_sampler,
+                "configs": register_configs}
 
 
 def _selected_entry_points() -> list:
@@ -152,11 +160,13 @@ def build_registry(extra_plugins: list[tuple[str, Any]] = ()) -> Registry:
 
     from genframe import __version__
     from genframe.data import builtin as core_data
+    from genframe.samplers import builtin as core_samplers
 
-    loaded.append(("genframe.data", core_data))
-    registry.plugins["genframe.data"] = PluginInfo(
-        "genframe.data", core_data.__name__, "genframe", __version__
-    )
+    # genframe's own data modules and samplers register through the same hooks.
+    for core in (core_data, core_samplers):
+        name = core.__name__.removesuffix(".builtin")
+        loaded.append((name, core))
+        registry.plugins[name] = PluginInfo(name, core.__name__, "genframe", __version__)
     for ep in _selected_entry_points():
         try:
             obj = ep.load()
@@ -186,6 +196,7 @@ def build_registry(extra_plugins: list[tuple[str, Any]] = ()) -> Registry:
         others = [p for p in pm.get_plugins() if p is not obj]
         caller("genframe_register_models", others)(register=cbs["model"])
         caller("genframe_register_data", others)(register=cbs["data"])
+        caller("genframe_register_samplers", others)(register=cbs["sampler"])
         caller("genframe_register_configs", others)(register=cbs["configs"])
     return registry
 

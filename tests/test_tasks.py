@@ -181,3 +181,13 @@ def test_condition_on_an_unconditional_model_is_refused(trained, compose_task):
 
     with pytest.raises(UserError, match="unconditional"):
         generate(compose_task("generate", f"run={trained['run_dir']}", "condition.label=3"))
+
+
+def test_sampler_and_guidance_on_a_model_without_them(trained, compose_task):
+    from genframe.errors import UserError
+    from genframe.tasks.generate import generate
+
+    with pytest.raises(UserError, match="sampler=ddim: model 'vae' takes no sampler"):
+        generate(compose_task("generate", f"run={trained['run_dir']}", "sampler=ddim"))
+    with pytest.raises(UserError, match="guidance=2.0: model 'vae' takes no guidance"):
+        generate(compose_task("generate", f"run={trained['run_dir']}", "guidance=2.0"))

@@ -35,7 +35,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     start_run(out_dir, cfg, "generate", source={"run": str(run.path) if run else None,
                                                "weights": str(weights)})
     condition = {k: v for k, v in to_plain(cfg.condition).items() if v is not None}
-    sampling = to_plain(cfg.sampling)
+    sampling = generation_options(cfg, model)
     batches = []
     for b, start in enumerate(range(0, cfg.num_samples, cfg.batch_size)):
         n = min(cfg.batch_size, cfg.num_samples - start)
@@ -47,6 +47,25 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_json(out_dir / "metrics.json", {})
     print(f"run directory: {out_dir}\n  {cfg.num_samples} samples in {folder}", flush=True)
     return {"run_dir": out_dir, "samples": batches, "metrics": {}}
+
+
+def generation_options(cfg: DictConfig, model) -> dict[str, Any]:
+    """The keyword arguments for `model.generate`: ``sampling.*`` plus, for models whose
+    `generate` takes them, the ``sampler`` config and the ``guidance`` scale."""
+    import inspect
+
+    options = to_plain(cfg.get("sampling") or {})
+    params = inspect.signature(model.generate).parameters
+    name = model.genframe_spec["name"]
+    for key in ("sampler", "guidance"):
+        value = to_plain(cfg.get(key))
+        if value is None:
+            continue
+        if key not in params:
+            shown = f"sampler={value.get('name')}" if key == "sampler" else f"guidance={value}"
+            raise UserError(f"{shown}: model '{name}' takes no {key} (only diffusion-style models do)")
+        options[key] = value
+    return options
 
 
 def _device(name: str) -> torch.device:

@@ -1,0 +1,1 @@
+"""Noise schedules and samplers for diffusion models: small objects chosen at generate time."""
