@@ -24,3 +24,51 @@ class FiniteLossGuard(pl.Callback):
                 "checkpoint is kept; try a lower learning rate or gradient clipping "
                 "(trainer.gradient_clip_val=1.0)."
             )
+
+
+class SampleQuality(pl.Callback):
+    """Every `every_n_epochs` validation epochs, generate images and log ``val/fd``,
+    ``val/precision``, ``val/recall`` (and ``val/class_accuracy`` for class-conditional
+    models), so `monitor` and sweeps can use them.
+
+    Args:
+        every_n_epochs: how often (in validation epochs) to measure.
+        num_samples: generated images per measurement.
+        batch_size: images generated at once.
+        extractor: ``classifier`` (trained on the data's labels, cached) or ``timm``.
+        timm_model, timm_weights, timm_image_size: for ``extractor=timm`` (local weights).
+        k: neighbourhood size of precision/recall.
+        seed: seed of the generated images (the same every time, so epochs compare).
+    """
+
+    def __init__(self, every_n_epochs: int = 5, num_samples: int = 500, batch_size: int = 250,
+                 extractor: str = "classifier", timm_model: str | None = None,
+                 timm_weights: str | None = None, timm_image_size: int | None = None,
+                 k: int = 3, seed: int = 0) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.extractor_args = dict(extractor=extractor, timm_model=timm_model,
+                                   timm_weights=timm_weights, timm_image_size=timm_image_size, k=k)
+        self.seed = seed
+        self.metrics = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from genframe.metrics.model_metrics import data_image_metrics
+
+        # Kept on the callback, not the module, so the extractor never enters a checkpoint.
+        self.metrics = data_image_metrics(trainer.datamodule, **self.extractor_args)
+        self.metrics.extractor.to(pl_module.device)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.metrics is None or trainer.sanity_checking:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        from genframe.metrics.model_metrics import model_image_metrics
+
+        values = model_image_metrics(pl_module, self.metrics, self.num_samples,
+                                     batch_size=self.batch_size, seed=self.seed)
+        for key, value in values.items():
+            if "/" not in key:  # overall figures; per-class ones go to metrics.json via evaluate
+                pl_module.log(f"val/{key}", value, rank_zero_only=True)

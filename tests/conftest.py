@@ -15,6 +15,18 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 GENFRAME = [sys.executable, "-m", "genframe"]
 
+# Tiny models on two shared cores: one thread avoids OpenMP contention (10x slowdowns
+# were seen with two threads while another process was busy).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Classifier caches go to a per-session temporary folder, never to ~/.cache."""
+    monkeypatch.setenv("GENFRAME_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `genframe ARGS` in a subprocess; runs land under `cwd`/outputs."""

@@ -191,3 +191,23 @@ def test_sampler_and_guidance_on_a_model_without_them(trained, compose_task):
         generate(compose_task("generate", f"run={trained['run_dir']}", "sampler=ddim"))
     with pytest.raises(UserError, match="guidance=2.0: model 'vae' takes no guidance"):
         generate(compose_task("generate", f"run={trained['run_dir']}", "guidance=2.0"))
+
+
+def test_sample_quality_callback_logs_image_metrics(compose_task):
+    from genframe.tasks.train import train
+
+    result = train(compose_task(
+        "train", *FAST, "callbacks=sample_metrics", "callbacks.sample_metrics.every_n_epochs=1",
+        "callbacks.sample_metrics.num_samples=40", "trainer.limit_val_batches=null"))
+    for key in ("val/fd", "val/precision", "val/recall"):
+        assert key in result["metrics"], key
+    assert result["metrics"]["val/fd"] > 0
+
+
+def test_evaluate_reports_image_metrics(trained, compose_task):
+    from genframe.tasks.evaluate import evaluate
+
+    result = evaluate(compose_task("evaluate", f"run={trained['run_dir']}", "metrics.num_samples=60"))
+    m = result["metrics"]
+    assert m["val/fd"] > 0 and 0 <= m["val/precision"] <= 1 and 0 <= m["val/recall"] <= 1
+    assert m["metrics/classifier_val_accuracy"] > 0.9

@@ -1,5 +1,6 @@
 """Building blocks shared by genframe's models. Never imports a plugin."""
 
+from genframe.layers.attention import SelfAttention2d, timestep_embedding
 from genframe.layers.conv import (
     ConvDecoder,
     ConvEncoder,
@@ -17,9 +18,11 @@ __all__ = [
     "ConvEncoder",
     "Downsample",
     "ResBlock",
+    "SelfAttention2d",
     "Upsample",
     "as_size2d",
     "downsampled_sizes",
     "group_norm",
     "norm_groups",
+    "timestep_embedding",
 ]

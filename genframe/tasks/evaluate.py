@@ -30,6 +30,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, model, train=False)
     results = trainer.validate(model, datamodule=data, verbose=False)
     metrics = {k: float(v) for k, v in sorted((results[0] if results else {}).items())}
+    if cfg.metrics.enabled and "image" in model.needs:
+        metrics.update(_image_metrics(cfg, model, data))
     atomic_write_json(out_dir / "metrics.json", metrics)
     update_run(out_dir, status="completed")
     if run is not None:
@@ -39,3 +41,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f.write(json.dumps(line) + "\n")
     report(out_dir, metrics, f"metrics of {weights}:")
     return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get("val/loss")}
+
+
+def _image_metrics(cfg: DictConfig, model, data) -> dict[str, float]:
+    """FD, precision/recall and class accuracy of generated images, keyed ``val/...``."""
+    from genframe.metrics.model_metrics import data_image_metrics, model_image_metrics
+    from genframe.tasks.generate import generation_options
+
+    m = cfg.metrics
+    image_metrics = data_image_metrics(
+        data, extractor=m.extractor, timm_model=m.timm_model, timm_weights=m.timm_weights,
+        timm_image_size=m.timm_image_size, k=m.k,
+    )
+    values = model_image_metrics(model, image_metrics, m.num_samples, batch_size=m.batch_size,
+                                 seed=cfg.seed, **generation_options(cfg, model))
+    out = {f"val/{k}": v for k, v in values.items()}
+    out["metrics/num_samples"] = float(m.num_samples)
+    if image_metrics.classifier is not None:
+        out["metrics/classifier_val_accuracy"] = float(image_metrics.classifier.val_accuracy)
+    return out

@@ -72,5 +72,5 @@ def report(out_dir: Path, metrics: dict[str, float], title: str) -> None:
     """Print where the run is and its metrics under `title`."""
     lines = [f"run directory: {out_dir}", title]
     for key, value in metrics.items():
-        lines.append(f"  {key:<24} {value:.4f}")
+        lines.append(f"  {key:<32} {value:.4f}")
     print("\n".join(lines), flush=True)

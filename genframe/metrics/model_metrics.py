@@ -1,0 +1,80 @@
+"""Image metrics of a model against its data: the glue `genframe evaluate` and the
+training-time `SampleQuality` callback share. Plain arguments, no config objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from genframe.errors import UserError
+from genframe.samples import Samples
+
+
+def data_image_metrics(
+    data: Any,
+    *,
+    extractor: str = "classifier",
+    timm_model: str | None = None,
+    timm_weights: str | None = None,
+    timm_image_size: int | None = None,
+    k: int = 3,
+    max_real: int | None = None,
+):
+    """`ImageMetrics` against a data module's validation images.
+
+    With ``extractor="classifier"`` the data's own classifier is trained on its labels
+    (or loaded from the cache) and also scores class accuracy.
+
+    Args:
+        data: a set-up genframe data module with ``train_set`` and ``val_set``.
+        extractor: ``"classifier"`` or ``"timm"`` (with `timm_model` and local `timm_weights`).
+        k: neighbourhood size of precision/recall.
+        max_real: use at most this many validation images as the real set.
+    """
+    from genframe.metrics import (
+        ImageMetrics,
+        build_extractor,
+        classifier_from_datasets,
+        stack_dataset,
+        to_unit_range,
+    )
+
+    data.setup("fit")
+    classifier = None
+    if extractor == "classifier":
+        key = {"data": type(data).__name__,
+               **{a: getattr(data, a, None) for a in ("image_size", "channels", "num_classes", "seed")}}
+        classifier = classifier_from_datasets(key, data.train_set, data.val_set)
+    feats = build_extractor(extractor, classifier=classifier, timm_model=timm_model,
+                            timm_weights=timm_weights, image_size=timm_image_size)
+    real = to_unit_range(stack_dataset(data.val_set, ("image",), limit=max_real)["image"].float())
+    return ImageMetrics(real, feats, classifier=classifier, k=k)
+
+
+def sample_model(model, num_samples: int, *, batch_size: int, seed: int, **options: Any) -> Samples:
+    """`num_samples` samples in batches (batch b uses seed + b), joined into one `Samples`."""
+    if num_samples < 1:
+        raise UserError(f"metrics.num_samples must be at least 1, got {num_samples}")
+    parts = []
+    for b, start in enumerate(range(0, num_samples, batch_size)):
+        n = min(batch_size, num_samples - start)
+        parts.append(model.generate(n, seed=seed + b, **options))
+    if parts[0].images is None:
+        raise UserError("image metrics need a model that generates images")
+    return Samples(images=torch.cat([p.images.cpu() for p in parts]),
+                   conditions=[c for p in parts for c in p.conditions],
+                   metadata=dict(parts[0].metadata))
+
+
+def model_image_metrics(model, metrics, num_samples: int, *, batch_size: int = 250,
+                        seed: int = 0, **options: Any) -> dict[str, float]:
+    """FD, precision/recall (and class accuracy for class-conditional models) of
+    `num_samples` generated images; `options` go to `model.generate`."""
+    was_training = model.training
+    model.eval()
+    try:
+        samples = sample_model(model, num_samples, batch_size=batch_size, seed=seed, **options)
+    finally:
+        model.train(was_training)
+    return metrics.of_samples(samples)

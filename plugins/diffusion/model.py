@@ -1,0 +1,486 @@
+"""A denoising diffusion model with a U-Net, DDIM/DDPM sampling and classifier-free guidance.
+
+Ho et al. 2020 ("DDPM", https://arxiv.org/abs/2006.11239): noise the data with the
+forward process x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps at a uniformly drawn timestep t,
+and train a U-Net to predict eps (or v, Salimans & Ho 2022) with a plain MSE, the "simple"
+loss. Sampling runs the reverse process with a `genframe.samplers.Sampler` chosen at
+generate time (DDIM by default, Song et al. 2021), using an exponential moving average of
+the weights.
+
+With ``num_classes > 0`` the U-Net also sees a label embedding; training replaces the
+label by a "null" label with probability ``label_dropout`` so one network learns both the
+conditional and the unconditional model, and sampling mixes the two predictions with a
+guidance scale w (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598):
+
+    eps = eps_uncond + w * (eps_cond - eps_uncond)
+
+The network (`unet.py`), the noise schedule and the samplers (`genframe.samplers`) are
+separate objects; this module holds the objective, the EMA and the generate() glue.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from genframe.errors import UserError, valid_list
+from genframe.module import GenerativeModule
+from genframe.samplers.base import Sampler
+from genframe.samplers.ddim import DDIMSampler
+from genframe.samplers.schedules import make_schedule
+from genframe.samples import Samples
+
+from .unet import UNet, level_sides
+
+SAMPLING_OPTIONS = ("sampler", "guidance", "clip_x0")
+MAX_GUIDANCE = 50.0
+
+
+class Diffusion(GenerativeModule):
+    """Denoising diffusion model on images in [-1, 1], optionally class-conditional.
+
+    Args:
+        in_channels: image channels (``data.channels``).
+        image_size: image side in pixels (``data.image_size``); any size, odd included.
+        num_classes: 0 for an unconditional model; K > 0 makes it class-conditional: it
+            reads ``batch["label"]`` and generates with ``condition={"label": k}`` and a
+            classifier-free guidance scale.
+        channels: U-Net widths per level, highest resolution first; each level after the
+            first halves the spatial size.
+        blocks_per_level: residual blocks per U-Net level (on the way down; one more on
+            the way up).
+        attention_resolutions: spatial sides of the levels that get self-attention, e.g.
+            ``[4]``: the 4x4 level of 8x8 images. Must name levels that exist; ``[]`` keeps
+            attention only in the middle block.
+        num_heads: attention heads (must divide the widths of the attention levels and
+            of the last level).
+        dropout: dropout inside the residual blocks.
+        timesteps: T, the number of diffusion steps of training (and of DDPM sampling).
+        schedule: the noise schedule, ``"linear"`` (DDPM) or ``"cosine"`` (Nichol &
+            Dhariwal 2021; better for small images).
+        prediction: what the network predicts: ``"eps"`` (the noise) or ``"v"``
+            (sqrt(ab) eps - sqrt(1 - ab) x0).
+        label_dropout: probability of replacing a training label by the null label; it
+            trains the unconditional model that classifier-free guidance needs.
+        guidance: the default classifier-free guidance scale of a conditional model (1:
+            plain conditional; larger: closer to the class, less varied); ``generate``
+            can override it.
+        ema_decay: decay of the exponential moving average of the weights used for
+            validation and sampling; 0 disables the EMA (the online weights are used).
+        ema_start_step: the EMA copies the online weights until this optimizer step,
+            then averages (skips the random-init phase).
+        lr: AdamW learning rate (read when the optimizer is built, so fine-tuning can
+            change ``hparams.lr``).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up over this many optimizer steps; 0 = off.
+        default_sampler_steps: DDIM steps used when ``generate`` gets no sampler.
+
+    Logs ``train/loss`` (the simple loss: MSE of the eps or v prediction) and ``val/loss``
+    (the same loss with the EMA weights, at noise levels and noise drawn from a fixed seed
+    per validation batch, so epochs are comparable).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 8,
+        num_classes: int = 0,
+        channels: list[int] = (64, 128),  # type: ignore[assignment]  # immutable default
+        blocks_per_level: int = 2,
+        attention_resolutions: list[int] = (4,),  # type: ignore[assignment]
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        timesteps: int = 1000,
+        schedule: Literal["linear", "cosine"] = "cosine",
+        prediction: Literal["eps", "v"] = "eps",
+        label_dropout: float = 0.1,
+        guidance: float = 1.0,
+        ema_decay: float = 0.999,
+        ema_start_step: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        default_sampler_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        # Plain lists in hparams, whatever sequence came in.
+        channels = [int(c) for c in channels]
+        attention_resolutions = [int(r) for r in attention_resolutions]
+        _validate(locals())
+        self.save_hyperparameters()
+
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.prediction = prediction
+        self.needs = frozenset({"image", "label"}) if num_classes else frozenset({"image"})
+        self.condition_keys = frozenset({"label"}) if num_classes else frozenset()
+
+        # A plain object, not a module: it is fixed by (schedule, timesteps), so it is
+        # rebuilt from the hyperparameters rather than stored in checkpoints.
+        self.schedule = make_schedule(schedule, timesteps)
+        self.unet = UNet(
+            in_channels, image_size, channels,
+            blocks_per_level=blocks_per_level,
+            attention_resolutions=attention_resolutions,
+            num_heads=num_heads, dropout=dropout, num_classes=num_classes,
+        )
+        # The EMA is a second copy of the network: a submodule, so `state_dict()` (and
+        # with it Lightning checkpoints and the safetensors weights) carries it, but with
+        # requires_grad off and left out of the optimizer. Written here rather than with
+        # torch's AveragedModel or Lightning's weight-averaging callback because it needs
+        # a warm-up and a start step, and must live in the model's own state so a
+        # weights file alone samples with it.
+        self.ema_unet: UNet | None = None
+        if ema_decay > 0:
+            self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self._ema_updated_at = -1  # the global step of the last EMA update
+
+    # -- networks ---------------------------------------------------------------------
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """The online network's raw prediction (eps or v) at (x_t, t): (B, C, H, W)."""
+        return self.unet(x_t, t, label)
+
+    @property
+    def sampling_net(self) -> UNet:
+        """The network validation and sampling use: the EMA copy when there is one."""
+        return self.ema_unet if self.ema_unet is not None else self.unet
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    # -- objective --------------------------------------------------------------------
+
+    def _batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = batch["image"]
+        if not self.num_classes:
+            return x, None
+        if batch.get("label") is None:
+            raise UserError("this diffusion model is conditional (num_classes > 0) and needs batch['label']")
+        return x, batch["label"].long().view(-1)
+
+    def diffusion_loss(
+        self,
+        net: UNet,
+        x0: torch.Tensor,
+        label: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The simple loss: MSE between the network's output and its eps/v target.
+
+        x0: (B, C, H, W) in [-1, 1]; t ~ U{0..T-1} and eps ~ N(0, I) are drawn from
+        `generator` (the global RNG when None).
+        """
+        B = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_steps, (B,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = self.schedule.q_sample(x0, t, noise)  # (B, C, H, W)
+        target = self.schedule.target(x0, noise, t, self.prediction)
+        out = net(x_t, t, label)
+        return F.mse_loss(out.float(), target.float())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x, label = self._batch(batch)
+        if label is not None and self.hparams.label_dropout > 0:
+            # Classifier-free guidance training: drop labels to the null class.
+            drop = torch.rand(label.shape, device=label.device) < self.hparams.label_dropout
+            label = torch.where(drop, torch.full_like(label, self.null_label), label)
+        loss = self.diffusion_loss(self.unet, x, label)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x, label = self._batch(batch)
+        # A fixed draw of t and noise per batch: val/loss then measures the weights, not
+        # the luck of the draw, and is comparable across epochs (and runs).
+        gen = torch.Generator(device=x.device).manual_seed(10_000 + batch_idx)
+        loss = self.diffusion_loss(self.sampling_net, x, label, generator=gen)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        # Only the online network: the EMA copy is updated by hand, not by gradients.
+        opt = torch.optim.AdamW(
+            self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        warmup = self.hparams.warmup_steps
+        if warmup <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- exponential moving average ---------------------------------------------------
+
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA decay used at optimizer step `step` (0 = copy the online weights).
+
+        After `ema_start_step` the decay warms up as min(decay, (1 + n) / (10 + n)), n
+        the number of averaged steps (TensorFlow's ExponentialMovingAverage, also Latent
+        Diffusion's LitEma), so early averages are not dominated by the random init.
+        """
+        n = step - self.hparams.ema_start_step
+        if n <= 0:
+            return 0.0
+        return min(self.hparams.ema_decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update_ema(self, step: int | None = None) -> None:
+        """ema <- decay * ema + (1 - decay) * online, for every parameter and buffer."""
+        if self.ema_unet is None:
+            return
+        decay = self.ema_decay_at(self.global_step if step is None else step)
+        ema_params = list(self.ema_unet.parameters())
+        params = [p.detach() for p in self.unet.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for b_ema, b in zip(self.ema_unet.buffers(), self.unet.buffers()):
+            b_ema.copy_(b)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # global_step counts optimizer steps; with gradient accumulation some batches end
+        # without one, and the EMA should move only when the weights did.
+        if self.global_step != self._ema_updated_at:
+            self._ema_updated_at = self.global_step
+            self.update_ema()
+
+    # -- generation -------------------------------------------------------------------
+
+    def make_sampler(self, sampler: Sampler | Mapping[str, Any] | str | None) -> Sampler:
+        """A `Sampler` from an instance, a config dict ``{"name": "ddim", "steps": 50}``,
+        a registered name, or None (DDIM with ``default_sampler_steps``, eta 0)."""
+        if sampler is None:
+            return DDIMSampler(steps=self.hparams.default_sampler_steps, eta=0.0)
+        if isinstance(sampler, Sampler):
+            return sampler
+        from genframe.config import check_kwargs
+        from genframe.plugins import get_registry
+
+        if isinstance(sampler, str):
+            sampler = {"name": sampler}
+        if not isinstance(sampler, Mapping):
+            raise UserError(
+                f"sampler: expected a sampler name or config like {{name: ddim, steps: 50}}, "
+                f"got {sampler!r}"
+            )
+        kwargs = dict(sampler)
+        name = kwargs.pop("name", None)
+        if name is None:
+            names = valid_list(get_registry().samplers)
+            raise UserError(f"sampler: no name given; choose one of {names} (e.g. sampler=ddim)")
+        cls = get_registry().sampler(str(name)).load()
+        built = cls(**check_kwargs(cls, kwargs, where="sampler"))
+        if not isinstance(built, Sampler):
+            raise UserError(f"sampler '{name}' is not a genframe.samplers.Sampler")
+        return built
+
+    def _guidance(self, guidance: float | None) -> float | None:
+        """The guidance scale to use (None for an unconditional model)."""
+        if not self.num_classes:
+            if guidance is not None:
+                raise UserError(
+                    f"guidance={guidance}: this diffusion model is unconditional "
+                    "(num_classes=0); classifier-free guidance needs a class-conditional model"
+                )
+            return None
+        if guidance is None:
+            guidance = self.hparams.guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not (
+            0.0 <= guidance <= MAX_GUIDANCE
+        ):
+            raise UserError(
+                f"guidance must be a number between 0 and {MAX_GUIDANCE:g} (1: plain "
+                f"conditional, 0: unconditional, >1: stronger class), got {guidance!r}"
+            )
+        if guidance != 1 and self.hparams.label_dropout <= 0:
+            raise UserError(
+                f"guidance={guidance}: this model was trained with label_dropout=0, so it "
+                "has no unconditional prediction to guide with; use guidance=1"
+            )
+        return float(guidance)
+
+    def _labels_for(
+        self, num_samples: int, condition: dict[str, Any]
+    ) -> tuple[torch.Tensor | None, list[dict[str, Any]]]:
+        """Labels (N,) and per-sample conditions for generate()."""
+        if not self.num_classes:
+            return None, [{} for _ in range(num_samples)]
+        if condition.get("label") is None:
+            # No condition: cycle through the classes so a grid shows every one.
+            labels = [i % self.num_classes for i in range(num_samples)]
+        else:
+            value = condition["label"]
+            if isinstance(value, torch.Tensor):
+                value = value.tolist()
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * num_samples
+            if len(values) != num_samples:
+                raise UserError(f"condition.label: got {len(values)} labels for {num_samples} samples")
+            labels = []
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.num_classes:
+                    raise UserError(
+                        f"condition.label must be an integer in 0..{self.num_classes - 1} "
+                        f"(this model has {self.num_classes} classes), got {v!r}"
+                    )
+                labels.append(int(v))
+        tensor = torch.tensor(labels, dtype=torch.long, device=self.device)
+        return tensor, [{"label": k} for k in labels]
+
+    def denoiser(self, labels: torch.Tensor | None = None, guidance: float | None = None):
+        """The ``denoise(x_t, t)`` function samplers call, with guidance folded in.
+
+        labels: (N,) class labels for a conditional model (None: unconditional);
+        guidance: the scale w. w = 1 runs the conditional network once; w = 0 runs only
+        the unconditional one; otherwise both run in one doubled batch and are mixed as
+        u + w (c - u). Mixing raw outputs is right for v as well as eps: both are affine
+        in the network output with the same x_t term, so the mix carries over.
+        """
+        net = self.sampling_net
+        if labels is None:
+            return lambda x, t: net(x, t)
+        null = torch.full_like(labels, self.null_label)
+        w = 1.0 if guidance is None else float(guidance)
+        if w == 1.0:
+            return lambda x, t: net(x, t, labels)
+        if w == 0.0:
+            return lambda x, t: net(x, t, null)
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2N, ...)
+            cond, uncond = out.chunk(2)
+            return uncond + w * (cond - uncond)
+
+        return guided
+
+    def generate(
+        self,
+        num_samples: int,
+        *,
+        condition: dict[str, Any] | None = None,
+        seed: int | None = None,
+        sampler: Sampler | Mapping[str, Any] | str | None = None,
+        guidance: float | None = None,
+        clip_x0: bool = True,
+        **sampling: Any,
+    ) -> Samples:
+        """Sample `num_samples` images by running the reverse process from noise.
+
+        Args:
+            num_samples: how many images.
+            condition: ``{"label": k}`` (or a list of N labels) for a conditional model;
+                without it a conditional model cycles through the classes.
+            seed: the same seed (and sampler) gives the same images; DDIM with eta=0 uses
+                randomness only for the starting noise.
+            sampler: a `Sampler`, a config dict ``{"name": "ddim", "steps": 50, "eta":
+                0.0}``, a registered sampler name, or None for DDIM with
+                ``default_sampler_steps`` steps and eta 0.
+            guidance: classifier-free guidance scale in [0, 50] for a conditional model
+                (None: the model's ``guidance``); refused for an unconditional one.
+            clip_x0: clip the predicted clean image to [-1, 1] at every step.
+        """
+        for key in ("steps", "eta"):
+            if key in sampling:
+                raise UserError(
+                    f"sampling.{key}: set it on the sampler instead, e.g. sampler=ddim "
+                    f"sampler.{key}={sampling[key]}"
+                )
+        self.check_sampling(sampling, SAMPLING_OPTIONS)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
+        condition = self.check_condition(condition)
+        labels, conditions = self._labels_for(num_samples, condition)
+        w = self._guidance(guidance)
+        sampler = self.make_sampler(sampler)
+        sampler.num_model_calls(self.schedule)  # checks the sampler fits T before any work
+        gen, seed = self.make_generator(seed)
+
+        shape = (num_samples, self.in_channels, self.image_size, self.image_size)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                x = sampler.sample(
+                    self.denoiser(labels, w), self.schedule, shape,
+                    prediction=self.prediction, generator=gen, device=self.device,
+                    clip_x0=bool(clip_x0),
+                )  # (N, C, H, W) in [-1, 1]
+        finally:
+            self.train(was_training)
+        images = ((x.float() + 1) / 2).clamp(0, 1)
+        metadata = {
+            "model": "diffusion",
+            "seed": seed,
+            "sampler": sampler.describe(),
+            "guidance": w,
+            "ema": self.ema_unet is not None,
+            "clip_x0": bool(clip_x0),
+        }
+        return Samples(images=images.cpu(), conditions=conditions, metadata=metadata)
+
+    def example_batch(self, batch_size: int = 4) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(0)
+        shape = (batch_size, self.in_channels, self.image_size, self.image_size)
+        batch: dict[str, Any] = {"image": (torch.rand(shape, generator=gen) * 2 - 1).to(self.device)}
+        if self.num_classes:
+            label = torch.randint(0, self.num_classes, (batch_size,), generator=gen)
+            batch["label"] = label.to(self.device)
+        return batch
+
+
+def _validate(args: dict[str, Any]) -> None:
+    """Refuse bad constructor values with a message naming the ``model.`` key."""
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise UserError(f"model.{key} must be {expected}, got {args[key]!r}")
+
+    need(args["in_channels"] >= 1, "in_channels", "at least 1")
+    need(args["image_size"] >= 1, "image_size", "at least 1")
+    need(args["num_classes"] >= 0, "num_classes", "0 (unconditional) or more")
+    channels = args["channels"]
+    need(len(channels) >= 1 and all(c >= 1 for c in channels), "channels", "a non-empty list of positive widths")
+    need(args["blocks_per_level"] >= 1, "blocks_per_level", "at least 1")
+    need(args["num_heads"] >= 1, "num_heads", "at least 1")
+    need(0 <= args["dropout"] < 1, "dropout", "in [0, 1)")
+    need(args["timesteps"] >= 2, "timesteps", "at least 2")
+    need(0 <= args["label_dropout"] < 1, "label_dropout", "in [0, 1)")
+    need(0 <= args["guidance"] <= MAX_GUIDANCE, "guidance", f"between 0 and {MAX_GUIDANCE:g}")
+    need(0 <= args["ema_decay"] < 1, "ema_decay", "in [0, 1) (0 disables the EMA)")
+    need(args["ema_start_step"] >= 0, "ema_start_step", ">= 0")
+    need(args["lr"] > 0, "lr", "> 0")
+    need(args["weight_decay"] >= 0, "weight_decay", ">= 0")
+    need(args["warmup_steps"] >= 0, "warmup_steps", ">= 0")
+    need(
+        1 <= args["default_sampler_steps"] <= args["timesteps"],
+        "default_sampler_steps", f"between 1 and timesteps ({args['timesteps']})",
+    )
+    if args["num_classes"] and args["guidance"] != 1 and args["label_dropout"] <= 0:
+        raise UserError(
+            f"model.guidance={args['guidance']} needs model.label_dropout > 0 (classifier-free "
+            "guidance mixes in the unconditional prediction, which label dropout trains)"
+        )
+    for key, allowed in (("schedule", ("linear", "cosine")), ("prediction", ("eps", "v"))):
+        if args[key] not in allowed:
+            raise UserError(f"model.{key} must be one of {valid_list(allowed)}, got {args[key]!r}")
+
+    sides = level_sides(args["image_size"], len(channels))
+    unknown = sorted(set(args["attention_resolutions"]) - set(sides))
+    if unknown:
+        raise UserError(
+            f"model.attention_resolutions: {unknown} match no U-Net level; with "
+            f"image_size={args['image_size']} and {len(channels)} levels the level sides are "
+            f"{sides}. Choose from those, or [] for attention only in the middle block"
+        )
+    heads = args["num_heads"]
+    attn_widths = {c for c, s in zip(channels, sides) if s in args["attention_resolutions"]}
+    attn_widths.add(channels[-1])  # the middle block
+    bad = sorted(w for w in attn_widths if w % heads)
+    if bad:
+        raise UserError(
+            f"model.num_heads={heads} must divide the width of every attention level; "
+            f"these widths are not divisible: {bad}"
+        )
