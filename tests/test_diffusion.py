@@ -6,14 +6,14 @@ import warnings
 
 import pytest
 import torch
+from genframe_plugins.diffusion.model import Diffusion
+from genframe_plugins.diffusion.unet import UNet
 
 from genframe.errors import UserError
 from genframe.layers import SelfAttention2d, timestep_embedding
 from genframe.samplers.ddim import DDIMSampler
 from genframe.samplers.ddpm import DDPMSampler
 from genframe.samples import Samples
-from genframe_plugins.diffusion.model import Diffusion
-from genframe_plugins.diffusion.unet import UNet
 
 TINY = dict(
     image_size=8, num_classes=10, channels=[8, 16], blocks_per_level=1,
@@ -118,7 +118,10 @@ def test_loss_is_finite_and_drops_on_a_fixed_digit_batch(prediction):
     images, labels = digits(32)
     batch = {"image": images, "label": labels}
     m = tiny(prediction=prediction, lr=3e-3, ema_decay=0.0)
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731  # the same draw each time
+
+    def gen():  # the same draw of t and noise each time
+        return torch.Generator().manual_seed(0)
+
     with torch.no_grad():
         before = float(m.diffusion_loss(m.unet, images, labels, generator=gen()))
     losses = train_steps(m, batch, 60)
@@ -336,3 +339,30 @@ def test_yaml_config_builds_the_model(compose_task):
     assert isinstance(m, Diffusion)
     assert m.num_classes == cfg.data.num_classes == 10
     assert m.hparams.channels == [8, 16]
+
+
+@pytest.mark.slow
+def test_default_diffusion_draws_the_requested_digits(compose_task):
+    """The issue's bar: DDIM-50 samples a digit classifier labels as requested >= 90%.
+
+    Measured (2 cores): 50 epochs (~4.5 min) give 94% at guidance 1 and 99.5% at 1.5;
+    30 epochs here keep the test near 3 minutes.
+    """
+    import numpy as np
+    from sklearn.svm import SVC
+
+    from genframe.tasks.train import train
+
+    torch.set_num_threads(2)
+    out = train(compose_task("train", "model=diffusion", "trainer.max_epochs=30", "num_samples=0",
+                             "trainer.enable_progress_bar=false"))
+    model = out["model"].eval()
+    images, labels = digits(1797)
+    svc = SVC(gamma=0.001, C=10).fit(((images.flatten(1) + 1) * 8).numpy(), labels.numpy())
+    requested = [k for k in range(10) for _ in range(20)]
+    for guidance, bar in ((1.0, 0.85), (2.0, 0.9)):
+        s = model.generate(len(requested), condition={"label": requested}, seed=0,
+                           sampler={"name": "ddim", "steps": 50}, guidance=guidance)
+        predicted = svc.predict((s.images.flatten(1) * 16).numpy())
+        accuracy = float((predicted == np.array(requested)).mean())
+        assert accuracy >= bar, (guidance, accuracy)

@@ -201,7 +201,8 @@ def test_ddim_eta0_is_deterministic_given_the_seed():
     sampler = DDIMSampler(steps=10, eta=0.0)
 
     def run(seed):
-        return sampler.sample(denoise, s, (4, 1, 3, 3), prediction="eps", generator=gen(seed), device="cpu")
+        return sampler.sample(denoise, s, (4, 1, 3, 3), prediction="eps", generator=gen(seed),
+                              device="cpu")
 
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b)

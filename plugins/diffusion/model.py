@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from numbers import Integral
 from typing import Any, Literal
 
 import torch
@@ -55,7 +56,8 @@ class Diffusion(GenerativeModule):
             the way up).
         attention_resolutions: spatial sides of the levels that get self-attention, e.g.
             ``[4]``: the 4x4 level of 8x8 images. Must name levels that exist; ``[]`` keeps
-            attention only in the middle block.
+            attention only in the middle block; None (the default) picks the
+            lowest-resolution level, so any image size works without an override.
         num_heads: attention heads (must divide the widths of the attention levels and
             of the last level).
         dropout: dropout inside the residual blocks.
@@ -91,7 +93,7 @@ class Diffusion(GenerativeModule):
         num_classes: int = 0,
         channels: list[int] = (64, 128),  # type: ignore[assignment]  # immutable default
         blocks_per_level: int = 2,
-        attention_resolutions: list[int] = (4,),  # type: ignore[assignment]
+        attention_resolutions: list[int] | None = None,
         num_heads: int = 4,
         dropout: float = 0.0,
         timesteps: int = 1000,
@@ -109,6 +111,8 @@ class Diffusion(GenerativeModule):
         super().__init__()
         # Plain lists in hparams, whatever sequence came in.
         channels = [int(c) for c in channels]
+        if attention_resolutions is None:  # the lowest-resolution level, whatever the size
+            attention_resolutions = [level_sides(image_size, len(channels))[-1]]
         attention_resolutions = [int(r) for r in attention_resolutions]
         _validate(locals())
         self.save_hyperparameters()
@@ -131,10 +135,10 @@ class Diffusion(GenerativeModule):
         )
         # The EMA is a second copy of the network: a submodule, so `state_dict()` (and
         # with it Lightning checkpoints and the safetensors weights) carries it, but with
-        # requires_grad off and left out of the optimizer. Written here rather than with
-        # torch's AveragedModel or Lightning's weight-averaging callback because it needs
-        # a warm-up and a start step, and must live in the model's own state so a
-        # weights file alone samples with it.
+        # requires_grad off and left out of the optimizer. Not Lightning's
+        # EMAWeightAveraging callback: that lives outside the model, so a weights file or
+        # generate() outside a Trainer would not see the average. The update is ten lines
+        # (`update_ema`), with the warm-up and start step diffusion training uses.
         self.ema_unet: UNet | None = None
         if ema_decay > 0:
             self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
@@ -142,7 +146,9 @@ class Diffusion(GenerativeModule):
 
     # -- networks ---------------------------------------------------------------------
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The online network's raw prediction (eps or v) at (x_t, t): (B, C, H, W)."""
         return self.unet(x_t, t, label)
 
@@ -162,7 +168,9 @@ class Diffusion(GenerativeModule):
         if not self.num_classes:
             return x, None
         if batch.get("label") is None:
-            raise UserError("this diffusion model is conditional (num_classes > 0) and needs batch['label']")
+            raise UserError(
+                "this diffusion model is conditional (num_classes > 0) and needs batch['label']"
+            )
         return x, batch["label"].long().view(-1)
 
     def diffusion_loss(
@@ -237,6 +245,8 @@ class Diffusion(GenerativeModule):
         decay = self.ema_decay_at(self.global_step if step is None else step)
         ema_params = list(self.ema_unet.parameters())
         params = [p.detach() for p in self.unet.parameters()]
+        # One fused kernel over all tensors (as timm's ModelEmaV3 does):
+        # ema + (1 - decay) * (online - ema) = decay * ema + (1 - decay) * online.
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for b_ema, b in zip(self.ema_unet.buffers(), self.unet.buffers()):
             b_ema.copy_(b)
@@ -321,7 +331,7 @@ class Diffusion(GenerativeModule):
                 raise UserError(f"condition.label: got {len(values)} labels for {num_samples} samples")
             labels = []
             for v in values:
-                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.num_classes:
+                if isinstance(v, bool) or not isinstance(v, Integral) or not 0 <= v < self.num_classes:
                     raise UserError(
                         f"condition.label must be an integer in 0..{self.num_classes - 1} "
                         f"(this model has {self.num_classes} classes), got {v!r}"
@@ -442,7 +452,10 @@ def _validate(args: dict[str, Any]) -> None:
     need(args["image_size"] >= 1, "image_size", "at least 1")
     need(args["num_classes"] >= 0, "num_classes", "0 (unconditional) or more")
     channels = args["channels"]
-    need(len(channels) >= 1 and all(c >= 1 for c in channels), "channels", "a non-empty list of positive widths")
+    need(
+        len(channels) >= 1 and all(c >= 1 for c in channels),
+        "channels", "a non-empty list of positive widths",
+    )
     need(args["blocks_per_level"] >= 1, "blocks_per_level", "at least 1")
     need(args["num_heads"] >= 1, "num_heads", "at least 1")
     need(0 <= args["dropout"] < 1, "dropout", "in [0, 1)")
