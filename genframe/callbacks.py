@@ -38,18 +38,20 @@ class SampleQuality(pl.Callback):
         extractor: ``classifier`` (trained on the data's labels, cached) or ``timm``.
         timm_model, timm_weights, timm_image_size: for ``extractor=timm`` (local weights).
         k: neighbourhood size of precision/recall.
+        real: the real images to compare with: ``all``, ``train`` or ``val``.
         seed: seed of the generated images (the same every time, so epochs compare).
     """
 
     def __init__(self, every_n_epochs: int = 5, num_samples: int = 500, batch_size: int = 250,
                  extractor: str = "classifier", timm_model: str | None = None,
                  timm_weights: str | None = None, timm_image_size: int | None = None,
-                 k: int = 3, seed: int = 0) -> None:
+                 k: int = 3, real: str = "all", seed: int = 0) -> None:
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.extractor_args = dict(extractor=extractor, timm_model=timm_model,
-                                   timm_weights=timm_weights, timm_image_size=timm_image_size, k=k)
+                                   timm_weights=timm_weights, timm_image_size=timm_image_size, k=k,
+                                   real=real)
         self.seed = seed
         self.metrics = None
 

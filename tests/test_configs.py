@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from genframe.config import config_groups
-from tests.conftest import FAST
+from tests.conftest import FAST, FAST_TRAINING
 
 GROUPS = config_groups()
 
@@ -14,8 +14,10 @@ GROUPS = config_groups()
 def test_experiment_runs(experiment, compose_task):
     from genframe.tasks.train import train
 
-    # FAST comes after the experiment so the run stays tiny; the experiment's choices hold.
-    result = train(compose_task("train", f"experiment={experiment}", *FAST))
+    # The fast settings come after the experiment so the run stays tiny; the experiment's
+    # choices (data, model, ...) hold. `channels` is a key of every image model here.
+    result = train(compose_task("train", f"experiment={experiment}", *FAST_TRAINING,
+                                "model.channels=[8,16]"))
     assert result["metrics"]["val/loss"] > 0
 
 

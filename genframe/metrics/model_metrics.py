@@ -19,6 +19,7 @@ def data_image_metrics(
     timm_weights: str | None = None,
     timm_image_size: int | None = None,
     k: int = 3,
+    real: str = "all",
     max_real: int | None = None,
 ):
     """`ImageMetrics` against a data module's validation images.
@@ -30,7 +31,10 @@ def data_image_metrics(
         data: a set-up genframe data module with ``train_set`` and ``val_set``.
         extractor: ``"classifier"`` or ``"timm"`` (with `timm_model` and local `timm_weights`).
         k: neighbourhood size of precision/recall.
-        max_real: use at most this many validation images as the real set.
+        real: the real images: ``"val"`` (the validation split), ``"train"`` or ``"all"``
+            (both). More real images make the Fréchet distance less biased; FD on the
+            training images is the usual practice (as for CIFAR-10's FID).
+        max_real: use at most this many real images.
     """
     from genframe.metrics import (
         ImageMetrics,
@@ -48,8 +52,11 @@ def data_image_metrics(
         classifier = classifier_from_datasets(key, data.train_set, data.val_set)
     feats = build_extractor(extractor, classifier=classifier, timm_model=timm_model,
                             timm_weights=timm_weights, image_size=timm_image_size)
-    real = to_unit_range(stack_dataset(data.val_set, ("image",), limit=max_real)["image"].float())
-    return ImageMetrics(real, feats, classifier=classifier, k=k)
+    splits = {"val": [data.val_set], "train": [data.train_set], "all": [data.train_set, data.val_set]}
+    if real not in splits:
+        raise UserError(f"metrics.real={real}: expected one of {', '.join(splits)}")
+    images = torch.cat([stack_dataset(s, ("image",))["image"] for s in splits[real]])[:max_real]
+    return ImageMetrics(to_unit_range(images.float()), feats, classifier=classifier, k=k)
 
 
 def sample_model(model, num_samples: int, *, batch_size: int, seed: int, **options: Any) -> Samples:

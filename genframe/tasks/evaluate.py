@@ -51,12 +51,13 @@ def _image_metrics(cfg: DictConfig, model, data) -> dict[str, float]:
     m = cfg.metrics
     image_metrics = data_image_metrics(
         data, extractor=m.extractor, timm_model=m.timm_model, timm_weights=m.timm_weights,
-        timm_image_size=m.timm_image_size, k=m.k,
+        timm_image_size=m.timm_image_size, k=m.k, real=m.real,
     )
     values = model_image_metrics(model, image_metrics, m.num_samples, batch_size=m.batch_size,
                                  seed=cfg.seed, **generation_options(cfg, model))
     out = {f"val/{k}": v for k, v in values.items()}
     out["metrics/num_samples"] = float(m.num_samples)
+    out["metrics/num_real"] = float(image_metrics.num_real)
     if image_metrics.classifier is not None:
         out["metrics/classifier_val_accuracy"] = float(image_metrics.classifier.val_accuracy)
     return out
