@@ -53,8 +53,26 @@ class GenerativeModule(pl.LightningModule):
         raise NotImplementedError
 
     def example_batch(self, batch_size: int = 4) -> dict[str, Any]:
-        """A random batch this model accepts (used by `genframe.testing`)."""
-        raise NotImplementedError
+        """A random batch this model accepts (used by `genframe.testing`).
+
+        The default suits image models with ``in_channels``/``image_size`` (and
+        ``num_classes``) hyperparameters: images uniform in [-1, 1], labels when the
+        model reads them. Override it for other batch keys or data grids.
+        """
+        hp = self.hparams
+        if "in_channels" not in hp or "image_size" not in hp:
+            raise NotImplementedError(f"{type(self).__name__} must implement example_batch()")
+        gen = torch.Generator().manual_seed(0)
+        shape = (batch_size, hp.in_channels, hp.image_size, hp.image_size)
+        batch: dict[str, Any] = {"image": (torch.rand(shape, generator=gen) * 2 - 1).to(self.device)}
+        return self._with_labels(batch, gen)
+
+    def _with_labels(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
+        num_classes = self.hparams.get("num_classes", 0)
+        if "label" in self.needs and num_classes:
+            n = len(batch["image"])
+            batch["label"] = torch.randint(0, num_classes, (n,), generator=gen).to(self.device)
+        return batch
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the model's spec so the checkpoint alone rebuilds it (call super() if

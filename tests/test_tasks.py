@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import FAST
+from tests.conftest import FAST, FAST_TRAINING
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +211,17 @@ def test_evaluate_reports_image_metrics(trained, compose_task):
     m = result["metrics"]
     assert m["val/fd"] > 0 and 0 <= m["val/precision"] <= 1 and 0 <= m["val/recall"] <= 1
     assert m["metrics/classifier_val_accuracy"] > 0.9
+
+
+def test_diffusion_trains_on_an_rgb_image_folder_of_odd_size(compose_task, tmp_path):
+    from genframe.tasks.generate import generate
+    from genframe.tasks.train import train
+
+    folder = _image_folder(tmp_path / "rgb", "RGB")
+    result = train(compose_task("train", "model=diffusion", "data=image_folder", f"data.root={folder}",
+                                "data.image_size=11", "data.batch_size=4", "model.channels=[8,16]",
+                                "model.timesteps=20", "model.default_sampler_steps=4", *FAST_TRAINING))
+    assert result["samples"].images.shape[1:] == (3, 11, 11)
+    gen = generate(compose_task("generate", f"run={result['run_dir']}", "num_samples=2",
+                                "sampler=ddim", "sampler.steps=5"))
+    assert gen["samples"][0].metadata["sampler"] == {"name": "ddim", "steps": 5, "eta": 0.0}

@@ -431,15 +431,6 @@ class Diffusion(GenerativeModule):
         }
         return Samples(images=images.cpu(), conditions=conditions, metadata=metadata)
 
-    def example_batch(self, batch_size: int = 4) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(0)
-        shape = (batch_size, self.in_channels, self.image_size, self.image_size)
-        batch: dict[str, Any] = {"image": (torch.rand(shape, generator=gen) * 2 - 1).to(self.device)}
-        if self.num_classes:
-            label = torch.randint(0, self.num_classes, (batch_size,), generator=gen)
-            batch["label"] = label.to(self.device)
-        return batch
-
 
 def _validate(args: dict[str, Any]) -> None:
     """Refuse bad constructor values with a message naming the ``model.`` key."""

@@ -412,11 +412,7 @@ class VAE(GenerativeModule):
         shape = (batch_size, self.in_channels, self.image_size, self.image_size)
         levels = torch.randint(0, self.num_levels, shape, generator=gen)
         image = levels.float() * (2 / (self.num_levels - 1)) - 1  # on the data's grid
-        batch: dict[str, Any] = {"image": image.to(self.device)}
-        if self.num_classes:
-            label = torch.randint(0, self.num_classes, (batch_size,), generator=gen)
-            batch["label"] = label.to(self.device)
-        return batch
+        return self._with_labels({"image": image.to(self.device)}, gen)
 
 
 def _validate(args: dict[str, Any]) -> None:
