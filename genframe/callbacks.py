@@ -54,6 +54,7 @@ class SampleQuality(pl.Callback):
                                    real=real)
         self.seed = seed
         self.metrics = None
+        self.last: dict[str, float] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         from genframe.metrics.model_metrics import data_image_metrics
@@ -65,12 +66,16 @@ class SampleQuality(pl.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self.metrics is None or trainer.sanity_checking:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        from genframe.metrics.model_metrics import model_image_metrics
+        due = (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if due or not self.last:  # measure on the first validation too
+            from genframe.metrics.model_metrics import model_image_metrics
 
-        values = model_image_metrics(pl_module, self.metrics, self.num_samples,
-                                     batch_size=self.batch_size, seed=self.seed)
-        for key, value in values.items():
-            if "/" not in key:  # overall figures; per-class ones go to metrics.json via evaluate
-                pl_module.log(f"val/{key}", value, rank_zero_only=True)
+            values = model_image_metrics(pl_module, self.metrics, self.num_samples,
+                                         batch_size=self.batch_size, seed=self.seed)
+            # Overall figures only; per-class ones are in `genframe evaluate`'s metrics.
+            self.last = {f"val/{k}": v for k, v in values.items() if "/" not in k}
+        # Between measurements the last values are logged again, so a checkpoint or
+        # early-stopping monitor on val/fd finds its key every epoch (an unchanged value
+        # never counts as an improvement).
+        for key, value in self.last.items():
+            pl_module.log(key, value, rank_zero_only=True)
