@@ -14,11 +14,30 @@ GROUPS = config_groups()
 def test_experiment_runs(experiment, compose_task):
     from genframe.tasks.train import train
 
-    # The fast settings come after the experiment so the run stays tiny; the experiment's
-    # choices (data, model, ...) hold. `channels` is a key of every image model here.
-    result = train(compose_task("train", f"experiment={experiment}", *FAST_TRAINING,
-                                "model.channels=[8,16]"))
+    # The fast settings and the model's registered tiny preset come after the experiment,
+    # so the run stays tiny while the experiment's choices (data, model, ...) hold.
+    from genframe.config import compose
+    from genframe.plugins import get_registry
+
+    model = compose("train", [f"experiment={experiment}"]).model.name
+    tiny = [f"model.{k}={_override(v)}" for k, v in (get_registry().model(model).tiny or {}).items()
+            if k not in ("in_channels", "image_size", "num_classes", "num_levels")]
+    overrides = [*FAST_TRAINING, *tiny]
+    if "sample_metrics" in str(compose("train", [f"experiment={experiment}"]).get("callbacks")):
+        overrides.append("callbacks.sample_metrics.num_samples=20")
+    result = train(compose_task("train", f"experiment={experiment}", *overrides))
     assert result["metrics"]["val/loss"] > 0
+
+
+def _override(value) -> str:
+    """A Python value as Hydra override syntax."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override(v) for v in value) + "]"
+    return str(value)
 
 
 @pytest.mark.parametrize("debug", GROUPS["debug"])

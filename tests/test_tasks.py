@@ -32,6 +32,9 @@ def test_train_writes_a_complete_run_directory(trained):
     assert info["model"]["name"] == "vae" and info["model"]["kwargs"]["latent_dim"] == 2
     assert "vae" in info["plugins"] and info["plugins"]["vae"]["version"]
     assert "git_revision" in info
+    # last.ckpt is the state after the final epoch (not the last improvement of monitor).
+    last = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == info["steps"] and last["epoch"] == info["epochs"] - 1
     metrics = json.loads((run / "metrics.json").read_text())
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     manifest = [json.loads(line) for line in (run / "samples/manifest.jsonl").read_text().splitlines()]
@@ -229,3 +232,13 @@ def test_diffusion_trains_on_an_rgb_image_folder_of_odd_size(compose_task, tmp_p
     gen = generate(compose_task("generate", f"run={result['run_dir']}", "num_samples=2",
                                 "sampler=ddim", "sampler.steps=5"))
     assert gen["samples"][0].metadata["sampler"] == {"name": "ddim", "steps": 5, "eta": 0.0}
+
+
+def test_last_checkpoint_follows_epochs_not_improvements(compose_task):
+    """monitor_mode=max on a falling val/loss: best stays at epoch 0, last moves on."""
+    from genframe.tasks.train import train
+
+    run = train(compose_task("train", *FAST, "trainer.max_epochs=3", "monitor_mode=max"))["run_dir"]
+    load = lambda name: torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
+    assert load("best.ckpt")["epoch"] == 0
+    assert load("last.ckpt")["epoch"] == 2
