@@ -19,7 +19,10 @@ def test_task_help_shows_groups_and_config(cli):
     result = cli("train", "--help")
     assert result.returncode == 0, result.stderr
     assert "== Config groups ==" in result.stdout
-    assert "model: diffusion, gan, vae" in result.stdout and "latent_dim" in result.stdout
+    from genframe.plugins import get_registry
+
+    models = ", ".join(sorted(get_registry().models))
+    assert f"model: {models}" in result.stdout and "latent_dim" in result.stdout
 
 
 def test_cfg_job_prints_overridden_config(cli):
