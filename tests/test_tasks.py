@@ -242,3 +242,25 @@ def test_last_checkpoint_follows_epochs_not_improvements(compose_task):
     load = lambda name: torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
     assert load("best.ckpt")["epoch"] == 0
     assert load("last.ckpt")["epoch"] == 2
+
+
+def test_gan_generate_with_label_and_truncation(compose_task):
+    from genframe.errors import UserError
+    from genframe.plugins import get_registry
+    from genframe.tasks.generate import generate
+    from genframe.tasks.train import train
+
+    tiny = get_registry().model("gan").tiny
+    run = train(compose_task("train", "model=gan", *FAST_TRAINING,
+                             f"model.latent_dim={tiny['latent_dim']}",
+                             "model.g_channels=[8,16]", "model.d_channels=[8,16]"))["run_dir"]
+    result = generate(compose_task("generate", f"run={run}", "num_samples=6", "condition.label=3",
+                                   "++sampling.truncation=0.5", "seed=0"))
+    samples = result["samples"][0]
+    assert [c["label"] for c in samples.conditions] == [3] * 6
+    assert samples.metadata["truncation"] == 0.5
+    again = generate(compose_task("generate", f"run={run}", "num_samples=6", "condition.label=3",
+                                  "++sampling.truncation=0.5", "seed=0"))
+    assert torch.equal(samples.images, again["samples"][0].images)
+    with pytest.raises(UserError, match="truncation"):
+        generate(compose_task("generate", f"run={run}", "++sampling.truncation=-1"))
