@@ -111,6 +111,40 @@ class GenerativeModule(pl.LightningModule):
                     f"{did_you_mean(key, allowed)} Valid options: {valid_list(allowed)}"
                 )
 
+    def labels_for(self, num_samples: int, condition: dict[str, Any], num_classes: int):
+        """Labels for a class-conditional `generate()` call.
+
+        ``condition["label"]`` may be one label for every sample or a list of
+        `num_samples` labels; without it the labels cycle through the classes so a grid
+        shows every one. Returns (labels as a long tensor on the model's device, the
+        per-sample condition dicts), or (None, empty dicts) for an unconditional model.
+        """
+        from numbers import Integral
+
+        from genframe.errors import UserError
+
+        if not num_classes:
+            return None, [{} for _ in range(num_samples)]
+        if condition.get("label") is None:
+            labels = [i % num_classes for i in range(num_samples)]
+        else:
+            value = condition["label"]
+            if isinstance(value, torch.Tensor):
+                value = value.tolist()
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * num_samples
+            if len(values) != num_samples:
+                raise UserError(f"condition.label: got {len(values)} labels for {num_samples} samples")
+            labels = []
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, Integral) or not 0 <= v < num_classes:
+                    raise UserError(
+                        f"condition.label must be an integer in 0..{num_classes - 1} "
+                        f"(this model has {num_classes} classes), got {v!r}"
+                    )
+                labels.append(int(v))
+        tensor = torch.tensor(labels, dtype=torch.long, device=self.device)
+        return tensor, [{"label": k} for k in labels]
+
     def make_generator(self, seed: int | None) -> tuple[torch.Generator, int]:
         """A torch.Generator on the model's device seeded with `seed` (or a fresh seed)."""
         if seed is None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from numbers import Integral
 from typing import Any, Literal
 
 import torch
@@ -313,32 +312,6 @@ class Diffusion(GenerativeModule):
             )
         return float(guidance)
 
-    def _labels_for(
-        self, num_samples: int, condition: dict[str, Any]
-    ) -> tuple[torch.Tensor | None, list[dict[str, Any]]]:
-        """Labels (N,) and per-sample conditions for generate()."""
-        if not self.num_classes:
-            return None, [{} for _ in range(num_samples)]
-        if condition.get("label") is None:
-            # No condition: cycle through the classes so a grid shows every one.
-            labels = [i % self.num_classes for i in range(num_samples)]
-        else:
-            value = condition["label"]
-            if isinstance(value, torch.Tensor):
-                value = value.tolist()
-            values = list(value) if isinstance(value, (list, tuple)) else [value] * num_samples
-            if len(values) != num_samples:
-                raise UserError(f"condition.label: got {len(values)} labels for {num_samples} samples")
-            labels = []
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, Integral) or not 0 <= v < self.num_classes:
-                    raise UserError(
-                        f"condition.label must be an integer in 0..{self.num_classes - 1} "
-                        f"(this model has {self.num_classes} classes), got {v!r}"
-                    )
-                labels.append(int(v))
-        tensor = torch.tensor(labels, dtype=torch.long, device=self.device)
-        return tensor, [{"label": k} for k in labels]
 
     def denoiser(self, labels: torch.Tensor | None = None, guidance: float | None = None):
         """The ``denoise(x_t, t)`` function samplers call, with guidance folded in.
@@ -402,7 +375,7 @@ class Diffusion(GenerativeModule):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
         condition = self.check_condition(condition)
-        labels, conditions = self._labels_for(num_samples, condition)
+        labels, conditions = self.labels_for(num_samples, condition, self.num_classes)
         w = self._guidance(guidance)
         sampler = self.make_sampler(sampler)
         sampler.num_model_calls(self.schedule)  # checks the sampler fits T before any work

@@ -477,30 +477,6 @@ class GAN(GenerativeModule):
 
     # -- generation ---------------------------------------------------------------------
 
-    def _labels_for(self, num_samples: int, condition: dict[str, Any]
-                    ) -> tuple[torch.Tensor | None, list[dict[str, Any]]]:
-        """Labels (N,) and per-sample conditions for generate()."""
-        if not self.num_classes:
-            return None, [{} for _ in range(num_samples)]
-        if condition.get("label") is None:
-            labels = [i % self.num_classes for i in range(num_samples)]  # every class in a grid
-        else:
-            value = condition["label"]
-            if isinstance(value, torch.Tensor):
-                value = value.tolist()
-            values = list(value) if isinstance(value, (list, tuple)) else [value] * num_samples
-            if len(values) != num_samples:
-                raise UserError(f"condition.label: got {len(values)} labels for {num_samples} samples")
-            labels = []
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, Integral) or not 0 <= v < self.num_classes:
-                    raise UserError(
-                        f"condition.label must be an integer in 0..{self.num_classes - 1} "
-                        f"(this model has {self.num_classes} classes), got {v!r}"
-                    )
-                labels.append(int(v))
-        tensor = torch.tensor(labels, dtype=torch.long, device=self.device)
-        return tensor, [{"label": k} for k in labels]
 
     def sample_noise(self, n: int, generator: torch.Generator, truncation: float | None = None
                      ) -> torch.Tensor:
@@ -544,7 +520,7 @@ class GAN(GenerativeModule):
         ):
             raise UserError(f"truncation must be a number > 0 (or null for none), got {truncation!r}")
         condition = self.check_condition(condition)
-        labels, conditions = self._labels_for(num_samples, condition)
+        labels, conditions = self.labels_for(num_samples, condition, self.num_classes)
         gen, seed = self.make_generator(seed)
         was_training = self.training
         self.eval()

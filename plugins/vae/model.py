@@ -313,34 +313,6 @@ class VAE(GenerativeModule):
 
     # -- generation -------------------------------------------------------------------
 
-    def _labels_for(
-        self, num_samples: int, condition: dict[str, Any]
-    ) -> tuple[torch.Tensor | None, list[dict[str, Any]]]:
-        """Labels (N,) and per-sample conditions for generate()."""
-        if not self.num_classes:
-            return None, [{} for _ in range(num_samples)]
-        if "label" not in condition:
-            # No condition: cycle through the classes so a grid shows every one.
-            labels = [i % self.num_classes for i in range(num_samples)]
-        else:
-            value = condition["label"]
-            if isinstance(value, torch.Tensor):
-                value = value.tolist()
-            values = list(value) if isinstance(value, (list, tuple)) else [value] * num_samples
-            if len(values) != num_samples:
-                raise UserError(
-                    f"condition.label: got {len(values)} labels for {num_samples} samples"
-                )
-            labels = []
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.num_classes:
-                    raise UserError(
-                        f"condition.label must be an integer in 0..{self.num_classes - 1} "
-                        f"(this model has {self.num_classes} classes), got {v!r}"
-                    )
-                labels.append(int(v))
-        tensor = torch.tensor(labels, dtype=torch.long, device=self.device)
-        return tensor, [{"label": k} for k in labels]
 
     def generate(
         self,
@@ -370,7 +342,7 @@ class VAE(GenerativeModule):
         if not temperature >= 0:
             raise UserError(f"sampling.temperature must be >= 0, got {temperature}")
         condition = self.check_condition(condition)
-        labels, conditions = self._labels_for(num_samples, condition)
+        labels, conditions = self.labels_for(num_samples, condition, self.num_classes)
         gen, seed = self.make_generator(seed)
 
         was_training = self.training
