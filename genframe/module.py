@@ -111,6 +111,12 @@ class GenerativeModule(pl.LightningModule):
                     f"{did_you_mean(key, allowed)} Valid options: {valid_list(allowed)}"
                 )
 
+    def set_class_conditional(self, num_classes: int) -> None:
+        """For an image model that is class-conditional when ``num_classes > 0``: it then
+        needs ``label`` in its batches and accepts ``condition={"label": k}``."""
+        self.needs = frozenset({"image", "label"}) if num_classes else frozenset({"image"})
+        self.condition_keys = frozenset({"label"}) if num_classes else frozenset()
+
     def labels_for(self, num_samples: int, condition: dict[str, Any], num_classes: int):
         """Labels for a class-conditional `generate()` call.
 

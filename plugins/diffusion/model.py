@@ -120,8 +120,7 @@ class Diffusion(GenerativeModule):
         self.image_size = image_size
         self.num_classes = num_classes
         self.prediction = prediction
-        self.needs = frozenset({"image", "label"}) if num_classes else frozenset({"image"})
-        self.condition_keys = frozenset({"label"}) if num_classes else frozenset()
+        self.set_class_conditional(num_classes)
 
         # A plain object, not a module: it is fixed by (schedule, timesteps), so it is
         # rebuilt from the hyperparameters rather than stored in checkpoints.

@@ -286,8 +286,7 @@ class GAN(GenerativeModule):
         self.num_classes = num_classes
         self.latent_dim = latent_dim
         self.loss_kind = loss
-        self.needs = frozenset({"image", "label"}) if num_classes else frozenset({"image"})
-        self.condition_keys = frozenset({"label"}) if num_classes else frozenset()
+        self.set_class_conditional(num_classes)
 
         self.generator = Generator(in_channels, image_size, latent_dim, g_channels,
                                    num_classes=num_classes, norm=g_norm)

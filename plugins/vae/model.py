@@ -175,8 +175,7 @@ class VAE(GenerativeModule):
         self.latent_dim = latent_dim
         self.num_classes = num_classes
         self.likelihood = likelihood
-        self.needs = frozenset({"image", "label"}) if num_classes else frozenset({"image"})
-        self.condition_keys = frozenset({"label"}) if num_classes else frozenset()
+        self.set_class_conditional(num_classes)
 
         self.encoder = ConvEncoder(
             in_channels, channels, image_size, blocks_per_level=blocks_per_level
