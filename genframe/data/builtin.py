@@ -9,3 +9,5 @@ def genframe_register_data(register):
              description="scikit-learn's 1,797 handwritten 8x8 digits with labels (offline)")
     register("image_folder", "genframe.data.image_folder:ImageFolderDataModule",
              description="your images from a folder tree (sub-folders become labels)")
+    register("text", "genframe.data.text:TextDataModule",
+             description="text for language models: pydoc prose (offline), files or JSONL")

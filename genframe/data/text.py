@@ -1,0 +1,164 @@
+"""Text for language models: load, clean, split, tokenise (cached), serve token windows."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from genframe.data.base import GenerativeDataModule
+from genframe.errors import UserError
+
+log = logging.getLogger("genframe")
+
+
+class TokenWindows(Dataset):
+    """Windows of ``block_size + 1`` tokens from one token stream, as ``{"tokens": ...}``.
+
+    ``random_offsets=True`` (training): each item starts at a fresh random offset drawn
+    from torch's generator (seeded by Lightning's ``seed_everything``); the length is the
+    number of non-overlapping windows, so one epoch sees about every token once.
+    ``random_offsets=False`` (validation): consecutive non-overlapping windows.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, random_offsets: bool) -> None:
+        self.tokens = tokens
+        self.block_size = block_size
+        self.random_offsets = random_offsets
+        self.span = block_size + 1
+        if len(tokens) < self.span:
+            raise ValueError("token stream shorter than one window")
+        self.length = max(1, (len(tokens) - 1) // block_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.random_offsets:
+            start = int(torch.randint(0, len(self.tokens) - self.span + 1, ()).item())
+        else:
+            if not 0 <= i < self.length:
+                raise IndexError(i)
+            start = min(i * self.block_size, len(self.tokens) - self.span)
+        window = np.asarray(self.tokens[start:start + self.span], dtype=np.int64)
+        return {"tokens": torch.from_numpy(window)}
+
+
+class TextDataModule(GenerativeDataModule):
+    """Token windows of a text corpus for autoregressive language models.
+
+    Args:
+        source: "pydoc" (Python's own documentation prose, offline), "files" (a text file
+            or a folder of .txt/.md files) or "jsonl" (one JSON object per line).
+        path: the file or folder for "files" and "jsonl".
+        text_field: the JSONL field holding the text.
+        tokenizer: "char" (one id per character) or "bpe" (byte-level BPE).
+        vocab_size: BPE vocabulary size (ignored by "char", whose size is the text's).
+        block_size: context length T; batches hold T + 1 tokens (the model shifts them).
+        batch_size: windows per batch.
+        val_fraction: share of the documents held out (of the token stream when there
+            is only one document).
+        seed: seed of the document split.
+        pseudonymize: replace e-mail addresses, phone numbers, IPs, ... by placeholders.
+        num_workers: DataLoader worker processes.
+    """
+
+    provides = frozenset({"tokens"})
+
+    def __init__(
+        self,
+        source: str = "pydoc",
+        path: str | None = None,
+        text_field: str = "text",
+        tokenizer: str = "char",
+        vocab_size: int = 512,
+        block_size: int = 64,
+        batch_size: int = 12,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        pseudonymize: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        from genframe.text.tokenize import TOKENIZERS, build_tokenizer
+
+        if tokenizer not in TOKENIZERS:
+            build_tokenizer(tokenizer, [])  # raises the UserError with a hint
+        if block_size < 1:
+            raise UserError(f"data.block_size must be at least 1, got {block_size}")
+        if batch_size < 1:
+            raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+        self.source = source
+        self.path = path
+        self.text_field = text_field
+        self.tokenizer_kind = tokenizer
+        self.bpe_vocab_size = vocab_size
+        self.block_size = block_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.pseudonymize = pseudonymize
+        self.tokenizer = None
+        self.vocab_size: int | None = None
+        self.cache_hits: dict[str, bool] = {}
+
+    def _separator(self) -> int | None:
+        """The id put between documents: <|endoftext|> for BPE, a newline for char."""
+        if self.tokenizer.kind == "bpe":
+            return 0
+        return self.tokenizer.stoi.get("\n")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from genframe.text import (
+            build_tokenizer,
+            clean_documents,
+            load_documents,
+            token_cache,
+        )
+
+        docs = load_documents(self.source, path=self.path, text_field=self.text_field)
+        docs, _ = clean_documents(docs, pseudonymize=self.pseudonymize)
+        if not docs:
+            raise UserError(f"data.path={self.path}: the {self.source} source has no text "
+                            "left after cleaning (all documents empty)")
+        span = self.block_size + 1
+        if len(docs) >= 2:
+            order = list(range(len(docs)))
+            random.Random(self.seed).shuffle(order)
+            n_val = max(1, round(len(docs) * self.val_fraction))
+            val_docs = [docs[i] for i in sorted(order[:n_val])]
+            train_docs = [docs[i] for i in sorted(order[n_val:])]
+        else:
+            text = docs[0]
+            cut = int(len(text) * (1 - self.val_fraction))
+            train_docs, val_docs = [text[:cut]], [text[cut:]]
+        self.tokenizer = build_tokenizer(self.tokenizer_kind, train_docs,
+                                         vocab_size=self.bpe_vocab_size)
+        self.vocab_size = self.tokenizer.vocab_size
+        sep = self._separator()
+        train_tokens, self.cache_hits["train"] = token_cache(train_docs, self.tokenizer,
+                                                             separator=sep)
+        val_tokens, self.cache_hits["val"] = token_cache(val_docs, self.tokenizer, separator=sep)
+        for name, toks in (("training", train_tokens), ("validation", val_tokens)):
+            if len(toks) < span:
+                raise UserError(
+                    f"the {name} split of data.path={self.path} ({self.source}) has "
+                    f"{len(toks)} tokens, fewer than data.block_size + 1 = {span}; "
+                    "use more text, a smaller block_size or another val_fraction")
+        self.train_set = TokenWindows(train_tokens, self.block_size, random_offsets=True)
+        self.val_set = TokenWindows(val_tokens, self.block_size, random_offsets=False)
+        log.info("text data: %s tokenizer, vocab %d, %d train / %d val tokens (%d / %d docs)",
+                 self.tokenizer.kind, self.vocab_size, len(train_tokens), len(val_tokens),
+                 len(train_docs), len(val_docs))
+
+    def save_tokenizer(self, directory) -> None:
+        """Save the trained tokenizer (``tokenizer.json``) into a run directory."""
+        if self.tokenizer is None:
+            self.setup("fit")
+        self.tokenizer.save(directory)
