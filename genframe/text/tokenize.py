@@ -17,7 +17,30 @@ FILENAME = "tokenizer.json"
 UNK = "<unk>"
 
 
-class CharTokenizer:
+class _SavedTokenizer:
+    """What both tokenizers share: a fingerprint and one ``tokenizer.json`` on disk."""
+
+    kind: str  # subclasses also define to_json()
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def save(self, directory: str | Path) -> Path:
+        from genframe.runs import atomic_write_bytes
+
+        path = Path(directory) / FILENAME
+        atomic_write_bytes(path, self.to_json().encode())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path):
+        tok = load_tokenizer(directory)
+        if not isinstance(tok, cls):
+            raise UserError(f"{Path(directory) / FILENAME} holds a {tok.kind} tokenizer, not {cls.kind}")
+        return tok
+
+
+class CharTokenizer(_SavedTokenizer):
     """One id per character seen in the training text; id 0 is ``<unk>`` for the rest."""
 
     kind = "char"
@@ -55,25 +78,9 @@ class CharTokenizer:
             raise UserError("char tokenizer file has no <unk> entry first")
         return cls(vocab[1:])
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
-
-    def save(self, directory: str | Path) -> Path:
-        from genframe.runs import atomic_write_bytes
-
-        path = Path(directory) / FILENAME
-        atomic_write_bytes(path, self.to_json().encode())
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> CharTokenizer:
-        tok = load_tokenizer(directory)
-        if not isinstance(tok, cls):
-            raise UserError(f"{Path(directory) / FILENAME} holds a {tok.kind} tokenizer, not char")
-        return tok
 
 
-class BPETokenizer:
+class BPETokenizer(_SavedTokenizer):
     """Byte-level BPE (GPT-2 style) trained with the `tokenizers` library.
 
     Every string round-trips (bytes are the base alphabet); ``<unk>`` is never needed
@@ -126,22 +133,6 @@ class BPETokenizer:
 
         return cls(Tokenizer.from_str(json.dumps(data["tokenizer"])))
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
-
-    def save(self, directory: str | Path) -> Path:
-        from genframe.runs import atomic_write_bytes
-
-        path = Path(directory) / FILENAME
-        atomic_write_bytes(path, self.to_json().encode())
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> BPETokenizer:
-        tok = load_tokenizer(directory)
-        if not isinstance(tok, cls):
-            raise UserError(f"{Path(directory) / FILENAME} holds a {tok.kind} tokenizer, not bpe")
-        return tok
 
 
 TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
