@@ -30,8 +30,12 @@ class GenerativeModule(pl.LightningModule):
 
     needs: ClassVar[frozenset[str]] = frozenset({"image"})
     condition_keys: ClassVar[frozenset[str]] = frozenset()
-    #: Set by genframe's builder: ``{"name": registered name, "kwargs": constructor args}``.
+    #: True for text models: genframe hands them their data's tokenizer (`set_tokenizer`).
+    uses_tokenizer: ClassVar[bool] = False
+    #: Set by genframe's builder: ``{"name": registered name, "kwargs": constructor args}``
+    #: (and ``"tokenizer"``, its JSON form, once a tokenizer is set).
     genframe_spec: dict[str, Any] | None = None
+    tokenizer: Any = None
 
     def generate(
         self,
@@ -73,6 +77,17 @@ class GenerativeModule(pl.LightningModule):
             n = len(batch["image"])
             batch["label"] = torch.randint(0, num_classes, (n,), generator=gen).to(self.device)
         return batch
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Give a text model its tokenizer (genframe calls this with the data's tokenizer
+        when training, and with the saved one when rebuilding the model). The tokenizer
+        is recorded in the model's spec, so the weights file alone restores it; override
+        to check it against the model (call super())."""
+        import json
+
+        self.tokenizer = tokenizer
+        if self.genframe_spec is not None:
+            self.genframe_spec["tokenizer"] = json.loads(tokenizer.to_json())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the model's spec so the checkpoint alone rebuilds it (call super() if

@@ -64,6 +64,10 @@ def build_from_spec(spec: dict[str, Any], state: dict[str, torch.Tensor] | None 
     from genframe.tasks.build import instantiate_model
 
     model = instantiate_model(spec["name"], spec["kwargs"], where="model", source=None)
+    if spec.get("tokenizer") is not None:
+        from genframe.text.tokenize import tokenizer_from_json
+
+        model.set_tokenizer(tokenizer_from_json(spec["tokenizer"], where="the model's spec"))
     if state is not None:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

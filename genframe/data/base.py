@@ -35,6 +35,17 @@ class GenerativeDataModule(pl.LightningDataModule):
     """
 
     provides: ClassVar[frozenset[str]] = frozenset()
+    #: Text data modules: the tokenizer in use (after ``setup``).
+    tokenizer: Any = None
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Use `tokenizer` instead of training one (fine-tuning keeps the model's).
+
+        Only text data modules take one; they must accept it before ``setup``.
+        """
+        from genframe.errors import UserError
+
+        raise UserError(f"data module {type(self).__name__} does not take a tokenizer")
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0) -> None:
         super().__init__()

@@ -138,8 +138,9 @@ class TextDataModule(GenerativeDataModule):
             text = docs[0]
             cut = int(len(text) * (1 - self.val_fraction))
             train_docs, val_docs = [text[:cut]], [text[cut:]]
-        self.tokenizer = build_tokenizer(self.tokenizer_kind, train_docs,
-                                         vocab_size=self.bpe_vocab_size)
+        if self.tokenizer is None:
+            self.tokenizer = build_tokenizer(self.tokenizer_kind, train_docs,
+                                             vocab_size=self.bpe_vocab_size)
         self.vocab_size = self.tokenizer.vocab_size
         sep = self._separator()
         train_tokens, self.cache_hits["train"] = token_cache(train_docs, self.tokenizer,
@@ -156,6 +157,14 @@ class TextDataModule(GenerativeDataModule):
         log.info("text data: %s tokenizer, vocab %d, %d train / %d val tokens (%d / %d docs)",
                  self.tokenizer.kind, self.vocab_size, len(train_tokens), len(val_tokens),
                  len(train_docs), len(val_docs))
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """Tokenise with `tokenizer` (e.g. the model's, when fine-tuning) instead of
+        training one; characters it does not know become ``<unk>``."""
+        if self.train_set is not None:
+            raise RuntimeError("use_tokenizer() must come before setup()")
+        self.tokenizer = tokenizer
+        self.tokenizer_kind = tokenizer.kind
 
     def save_tokenizer(self, directory) -> None:
         """Save the trained tokenizer (``tokenizer.json``) into a run directory."""

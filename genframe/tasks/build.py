@@ -62,9 +62,32 @@ def instantiate_model(name: str, kwargs: dict[str, Any], *, where: str = "model"
     return model
 
 
-def build_model(model_cfg: Any):
+# Model constructor arguments that, left null in the model's config, are taken from the
+# data module after its setup (the size of the tokenizer it trained).
+_FROM_DATA = ("vocab_size",)
+
+
+def build_model(model_cfg: Any, data=None):
+    """The configured model; `data` fills the arguments left null that the data knows
+    (``vocab_size``) and hands a text model the data's tokenizer."""
     name, kwargs = split_name(to_plain(model_cfg), "model")
-    return instantiate_model(name, kwargs, source=source_map("model"))
+    wanted = [k for k in _FROM_DATA if k in kwargs and kwargs[k] is None]
+    if wanted and data is not None:
+        data.setup("fit")
+        for key in wanted:
+            value = getattr(data, key, None)
+            if value is None:
+                raise UserError(
+                    f"model.{key} is null (to be taken from the data), but data "
+                    f"'{type(data).__name__}' has no {key}; set model.{key}=<int>"
+                )
+            kwargs[key] = value
+    model = instantiate_model(name, kwargs, source=source_map("model"))
+    if getattr(model, "uses_tokenizer", False) and data is not None:
+        data.setup("fit")
+        if getattr(data, "tokenizer", None) is not None:
+            model.set_tokenizer(data.tokenizer)
+    return model
 
 
 def build_data(data_cfg: Any):
@@ -92,6 +115,7 @@ def check_fit(model, data, data_cfg: Mapping[str, Any]) -> None:
             "provides them, or a model setting that does not need them."
         )
     kwargs = (getattr(model, "genframe_spec", None) or {}).get("kwargs", {})
+    _check_text_fit(kwargs, data, mname, dname)
     for mkey, dkey in _SHAPE_KEYS.items():
         # The data module's attribute wins: it may be filled in from the files (the
         # number of class folders), while the config still says 0.
@@ -103,6 +127,23 @@ def check_fit(model, data, data_cfg: Mapping[str, Any]) -> None:
                     f"(model '{mname}', data '{dname}'): the model was built for other data. "
                     f"Set data.{dkey}={kwargs[mkey]} or train a new model."
                 )
+
+
+def _check_text_fit(kwargs: Mapping[str, Any], data, mname: str, dname: str) -> None:
+    """The data's windows must fit the model's context and its tokens the vocabulary."""
+    model_ctx, data_ctx = kwargs.get("block_size"), getattr(data, "block_size", None)
+    if model_ctx and data_ctx and data_ctx > model_ctx:
+        raise UserError(
+            f"data.block_size={data_ctx} is longer than the context window of model "
+            f"'{mname}' (block_size={model_ctx}); set data.block_size={model_ctx} or less"
+        )
+    tok = getattr(data, "tokenizer", None)
+    vocab = kwargs.get("vocab_size")
+    if tok is not None and vocab and tok.vocab_size > vocab:
+        raise UserError(
+            f"data '{dname}' has a tokenizer of {tok.vocab_size} ids but model '{mname}' "
+            f"has vocab_size={vocab}; set model.vocab_size=null to take the data's size"
+        )
 
 
 def instantiate_group(node: Any, group: str) -> list[Any]:
@@ -177,5 +218,7 @@ def trained_model_and_data(cfg, task: str):
     else:
         raise UserError(f"{task} from a checkpoint file needs data=<choice> (and its keys)")
     data = build_data(data_cfg)
+    if getattr(model, "tokenizer", None) is not None:
+        data.use_tokenizer(model.tokenizer)  # the model's ids, not a newly trained set
     check_fit(model, data, data_cfg)
     return model, run, weights, data, data_cfg

@@ -21,7 +21,11 @@ def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str
 
     out_dir = Path(cfg.paths.output_dir)
     trainer = build_trainer(cfg, model)
-    start_run(out_dir, cfg, task, model=model.genframe_spec, data=data_cfg, **(lineage or {}))
+    # run.json names the model; its tokenizer (in the spec too) goes to tokenizer.json.
+    spec = {k: v for k, v in model.genframe_spec.items() if k != "tokenizer"}
+    start_run(out_dir, cfg, task, model=spec, data=data_cfg, **(lineage or {}))
+    if getattr(model, "tokenizer", None) is not None:
+        model.tokenizer.save(out_dir)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     except TrainingDiverged:

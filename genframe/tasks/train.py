@@ -38,7 +38,7 @@ def train(cfg: DictConfig, *, overrides: list[str] | None = None) -> dict[str, A
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data_cfg = to_plain(cfg.data)
     data = build_data(cfg.data)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, data)
     check_fit(model, data, data_cfg)
     return fit(cfg, model, data, data_cfg, task="train", ckpt_path=ckpt_path, lineage=lineage)
 

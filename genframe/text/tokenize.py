@@ -68,6 +68,13 @@ class CharTokenizer(_SavedTokenizer):
         itos = self.itos
         return "".join(itos[i] if 0 < i < len(itos) else "" for i in map(int, ids))
 
+    #: What `unit_lengths` counts: bits per character for this tokenizer.
+    unit = "char"
+
+    def unit_lengths(self) -> list[int]:
+        """Characters each id stands for (1 each; ``<unk>`` stood for one character)."""
+        return [1] * len(self.itos)
+
     def to_json(self) -> str:
         return json.dumps({"kind": self.kind, "vocab": self.itos}, ensure_ascii=False)
 
@@ -123,6 +130,21 @@ class BPETokenizer(_SavedTokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    #: What `unit_lengths` counts: bits per byte for this tokenizer.
+    unit = "byte"
+
+    def unit_lengths(self) -> list[int]:
+        """UTF-8 bytes each id stands for (0 for ``<|endoftext|>``).
+
+        Byte-level BPE spells every byte as one character of its alphabet, so a token's
+        length in that alphabet is its length in bytes.
+        """
+        lengths = [0] * self.vocab_size
+        special = set(self._tok.get_added_tokens_decoder())
+        for token, i in self._tok.get_vocab().items():
+            lengths[i] = 0 if i in special else len(token)
+        return lengths
+
     def to_json(self) -> str:
         return json.dumps({"kind": self.kind, "tokenizer": json.loads(self._tok.to_str())},
                           ensure_ascii=False)
@@ -157,7 +179,12 @@ def load_tokenizer(directory: str | Path):
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a valid tokenizer file: {e}") from None
+    return tokenizer_from_json(data, where=str(path))
+
+
+def tokenizer_from_json(data: dict, *, where: str = "tokenizer") -> CharTokenizer | BPETokenizer:
+    """A tokenizer from its JSON form (``json.loads(tok.to_json())``)."""
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in TOKENIZERS:
-        raise UserError(f"{path} has an unknown tokenizer kind {kind!r}")
+        raise UserError(f"{where} has an unknown tokenizer kind {kind!r}")
     return TOKENIZERS[kind].from_json(data)
