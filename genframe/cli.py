@@ -21,10 +21,12 @@ TASK_HELP = {
     "finetune": "continue from a run's weights (new data, frozen parts, new lr)",
     "generate": "sample from a trained run or checkpoint into a new run directory",
     "evaluate": "compute a trained model's metrics on validation data",
+    "chat": "talk with a trained language model (interactive, or one turn per stdin line)",
+    "export": "write a run's model to a self-contained folder (merge=true folds in LoRA)",
 }
 OTHER_COMMANDS = {"plugins": "list loaded plugins and what each registered (--json)"}
 # Keys whose children are open-ended (model-specific): `sampling.x=1` needs no `+`.
-OPEN_KEYS = ("sampling.", "condition.")
+OPEN_KEYS = ("sampling.", "condition.", "template.vars.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from genframe.errors import UserError, did_you_mean, valid_list
 
-TASKS = ("train", "finetune", "generate", "evaluate")
+TASKS = ("train", "finetune", "generate", "evaluate", "export", "chat")
 
 
 def conf_dir() -> Path:

@@ -45,6 +45,13 @@ def read_weights(path: str | Path, *, key: str = "ckpt") -> tuple[dict[str, Any]
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"{key}={path}: not a readable safetensors file ({exc})") from exc
         if SPEC_KEY not in meta:
+            from genframe.lora import ADAPTER_KEY
+
+            if ADAPTER_KEY in meta:
+                raise UserError(
+                    f"{key}={path}: a LoRA adapter file (adapter weights only, no base model); "
+                    "use the model.safetensors of the run that wrote it"
+                )
             raise UserError(f"{key}={path}: a safetensors file, but not genframe's (no model spec)")
         return json.loads(meta[SPEC_KEY]), state
     try:
@@ -60,7 +67,11 @@ def read_weights(path: str | Path, *, key: str = "ckpt") -> tuple[dict[str, Any]
 
 
 def build_from_spec(spec: dict[str, Any], state: dict[str, torch.Tensor] | None = None):
-    """Instantiate the registered model named in `spec` and load `state` into it."""
+    """Instantiate the registered model named in `spec` and load `state` into it.
+
+    A spec with ``"lora"`` (weights saved while LoRA adapters were applied) gets the same
+    adapters before the state is loaded, so the state's keys fit.
+    """
     from genframe.tasks.build import instantiate_model
 
     model = instantiate_model(spec["name"], spec["kwargs"], where="model", source=None)
@@ -68,6 +79,12 @@ def build_from_spec(spec: dict[str, Any], state: dict[str, torch.Tensor] | None 
         from genframe.text.tokenize import tokenizer_from_json
 
         model.set_tokenizer(tokenizer_from_json(spec["tokenizer"], where="the model's spec"))
+    if spec.get("lora") is not None:
+        from genframe.lora import apply_lora
+
+        lora = spec["lora"]
+        apply_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                   target_modules=lora["target_modules"])
     if state is not None:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

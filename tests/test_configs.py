@@ -21,7 +21,8 @@ def test_experiment_runs(experiment, compose_task):
 
     model = compose("train", [f"experiment={experiment}"]).model.name
     tiny = [f"model.{k}={_override(v)}" for k, v in (get_registry().model(model).tiny or {}).items()
-            if k not in ("in_channels", "image_size", "num_classes", "num_levels")]
+            if k not in ("in_channels", "image_size", "num_classes", "num_levels",
+                         "vocab_size", "block_size")]
     overrides = [*FAST_TRAINING, *tiny]
     if "sample_metrics" in str(compose("train", [f"experiment={experiment}"]).get("callbacks")):
         overrides.append("callbacks.sample_metrics.num_samples=20")

@@ -3,22 +3,41 @@
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from genframe.errors import UserError, valid_list
+from genframe.errors import UserError, did_you_mean, valid_list
+from genframe.lora import (
+    ADAPTER_FILE,
+    apply_lora,
+    describe,
+    generalise_names,
+    has_lora,
+    merge_lora,
+    parameter_counts,
+    save_adapter,
+)
+from genframe.runs import update_run
 from genframe.tasks.build import to_plain, trained_model_and_data
 from genframe.tasks.fit import fit
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
-    """Fine-tune a trained model.
+    """Fine-tune a trained model, fully or with LoRA adapters.
 
     Args:
         cfg: the composed `finetune` config: ``run`` or ``ckpt`` to start from, ``data``
-            (default: the data of that run), ``finetune.lr`` (a new learning rate) and
-            ``finetune.freeze`` (parameter-name patterns such as ``"encoder.*"``).
+            (default: the data of that run) and the ``finetune`` group: ``lr`` (a new
+            learning rate), ``freeze`` (parameter-name patterns such as ``"encoder.*"``)
+            and, for ``finetune=lora``, ``lora`` (``r``, ``alpha``, ``dropout``,
+            ``target_modules`` as module-name patterns, ``merge``).
+
+    A model that already carries LoRA adapters (a LoRA run) has them merged into its base
+    weights first; ``finetune=lora`` then trains fresh adapters on top. A LoRA run writes
+    ``adapter.safetensors`` (the adapters alone) next to ``model.safetensors`` (base and
+    adapters, or the merged model with ``finetune.lora.merge=true``).
 
     Returns:
         As `genframe.tasks.train.train`; the run records where it started from.
@@ -34,13 +53,61 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
             raise UserError(f"finetune.lr: model '{model.genframe_spec['name']}' has no lr argument")
         model.hparams["lr"] = float(lr)
         model.genframe_spec["kwargs"]["lr"] = float(lr)
-    frozen = freeze(model, list(cfg.finetune.freeze))
-    lineage = {
+    lineage: dict[str, Any] = {
         "started_from": {"run": str(run.path) if run else None, "weights": str(weights)},
-        "frozen_parameters": frozen,
-        "finetune": to_plain(cfg.finetune),
     }
-    return fit(cfg, model, data, data_cfg, task="finetune", lineage=lineage)
+    if has_lora(model):
+        merge_lora(model)
+        lineage["merged_adapters_of_start"] = True
+        print("the starting model's LoRA adapters were merged into its base weights", flush=True)
+    lora_cfg = to_plain(cfg.finetune.get("lora"))
+    before_save = None
+    if lora_cfg is not None:
+        lineage["lora"] = _apply_lora(model, lora_cfg)
+        before_save = _adapter_writer(bool(lora_cfg.get("merge", False)))
+    lineage["frozen_parameters"] = freeze(model, list(cfg.finetune.freeze))
+    lineage["finetune"] = to_plain(cfg.finetune)
+    counts = parameter_counts(model)
+    lineage["parameters"] = counts
+    print(describe(counts), flush=True)
+    return fit(cfg, model, data, data_cfg, task="finetune", lineage=lineage, before_save=before_save)
+
+
+_LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "merge")
+
+
+def _apply_lora(model, lora_cfg: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(lora_cfg) - set(_LORA_KEYS)
+    if unknown:
+        key = min(unknown)
+        raise UserError(f"finetune.lora.{key}: unknown key.{did_you_mean(key, _LORA_KEYS)}"
+                        f" Valid keys: {valid_list(_LORA_KEYS)}")
+    try:
+        summary = apply_lora(model, r=lora_cfg["r"], alpha=lora_cfg["alpha"],
+                             dropout=lora_cfg.get("dropout", 0.0),
+                             target_modules=lora_cfg["target_modules"])
+    except UserError as exc:
+        raise UserError(f"finetune.{exc}") from exc
+    except KeyError as exc:
+        raise UserError(f"finetune.lora.{exc.args[0]}: missing (see conf/finetune/lora.yaml)") from exc
+    names = summary["target_modules"]  # exact names in run.json; layer indices as * here
+    print(f"LoRA (r={lora_cfg['r']}, alpha={lora_cfg['alpha']}) on {len(names)} modules matching "
+          f"{list(lora_cfg['target_modules'])}: {', '.join(generalise_names(names))}", flush=True)
+    return summary
+
+
+def _adapter_writer(merge: bool):
+    """After training: write adapter.safetensors, then merge the adapters if asked."""
+
+    def write(model, out_dir: Path) -> None:
+        save_adapter(model, out_dir / ADAPTER_FILE)
+        if merge:
+            merge_lora(model)
+            spec = {k: v for k, v in model.genframe_spec.items() if k != "tokenizer"}
+            update_run(out_dir, model=spec, merged_adapters=True)
+        update_run(out_dir, adapter=str(out_dir / ADAPTER_FILE))
+
+    return write
 
 
 def freeze(model, patterns: list[str]) -> int:

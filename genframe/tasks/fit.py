@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,13 @@ from genframe.weights import save_weights
 
 
 def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str | None = None,
-        lineage: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train `model` on `data` under `cfg`, then write weights, samples and metrics."""
+        lineage: dict[str, Any] | None = None,
+        before_save: Callable[[Any, Path], None] | None = None) -> dict[str, Any]:
+    """Train `model` on `data` under `cfg`, then write weights, samples and metrics.
+
+    `before_save(model, out_dir)`, if given, runs once the best weights are back in the
+    model and before they are written (finetune saves LoRA adapters and merges there).
+    """
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     out_dir = Path(cfg.paths.output_dir)
@@ -42,6 +48,8 @@ def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str
     if best is not None:  # export and sample from the best weights, not the last ones
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         model.load_state_dict(state)
+    if before_save is not None:
+        before_save(model, out_dir)
     save_weights(model, out_dir / WEIGHTS, model.genframe_spec)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,37 +17,140 @@ from genframe.weights import load_model
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
-    """Generate ``num_samples`` samples from ``run`` or ``ckpt``.
+    """Generate samples from ``run`` or ``ckpt``.
 
-    Samples are made in batches of ``batch_size``; batch ``b`` uses seed ``seed + b``, so
-    the same seed and batch size give the same samples.
+    Image models make ``num_samples`` images (default 64). Text models continue each
+    prompt (``prompt``, the lines of ``prompt_file``, or a ``template`` with its
+    variables) ``num_samples`` times (default 1; 4 unconditional texts without a prompt)
+    and, with ``stream=true``, print the text as it is made. Samples are made in
+    batches of ``batch_size``; batch ``b`` uses seed ``seed + b``, so the same seed and
+    batch size give the same samples.
 
     Returns:
         dict with ``run_dir``, ``samples`` (a list of `Samples`, one per batch), ``metrics``.
     """
-    if cfg.num_samples < 1:
+    if cfg.num_samples is not None and cfg.num_samples < 1:
         raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")
     if cfg.batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {cfg.batch_size}")
     device = _device(cfg.device)
     model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"))
     model.to(device).eval()
+    name = model.genframe_spec["name"]
+    condition = {k: v for k, v in to_plain(cfg.condition).items() if v is not None}
+    prompts = prompts_of(cfg)
+    if prompts is not None:
+        if "prompt" not in getattr(model, "condition_keys", ()):
+            raise UserError(f"prompt: model '{name}' takes no prompt (it is not a text model)")
+        if "prompt" in condition:
+            raise UserError("give the prompt once: prompt=... or condition.prompt=..., not both")
+    elif "prompt" in condition:
+        prompts = [str(condition.pop("prompt"))]
+    text_model = "prompt" in getattr(model, "condition_keys", ())
+    per_prompt = cfg.num_samples or (1 if prompts else 4 if text_model else 64)
+    rows = [p for p in prompts for _ in range(per_prompt)] if prompts else None
+    total = len(rows) if rows else per_prompt
+    sampling = generation_options(cfg, model)
+    live = bool(cfg.get("stream")) and text_model
     out_dir = Path(cfg.paths.output_dir)
     start_run(out_dir, cfg, "generate", source={"run": str(run.path) if run else None,
                                                "weights": str(weights)})
-    condition = {k: v for k, v in to_plain(cfg.condition).items() if v is not None}
-    sampling = generation_options(cfg, model)
     batches = []
-    for b, start in enumerate(range(0, cfg.num_samples, cfg.batch_size)):
-        n = min(cfg.batch_size, cfg.num_samples - start)
-        samples = model.generate(n, condition=condition or None, seed=cfg.seed + b, **sampling)
-        samples.metadata.setdefault("model", model.genframe_spec["name"])
+    for b, start in enumerate(range(0, total, cfg.batch_size)):
+        n = min(cfg.batch_size, total - start)
+        cond = dict(condition)
+        if rows:
+            cond["prompt"] = rows[start:start + n]
+        printer = _StreamPrinter(start, rows[start] if rows else "") if live else None
+        extra = {"stream": printer} if printer else {}
+        samples = model.generate(n, condition=cond or None, seed=cfg.seed + b, **sampling, **extra)
+        samples.metadata.setdefault("model", name)
+        if printer:
+            printer.finish(samples)
         batches.append(samples)
     folder = write_samples(batches, out_dir)
-    update_run(out_dir, status="completed", num_samples=cfg.num_samples)
+    update_run(out_dir, status="completed", num_samples=total)
     atomic_write_json(out_dir / "metrics.json", {})
-    print(f"run directory: {out_dir}\n  {cfg.num_samples} samples in {folder}", flush=True)
+    print(f"run directory: {out_dir}\n  {total} samples in {folder}", flush=True)
     return {"run_dir": out_dir, "samples": batches, "metrics": {}}
+
+
+def prompts_of(cfg: DictConfig) -> list[str] | None:
+    """The prompts of ``prompt``, ``prompt_file`` and ``template`` (None if no prompt).
+
+    A ``.jsonl`` prompt file holds one ``{"prompt": ...}`` object per line (prompts may
+    span lines); any other file holds one prompt per non-empty line.
+    """
+    prompts: list[str] = []
+    if cfg.get("prompt") is not None:
+        prompts.append(str(cfg.prompt))
+    if cfg.get("prompt_file"):
+        prompts += read_prompt_file(cfg.prompt_file)
+    from genframe.text.prompts import render_template_config
+
+    rendered = render_template_config(to_plain(cfg.get("template")))
+    if rendered is not None:
+        prompts.append(rendered)
+    return prompts or None
+
+
+def read_prompt_file(path: str) -> list[str]:
+    import json
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"prompt_file={path}: no such file")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"prompt_file={path}: not UTF-8 text ({exc})") from exc
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if p.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"prompt_file={path}, line {number}: not valid JSON ({exc})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f'prompt_file={path}, line {number}: expected {{"prompt": "..."}}')
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise UserError(f"prompt_file={path}: the file holds no prompt")
+    return prompts
+
+
+class _StreamPrinter:
+    """Prints a batch's texts: the first as it is made (the model's `stream` callback),
+    the others when the batch is done. Nothing is printed before the first piece, so a
+    refused prompt leaves no half-written output."""
+
+    def __init__(self, start: int, prompt: str) -> None:
+        self.start = start
+        self.prompt = prompt
+        self.started = False
+
+    def __call__(self, row: int, piece: str) -> None:
+        if row == 0:
+            self._header()
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def _header(self) -> None:
+        if not self.started:
+            sys.stdout.write(f"--- sample {self.start} ---\n{self.prompt}")
+            self.started = True
+
+    def finish(self, samples) -> None:
+        self._header()
+        lines = [""]
+        for j in range(1, len(samples)):
+            prompt = samples.conditions[j].get("prompt") or ""
+            lines += [f"--- sample {self.start + j} ---", prompt + samples.texts[j]]
+        print("\n".join(lines), flush=True)
 
 
 def generation_options(cfg: DictConfig, model) -> dict[str, Any]:

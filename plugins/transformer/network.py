@@ -1,0 +1,256 @@
+"""The decoder-only transformer network (GPT-2 shape) and its key/value cache.
+
+A plain `nn.Module`: no Lightning, no tokenizer, no sampling. Module names follow
+nanoGPT (https://github.com/karpathy/nanoGPT) and GPT-2 (``transformer.wte``,
+``h.<i>.attn.c_attn``, ``mlp.c_proj``, ``lm_head``) so LoRA targets and weight converters
+written for those work here too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POSITIONS = ("learned", "rotary")
+ROPE_BASE = 10000.0
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences.
+
+    The storage is allocated on the first write, with the dtype of the keys written
+    (so it follows autocast), and holds up to `capacity` positions. Layer ``i`` writes
+    its new keys at ``[length, length + T)`` with `update`; the network calls `advance`
+    once all layers have written. `select` keeps some rows (finished ones leave).
+    """
+
+    def __init__(self, n_layer: int, capacity: int) -> None:
+        self.n_layer = n_layer
+        self.capacity = capacity
+        self.length = 0
+        self.k: torch.Tensor | None = None  # (n_layer, B, H, capacity, D)
+        self.v: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, D) of `layer`; return all of its keys and values so far,
+        each (B, H, length + T, D)."""
+        B, H, T, D = k.shape
+        if self.k is None:
+            shape = (self.n_layer, B, H, self.capacity, D)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        end = self.length + T
+        if end > self.capacity:
+            raise RuntimeError(f"KVCache: {end} positions do not fit its capacity {self.capacity}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (a long tensor of indices)."""
+        if self.k is not None:
+            self.k = self.k[:, rows]
+            self.v = self.v[:, rows]
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles for position ids (B, T): each (B, 1, T, D/2).
+
+    RoFormer (Su et al. 2021, https://arxiv.org/abs/2104.09864): pair i of a head rotates
+    by position * base^(-2i/D). Computed in float32 on the fly (no buffer to round in
+    bf16 or to save), which is cheap next to the attention itself.
+    """
+    half = head_dim // 2
+    exponent = torch.arange(half, device=positions.device, dtype=torch.float32) / half
+    inv_freq = ROPE_BASE ** -exponent  # (D/2,)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the halves (x1, x2) of each head of x (B, H, T, D) (GPT-NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.dropout = dropout
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of every head
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        shape = (B, T, self.n_head, C // self.n_head)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # 3 x (B, H, T, D)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, L, D), L = past + T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)) (GPT-2)."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = MLP(n_embd, dropout, bias)
+
+    def forward(self, x, rope, attn_mask, cache, layer):
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model: token ids (B, T) -> logits (B, T, V).
+
+    Args:
+        vocab_size: number of token ids V.
+        block_size: context length: the most positions one forward pass may see.
+        n_layer, n_head, n_embd: depth, attention heads, width.
+        dropout: dropout on the embeddings, the attention weights and both residual
+            branches (training only).
+        bias: biases in the linear layers and LayerNorms.
+        positions: ``"learned"`` (an embedding per position, GPT-2) or ``"rotary"``
+            (q and k rotated by their position, RoFormer).
+        tie_weights: share the token embedding with the output projection.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        dropout: float = 0.0,
+        bias: bool = False,
+        positions: str = "learned",
+        tie_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.head_dim = n_embd // n_head
+        self.rotary = positions == "rotary"
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(vocab_size, n_embd),
+            "drop": nn.Dropout(dropout),
+            "h": nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)),
+            "ln_f": nn.LayerNorm(n_embd, bias=bias),
+        })
+        if not self.rotary:
+            self.transformer["wpe"] = nn.Embedding(block_size, n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        if tie_weights:
+            # One tensor for both (Press & Wolf 2017); the optimizer sees it once.
+            self.lm_head.weight = self.transformer["wte"].weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual
+        # stream's variance does not grow with depth (two projections per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.n_layer, capacity)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for token ids `idx` (B, T); (B, 1, V) with `last_only`.
+
+        Args:
+            positions: position ids (B, T), each below `block_size`; default: the
+                positions after the cache's (0.. for no cache). Generation passes
+                per-row ids to left-padded batches.
+            attn_mask: boolean (B, 1, T, L) (or broadcastable), True where a query may
+                attend to a key, L = cached + new positions; default: causal.
+            cache: a `KVCache` to read past keys/values from and append the new ones to.
+            last_only: project only the last position to logits (generation).
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            if past + T > self.block_size:
+                raise ValueError(
+                    f"{past + T} positions exceed the context window block_size={self.block_size}"
+                )
+            positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
+        if attn_mask is None and past:
+            # Causal with past keys: query t sees keys 0 .. past + t.
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device)
+            attn_mask = attn_mask.tril(diagonal=past)
+        x = self.transformer["wte"](idx)  # (B, T, C)
+        rope = None
+        if self.rotary:
+            rope = rotary_angles(positions, self.head_dim)
+        else:
+            x = x + self.transformer["wpe"](positions)
+        x = self.transformer["drop"](x)
+        for i, block in enumerate(self.transformer["h"]):
+            x = block(x, rope, attn_mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.transformer["ln_f"](x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # (B, T, V)
