@@ -26,7 +26,7 @@ TASK_HELP = {
 }
 OTHER_COMMANDS = {"plugins": "list loaded plugins and what each registered (--json)"}
 # Keys whose children are open-ended (model-specific): `sampling.x=1` needs no `+`.
-OPEN_KEYS = ("sampling.", "condition.", "template.vars.")
+OPEN_KEYS = ("sampling.", "condition.", "template.vars.", "finetune.hparams.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

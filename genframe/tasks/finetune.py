@@ -20,7 +20,7 @@ from genframe.lora import (
     save_adapter,
 )
 from genframe.runs import update_run
-from genframe.tasks.build import to_plain, trained_model_and_data
+from genframe.tasks.build import check_fit, to_plain, trained_model_and_data
 from genframe.tasks.fit import fit
 
 
@@ -30,7 +30,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     Args:
         cfg: the composed `finetune` config: ``run`` or ``ckpt`` to start from, ``data``
             (default: the data of that run) and the ``finetune`` group: ``lr`` (a new
-            learning rate), ``freeze`` (parameter-name patterns such as ``"encoder.*"``)
+            learning rate), ``hparams`` (other constructor arguments to change, such as
+            ``warmup_steps`` or ``dropout``; not sizes), ``freeze`` (parameter-name patterns such as ``"encoder.*"``)
             and, for ``finetune=lora``, ``lora`` (``r``, ``alpha``, ``dropout``,
             ``target_modules`` as module-name patterns, ``merge``).
 
@@ -47,12 +48,12 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, run, weights, data, data_cfg = trained_model_and_data(cfg, "finetune")
 
-    lr = cfg.finetune.lr
-    if lr is not None:
-        if "lr" not in model.hparams:
-            raise UserError(f"finetune.lr: model '{model.genframe_spec['name']}' has no lr argument")
-        model.hparams["lr"] = float(lr)
-        model.genframe_spec["kwargs"]["lr"] = float(lr)
+    changes = dict(to_plain(cfg.finetune.get("hparams")) or {})
+    if cfg.finetune.lr is not None:
+        changes["lr"] = float(cfg.finetune.lr)
+    if changes:
+        model = with_hparams(model, changes)
+        check_fit(model, data, data_cfg)
     lineage: dict[str, Any] = {
         "started_from": {"run": str(run.path) if run else None, "weights": str(weights)},
     }
@@ -71,6 +72,35 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     lineage["parameters"] = counts
     print(describe(counts), flush=True)
     return fit(cfg, model, data, data_cfg, task="finetune", lineage=lineage, before_save=before_save)
+
+
+def with_hparams(model, changes: dict[str, Any]):
+    """The model rebuilt with some constructor arguments changed, same weights.
+
+    Meant for training settings (learning rate, warm-up, dropout, ...); a change that
+    alters the network's weights (a size) is refused.
+    """
+    from genframe.weights import build_from_spec
+
+    spec = model.genframe_spec
+    kwargs = spec["kwargs"]
+    for key in changes:
+        if key not in kwargs:
+            raise UserError(
+                f"finetune.hparams.{key}: model '{spec['name']}' has no such argument."
+                f"{did_you_mean(key, kwargs)} Its arguments: {valid_list(kwargs)}"
+            )
+    new_spec = {**spec, "kwargs": {**kwargs, **changes}}
+    try:
+        return build_from_spec(new_spec, model.state_dict())
+    except (UserError, RuntimeError) as exc:
+        changed = ", ".join(f"{k}={v}" for k, v in changes.items())
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else "")[:200]
+        raise UserError(
+            f"finetune.hparams: {changed} does not fit the trained weights ({first}); only "
+            "training settings (lr, warm-up, dropout, ...) can change when fine-tuning"
+        ) from exc
 
 
 _LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "merge")

@@ -1,0 +1,162 @@
+"""Language models through the tasks: the tokenizer travels with the model, prompts
+reach generate, fine-tuning keeps the model's tokenizer and may change training settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from genframe.errors import UserError
+from tests.conftest import FAST_TRAINING
+
+TEXT = (
+    "The for statement is used to iterate over the elements of a sequence. "
+    "A while loop repeats as long as an expression is true. "
+    "Functions are defined with the def keyword and return values. "
+) * 40
+TINY_LM = ["model=transformer", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+           "data.block_size=48", "data.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A tiny character-level transformer trained a few steps on a text file."""
+    from genframe.config import compose
+    from genframe.tasks.train import train
+
+    root = tmp_path_factory.mktemp("lm")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT)
+    cfg = compose("train", ["data=text", "data.source=files", f"data.path={corpus}", *TINY_LM,
+                            *FAST_TRAINING, "++sampling.max_new_tokens=8",
+                            f"paths.output_dir={root / 'run'}"])
+    return train(cfg)
+
+
+def test_the_tokenizer_is_saved_with_the_run_and_in_the_weights(lm_run):
+    from genframe.text import load_tokenizer
+    from genframe.weights import read_weights
+
+    run = lm_run["run_dir"]
+    tok = load_tokenizer(run)
+    assert tok.kind == "char" and tok.vocab_size == len(set(TEXT)) + 1  # + <unk>
+    spec, _ = read_weights(run / "model.safetensors")
+    assert spec["kwargs"]["vocab_size"] == tok.vocab_size  # filled in from the data
+    assert spec["tokenizer"]["vocab"] == tok.itos
+    info = json.loads((run / "run.json").read_text())
+    assert "tokenizer" not in info["model"]  # run.json names it; tokenizer.json holds it
+    assert "val/bpc" in lm_run["metrics"] and "val/ppl" in lm_run["metrics"]
+    texts = [p.read_text() for p in sorted((run / "samples").glob("*.txt"))]
+    assert len(texts) == 4 and all(set(t) <= set(TEXT) for t in texts)
+
+
+def test_generate_continues_prompts_repeatably(lm_run, compose_task, capsys):
+    from genframe.tasks.generate import generate
+
+    args = (f"run={lm_run['run_dir']}", "prompt=The for", "num_samples=3", "seed=5",
+            "++sampling.max_new_tokens=12")
+    a = generate(compose_task("generate", *args))
+    out = capsys.readouterr().out
+    b = generate(compose_task("generate", *args))
+    texts = [t for s in a["samples"] for t in s.texts]
+    assert texts == [t for s in b["samples"] for t in s.texts]
+    assert len(texts) == 3
+    # streamed: each sample's header, then prompt + continuation
+    for i, text in enumerate(texts):
+        assert f"--- sample {i} ---\nThe for{text}" in out
+    manifest = (a["run_dir"] / "samples" / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["condition"] for line in manifest] == [{"prompt": "The for"}] * 3
+
+
+def test_prompt_file_gives_a_batch_of_prompts(lm_run, compose_task, tmp_path):
+    from genframe.tasks.generate import generate
+
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("A while\n\nFunctions are\n")
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "The\nfor"}) + "\n")
+    for path, prompts in ((plain, ["A while", "Functions are"]), (jsonl, ["The\nfor"])):
+        result = generate(compose_task("generate", f"run={lm_run['run_dir']}", f"prompt_file={path}",
+                                       "num_samples=2", "stream=false", "++sampling.max_new_tokens=4"))
+        conds = [c["prompt"] for s in result["samples"] for c in s.conditions]
+        assert conds == [p for p in prompts for _ in range(2)]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "no such file"),
+    ("", "holds no prompt"),
+    ('{"prompt": "ok"}\nnot json\n', "line 2: not valid JSON"),
+    ('{"text": "x"}\n', 'line 1: expected {"prompt"'),
+])
+def test_bad_prompt_files(lm_run, compose_task, tmp_path, content, message):
+    from genframe.tasks.generate import generate
+
+    path = tmp_path / "p.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        generate(compose_task("generate", f"run={lm_run['run_dir']}", f"prompt_file={path}"))
+
+
+def test_prompt_template_and_prompt_errors(lm_run, compose_task):
+    from genframe.tasks.generate import generate
+
+    run = f"run={lm_run['run_dir']}"
+    result = generate(compose_task("generate", run, "template=qa", "template.vars.question=What is a for",
+                                   "stream=false", "++sampling.max_new_tokens=3"))
+    assert result["samples"][0].conditions[0]["prompt"] == "Question: What is a for\nAnswer:"
+    with pytest.raises(UserError, match="question"):
+        generate(compose_task("generate", run, "template=qa"))  # the variable is missing
+    with pytest.raises(UserError, match="not both"):
+        generate(compose_task("generate", run, "prompt=a", "++condition.prompt=b"))
+    with pytest.raises(UserError, match="context window"):
+        generate(compose_task("generate", run, "prompt=" + "a" * 60))
+
+
+def test_a_prompt_for_an_image_model_is_refused(tmp_path, compose_task):
+    from genframe.config import compose
+    from genframe.tasks.generate import generate
+    from genframe.tasks.train import train
+    from tests.conftest import FAST
+
+    run = train(compose("train", [*FAST, "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'r'}"]))
+    with pytest.raises(UserError, match="takes no prompt"):
+        generate(compose_task("generate", f"run={run['run_dir']}", "prompt=hello"))
+
+
+def test_finetune_on_new_text_keeps_the_models_tokenizer(lm_run, compose_task, tmp_path):
+    from genframe.tasks.finetune import finetune
+    from genframe.text import load_tokenizer
+    from genframe.weights import read_weights
+
+    other = tmp_path / "other.txt"
+    other.write_text("Zebras quickly jump over lazy foxes; XYZ & 42! " * 60)  # new characters
+    result = finetune(compose_task(
+        "finetune", f"run={lm_run['run_dir']}", "data=text", "data.source=files",
+        f"data.path={other}", "data.block_size=16", "++finetune.hparams.warmup_steps=2",
+        *FAST_TRAINING))
+    base = load_tokenizer(lm_run["run_dir"])
+    assert load_tokenizer(result["run_dir"]).itos == base.itos
+    spec, _ = read_weights(result["run_dir"] / "model.safetensors")
+    assert spec["kwargs"]["warmup_steps"] == 2
+    assert spec["kwargs"]["vocab_size"] == base.vocab_size
+
+
+def test_finetune_hparams_refuse_unknown_keys_and_sizes(lm_run, compose_task):
+    from genframe.tasks.finetune import finetune
+
+    run = f"run={lm_run['run_dir']}"
+    with pytest.raises(UserError, match="Did you mean 'warmup_steps'"):
+        finetune(compose_task("finetune", run, "+finetune.hparams.warmup_step=2"))
+    with pytest.raises(UserError, match="does not fit the trained weights"):
+        finetune(compose_task("finetune", run, "+finetune.hparams.n_embd=32"))
+
+
+def test_data_windows_longer_than_the_context_are_refused(lm_run, compose_task):
+    from genframe.tasks.finetune import finetune
+
+    corpus = lm_run["run_dir"].parent / "corpus.txt"
+    with pytest.raises(UserError, match="longer than the context window"):
+        finetune(compose_task("finetune", f"run={lm_run['run_dir']}", "data=text",
+                              "data.source=files", f"data.path={corpus}", "data.block_size=64"))
