@@ -206,3 +206,16 @@ def test_text_datamodule_bpe_on_small_jsonl(tmp_path):
     assert load_tokenizer(tmp_path / "run").encode("hello") == dm.tokenizer.encode("hello")
     with pytest.raises(UserError, match="block_size"):
         TextDataModule(source="jsonl", path=str(f), block_size=10_000).setup("fit")
+
+
+def test_unigram_baseline_matches_a_hand_count():
+    import math
+
+    import numpy as np
+
+    from genframe.data.text import unigram_loss
+
+    train = np.array([0, 0, 0, 1])  # counts + 1: [4, 2, 1] of 7 for vocab 3
+    val = np.array([0, 1, 2])
+    expected = -(math.log(4 / 7) + math.log(2 / 7) + math.log(1 / 7)) / 3
+    assert unigram_loss(train, val, 3) == pytest.approx(expected)

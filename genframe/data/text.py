@@ -47,6 +47,14 @@ class TokenWindows(Dataset):
         return {"tokens": torch.from_numpy(window)}
 
 
+def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats per token) on `val_tokens` of the training split's token
+    frequencies (add-one smoothed): the loss of a model that ignores context, for scale."""
+    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(val_tokens, dtype=np.int64)].mean())
+
+
 class TextDataModule(GenerativeDataModule):
     """Token windows of a text corpus for autoregressive language models.
 
@@ -105,6 +113,7 @@ class TextDataModule(GenerativeDataModule):
         self.tokenizer = None
         self.vocab_size: int | None = None
         self.cache_hits: dict[str, bool] = {}
+        self.unigram_loss: float | None = None  # after setup: a context-free baseline
 
     def _separator(self) -> int | None:
         """The id put between documents: <|endoftext|> for BPE, a newline for char."""
@@ -154,9 +163,11 @@ class TextDataModule(GenerativeDataModule):
                     "use more text, a smaller block_size or another val_fraction")
         self.train_set = TokenWindows(train_tokens, self.block_size, random_offsets=True)
         self.val_set = TokenWindows(val_tokens, self.block_size, random_offsets=False)
-        log.info("text data: %s tokenizer, vocab %d, %d train / %d val tokens (%d / %d docs)",
-                 self.tokenizer.kind, self.vocab_size, len(train_tokens), len(val_tokens),
-                 len(train_docs), len(val_docs))
+        self.unigram_loss = unigram_loss(train_tokens, val_tokens, self.vocab_size)
+        log.info("text data: %s tokenizer, vocab %d, %d train / %d val tokens (%d / %d docs); "
+                 "unigram baseline %.4f nats per validation token", self.tokenizer.kind,
+                 self.vocab_size, len(train_tokens), len(val_tokens), len(train_docs),
+                 len(val_docs), self.unigram_loss)
 
     def use_tokenizer(self, tokenizer) -> None:
         """Tokenise with `tokenizer` (e.g. the model's, when fine-tuning) instead of
