@@ -95,8 +95,10 @@ def build_from_spec(spec: dict[str, Any], state: dict[str, torch.Tensor] | None 
     return model
 
 
-def load_model(run: str | None = None, ckpt: str | None = None) -> tuple[Any, Run | None, Path]:
-    """Rebuild a model from a run directory (its best weights) or a checkpoint file.
+def load_model(run: str | None = None, ckpt: str | None = None,
+               adapter: str | None = None) -> tuple[Any, Run | None, Path]:
+    """Rebuild a model from a run directory (its best weights) or a checkpoint file,
+    with the LoRA adapters of an ``adapter.safetensors`` file added when given.
 
     Returns (model, run or None, the weights file used).
     """
@@ -111,4 +113,12 @@ def load_model(run: str | None = None, ckpt: str | None = None) -> tuple[Any, Ru
     else:
         path = Path(ckpt).expanduser()
     spec, state = read_weights(path)
-    return build_from_spec(spec, state), opened, Path(path).resolve()
+    model = build_from_spec(spec, state)
+    if adapter is not None:
+        from genframe.lora import has_lora, load_adapter
+
+        if has_lora(model):
+            raise UserError(f"adapter={adapter}: the model of {path} already carries LoRA "
+                            "adapters; give the base model's run or weights")
+        load_adapter(model, Path(adapter).expanduser())
+    return model, opened, Path(path).resolve()

@@ -160,3 +160,25 @@ def test_data_windows_longer_than_the_context_are_refused(lm_run, compose_task):
     with pytest.raises(UserError, match="longer than the context window"):
         finetune(compose_task("finetune", f"run={lm_run['run_dir']}", "data=text",
                               "data.source=files", f"data.path={corpus}", "data.block_size=64"))
+
+
+def test_base_weights_plus_adapter_file_equal_the_lora_run(lm_run, compose_task):
+    import torch
+
+    from genframe.tasks.finetune import finetune
+    from genframe.weights import load_model
+
+    lora = finetune(compose_task("finetune", f"run={lm_run['run_dir']}", "finetune=lora",
+                                 "finetune.lr=0.05", "++finetune.hparams.warmup_steps=1",
+                                 *FAST_TRAINING))["run_dir"]
+    base = str(lm_run["run_dir"])
+    combined, _, _ = load_model(base, adapter=str(lora / "adapter.safetensors"))
+    tuned, _, _ = load_model(str(lora))
+    plain, _, _ = load_model(base)
+    tokens = torch.randint(0, plain.net.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, c = (m.eval()(tokens) for m in (combined, tuned, plain))
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(a, c, atol=1e-4)  # the adapters did change the model
+    with pytest.raises(UserError, match="already carries LoRA"):
+        load_model(str(lora), adapter=str(lora / "adapter.safetensors"))

@@ -50,7 +50,7 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
 
     device = _device(cfg.device)
     first_message = render_template_config(to_plain(cfg.get("template")))
-    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"))
+    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"), cfg.get("adapter"))
     name = model.genframe_spec["name"]
     if getattr(model, "tokenizer", None) is None:
         raise UserError(f"model '{name}' is not a language model (it has no tokenizer); "

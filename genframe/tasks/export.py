@@ -29,7 +29,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         dict with ``run_dir`` (the folder), ``files`` (what was written), ``metrics`` ({}).
     """
-    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"))
+    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"), cfg.get("adapter"))
     adapted = has_lora(model)
     if cfg.merge and not adapted:
         raise UserError(

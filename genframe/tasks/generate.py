@@ -34,7 +34,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {cfg.batch_size}")
     device = _device(cfg.device)
-    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"))
+    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"), cfg.get("adapter"))
     model.to(device).eval()
     name = model.genframe_spec["name"]
     condition = {k: v for k, v in to_plain(cfg.condition).items() if v is not None}
