@@ -243,6 +243,15 @@ class Diffusion(GenerativeModule):
         decay = self.ema_decay_at(self.global_step if step is None else step)
         ema_params = list(self.ema_unet.parameters())
         params = [p.detach() for p in self.unet.parameters()]
+        if len(ema_params) != len(params):
+            from genframe.errors import UserError
+
+            # LoRA layers on one copy only: sampling (from the EMA copy) would not see them.
+            raise UserError(
+                "the diffusion model's unet and its EMA copy (ema_unet) have different "
+                "layers (LoRA adapters on one of them); LoRA fine-tuning of this diffusion "
+                "model is not supported yet: use finetune=full"
+            )
         # One fused kernel over all tensors (as timm's ModelEmaV3 does):
         # ema + (1 - decay) * (online - ema) = decay * ema + (1 - decay) * online.
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
