@@ -89,6 +89,28 @@ class GenerativeModule(pl.LightningModule):
         if self.genframe_spec is not None:
             self.genframe_spec["tokenizer"] = json.loads(tokenizer.to_json())
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients are freed at once.
+
+        Lightning zeroes them inside the next step's closure, after its forward pass, so
+        the old gradients would stay allocated through that forward; freeing them here
+        (only ever after a real step, so gradient accumulation is unaffected) makes the
+        loop measurably faster for small models (bench/lm_throughput.py).
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
+    def should_log_step(self) -> bool:
+        """Whether this training step's logged values reach the loggers (every
+        ``trainer.log_every_n_steps``), or it is an epoch's last batch (so the latest
+        value is always in the trainer's metrics): log per-step values only then when
+        ``self.log``'s own cost matters next to the step."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        return bool(getattr(trainer._logger_connector, "should_update_logs", True)
+                    or getattr(trainer, "is_last_batch", True))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the model's spec so the checkpoint alone rebuilds it (call super() if
         you override this)."""

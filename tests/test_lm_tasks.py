@@ -182,3 +182,25 @@ def test_base_weights_plus_adapter_file_equal_the_lora_run(lm_run, compose_task)
     assert not torch.allclose(a, c, atol=1e-4)  # the adapters did change the model
     with pytest.raises(UserError, match="already carries LoRA"):
         load_model(str(lora), adapter=str(lora / "adapter.safetensors"))
+
+
+def test_gradients_are_freed_right_after_each_optimizer_step():
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from genframe.testing import build_tiny
+
+    model = build_tiny("transformer")
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(all(p.grad is None for p in pl_module.parameters()))
+
+    batch = model.example_batch(2)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, callbacks=[Probe()],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, log_every_n_steps=2)
+    trainer.fit(model, train_dataloaders=DataLoader([batch] * 3, batch_size=None))
+    assert seen == [True, True, True]
+    assert "train/loss" in trainer.callback_metrics  # logged on logging steps and the last batch
