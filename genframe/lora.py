@@ -212,18 +212,12 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
 
 def read_adapter(path: str | Path, *, key: str = "adapter") -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """Return (LoRA config, base model spec, adapter weights) from an adapter file."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from genframe.weights import read_safetensors
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{key}={path}: no such file")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{key}={path}: not a readable safetensors file ({exc})") from exc
+    meta, state = read_safetensors(p, key=f"{key}={path}")
     if ADAPTER_KEY not in meta:
         raise UserError(f"{key}={path}: not a genframe LoRA adapter file (no '{ADAPTER_KEY}' metadata)")
     return json.loads(meta[ADAPTER_KEY]), json.loads(meta.get(BASE_KEY, "{}")), state

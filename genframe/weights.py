@@ -29,21 +29,26 @@ def save_weights(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> Pa
     return Path(path)
 
 
+def read_safetensors(path: Path, *, key: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; a `UserError` naming `key` if unreadable."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return meta, load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{key}: not a readable safetensors file ({exc})") from exc
+
+
 def read_weights(path: str | Path, *, key: str = "ckpt") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Return (spec, state_dict) from a .safetensors file or a Lightning .ckpt."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{key}={path}: no such file")
     if p.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-            state = load_file(str(p))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{key}={path}: not a readable safetensors file ({exc})") from exc
+        meta, state = read_safetensors(p, key=f"{key}={path}")
         if SPEC_KEY not in meta:
             from genframe.lora import ADAPTER_KEY
 

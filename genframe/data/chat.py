@@ -54,20 +54,13 @@ class ChatDataModule(GenerativeDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        from genframe.data.text import check_text_args
         from genframe.text.chat import ChatTemplate
-        from genframe.text.tokenize import TOKENIZERS, build_tokenizer
 
         if not path:
             raise UserError("data.path is not set; expected a chat JSONL file, e.g. "
                             "data.path=chats.jsonl")
-        if tokenizer not in TOKENIZERS:
-            build_tokenizer(tokenizer, [])  # raises the UserError with a hint
-        if block_size < 1:
-            raise UserError(f"data.block_size must be at least 1, got {block_size}")
-        if batch_size < 1:
-            raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+        check_text_args(tokenizer, block_size, batch_size, val_fraction)
         self.path = path
         self.template = ChatTemplate.from_mapping(template, where="data.template")
         self.tokenizer_kind = tokenizer

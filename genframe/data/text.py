@@ -47,6 +47,20 @@ class TokenWindows(Dataset):
         return {"tokens": torch.from_numpy(window)}
 
 
+def check_text_args(tokenizer: str, block_size: int, batch_size: int, val_fraction: float) -> None:
+    """Refuse (`UserError`) the text data settings no run could use."""
+    from genframe.text.tokenize import TOKENIZERS, build_tokenizer
+
+    if tokenizer not in TOKENIZERS:
+        build_tokenizer(tokenizer, [])  # raises the UserError with a hint
+    if block_size < 1:
+        raise UserError(f"data.block_size must be at least 1, got {block_size}")
+    if batch_size < 1:
+        raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+
+
 def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats per token) on `val_tokens` of the training split's token
     frequencies (add-one smoothed): the loss of a model that ignores context, for scale."""
@@ -91,16 +105,7 @@ class TextDataModule(GenerativeDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
-        from genframe.text.tokenize import TOKENIZERS, build_tokenizer
-
-        if tokenizer not in TOKENIZERS:
-            build_tokenizer(tokenizer, [])  # raises the UserError with a hint
-        if block_size < 1:
-            raise UserError(f"data.block_size must be at least 1, got {block_size}")
-        if batch_size < 1:
-            raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+        check_text_args(tokenizer, block_size, batch_size, val_fraction)
         self.source = source
         self.path = path
         self.text_field = text_field

@@ -95,29 +95,19 @@ def prompts_of(cfg: DictConfig) -> list[str] | None:
 
 
 def read_prompt_file(path: str) -> list[str]:
-    import json
+    from genframe.text.sources import jsonl_records, read_text
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"prompt_file={path}: no such file")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise UserError(f"prompt_file={path}: not UTF-8 text ({exc})") from exc
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if p.suffix != ".jsonl":
-            prompts.append(line)
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"prompt_file={path}, line {number}: not valid JSON ({exc})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UserError(f'prompt_file={path}, line {number}: expected {{"prompt": "..."}}')
-        prompts.append(record["prompt"])
+    if p.suffix == ".jsonl":
+        prompts = []
+        for where, record in jsonl_records(p):
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise UserError(f'prompt_file={where}: expected {{"prompt": "..."}}')
+            prompts.append(record["prompt"])
+    else:
+        prompts = [line for line in read_text(p).splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompt_file={path}: the file holds no prompt")
     return prompts

@@ -57,19 +57,9 @@ def read_chat_jsonl(path: str | Path, *, key: str = "data.path") -> list[list[Me
     if not p.is_file():
         what = "is a folder" if p.is_dir() else "does not exist"
         raise UserError(f"{key}={path} {what}; expected a chat JSONL file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{p}: not UTF-8 text ({exc})") from None
-    conversations = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{p}, line {lineno}: not valid JSON ({exc.msg})") from None
-        conversations.append(parse_conversation(row, where=f"{p}, line {lineno}"))
+    from genframe.text.sources import jsonl_records
+
+    conversations = [parse_conversation(row, where=where) for where, row in jsonl_records(p)]
     if not conversations:
         raise UserError(f"{p} holds no conversations (the file is empty); expected one JSON "
                         'object per line: {"messages": [{"role": "user", "content": "..."}, ...]}')

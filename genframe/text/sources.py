@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from genframe.errors import UserError, did_you_mean
 
@@ -45,43 +47,51 @@ def _need_path(path: str | None, expected: str) -> Path:
     return p
 
 
-def _read(p: Path) -> str:
+def read_text(p: Path) -> str:
+    """A UTF-8 text file's text; a `UserError` if it is not UTF-8."""
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{p} (from data.path) is not UTF-8 text: {e}") from None
+        raise UserError(f"{p} is not UTF-8 text: {e}") from None
 
 
 def _load_files(p: Path) -> list[str]:
     if p.is_file():
-        return [_read(p)]
+        return [read_text(p)]
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
     if not files:
         raise UserError(f"data.path={p} holds no .txt or .md files; expected a text file "
                         "or a folder of .txt/.md files")
-    return [_read(f) for f in files]
+    return [read_text(f) for f in files]
+
+
+def jsonl_records(p: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` for each non-empty line of a UTF-8 JSONL file, `where` being
+    ``"<file>, line <n>"``; a line that is not JSON is a `UserError` saying where."""
+    for lineno, line in enumerate(read_text(p).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{p}, line {lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
 
 
 def _load_jsonl(p: Path, text_field: str) -> list[str]:
     if p.is_dir():
         raise UserError(f"data.path={p} is a folder; expected a JSONL file")
     docs = []
-    for lineno, line in enumerate(_read(p).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}, line {lineno}: not valid JSON ({e.msg})") from None
+    for where, row in jsonl_records(p):
         if not isinstance(row, dict):
-            raise UserError(f"{p}, line {lineno}: expected a JSON object, "
+            raise UserError(f"{where}: expected a JSON object, "
                             f"got {type(row).__name__}")
         if text_field not in row:
-            raise UserError(f"{p}, line {lineno}: no field {text_field!r} (data.text_field); "
+            raise UserError(f"{where}: no field {text_field!r} (data.text_field); "
                             f"fields are {sorted(row)}.{did_you_mean(text_field, row)}")
         value = row[text_field]
         if not isinstance(value, str):
-            raise UserError(f"{p}, line {lineno}: field {text_field!r} is "
+            raise UserError(f"{where}: field {text_field!r} is "
                             f"{type(value).__name__}, expected a string")
         docs.append(value)
     return docs
