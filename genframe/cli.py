@@ -88,7 +88,8 @@ def run_task(task: str, overrides: list[str]) -> int:
 
     register_plugin_configs()
     _JOB_ERRORS.clear()
-    overrides = [_open_key(a) for a in overrides]
+    roots = _config_roots(task)
+    overrides = [_open_key(a, roots) for a in overrides]
     # Let Hydra's exceptions reach us so they become our short messages (exit 2).
     user_wants_full = _USER_FULL_ERROR
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -128,8 +129,21 @@ def _report_job_errors() -> int:
     return max(exc.exit_code for _, exc in _JOB_ERRORS)
 
 
-def _open_key(arg: str) -> str:
-    if arg.startswith(OPEN_KEYS) and "=" in arg:
+def _config_roots(task: str) -> set[str]:
+    """Top-level keys and config groups of a task's primary config."""
+    from omegaconf import OmegaConf
+
+    from genframe.config import conf_dir
+
+    cfg = OmegaConf.to_container(OmegaConf.load(conf_dir() / f"{task}.yaml"))
+    groups = {next(iter(d)) for d in cfg.get("defaults", []) if isinstance(d, dict)}
+    return set(cfg) | groups
+
+
+def _open_key(arg: str, roots: set[str]) -> str:
+    """``sampling.x=1`` -> ``++sampling.x=1`` when the task has ``sampling`` (else Hydra
+    refuses the key, as it should: the task would ignore it)."""
+    if arg.startswith(OPEN_KEYS) and "=" in arg and arg.split(".", 1)[0] in roots:
         return "++" + arg
     return arg
 

@@ -31,7 +31,8 @@ def write_samples(samples: Samples | list[Samples], out_dir: Path, *, grid_min_p
             else:
                 name = f"{i:06d}.txt"
                 (folder / name).write_text(batch.texts[j], encoding="utf-8")
-            record = {"file": name, "index": i, "condition": batch.conditions[j], **batch.metadata}
+            record = {"file": name, "index": i, "condition": batch.conditions[j], **batch.metadata,
+                      **{k: column[j] for k, column in batch.per_sample.items()}}
             lines.append(json.dumps(record, default=str))
             i += 1
     if batches and batches[0].kind == "image":

@@ -16,12 +16,16 @@ class Samples:
         conditions: one dict per sample with the condition used (e.g. ``{"label": 3}``),
             or empty dicts for unconditional samples.
         metadata: how the samples were made (model name, seed, sampler settings, ...).
+        per_sample: details that differ between samples, as columns: each value a list
+            with one entry per sample (e.g. ``{"tokens_generated": [12, 40]}``). The
+            manifest gives each sample its own entry.
     """
 
     images: Any = None
     texts: list[str] | None = None
     conditions: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    per_sample: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.images is None) == (self.texts is None):
@@ -32,6 +36,10 @@ class Samples:
             raise ValueError(
                 f"Samples: {len(self.conditions)} conditions for {len(self)} samples"
             )
+        for key, column in self.per_sample.items():
+            if len(column) != len(self):
+                raise ValueError(f"Samples: per_sample[{key!r}] has {len(column)} entries "
+                                 f"for {len(self)} samples")
 
     def __len__(self) -> int:
         return len(self.texts) if self.texts is not None else int(self.images.shape[0])

@@ -71,3 +71,10 @@ def test_sampling_option_unknown_to_the_model(cli, tmp_path):
     result = cli("train", *FAST, "num_samples=2", "sampling.temprature=0.5")
     assert result.returncode == 2
     assert "temprature" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_open_keys_are_only_opened_for_tasks_that_have_them(cli):
+    # chat takes temperature=..., not sampling.*: the key must fail, not be ignored.
+    result = cli("chat", "run=nowhere", "sampling.temperature=0")
+    assert result.returncode == 2
+    assert "sampling" in result.stderr and "temperature" in result.stderr

@@ -65,8 +65,12 @@ def test_generate_continues_prompts_repeatably(lm_run, compose_task, capsys):
     # streamed: each sample's header, then prompt + continuation
     for i, text in enumerate(texts):
         assert f"--- sample {i} ---\nThe for{text}" in out
-    manifest = (a["run_dir"] / "samples" / "manifest.jsonl").read_text().splitlines()
-    assert [json.loads(line)["condition"] for line in manifest] == [{"prompt": "The for"}] * 3
+    manifest = [json.loads(line) for line in
+                (a["run_dir"] / "samples" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["condition"] for m in manifest] == [{"prompt": "The for"}] * 3
+    # per-sample details: one value per line, not the whole batch's list on every line
+    assert [m["tokens_generated"] for m in manifest] == a["samples"][0].per_sample["tokens_generated"]
+    assert all(m["prompt_tokens"] == 7 and m["finish_reasons"] == "length" for m in manifest)
 
 
 def test_prompt_file_gives_a_batch_of_prompts(lm_run, compose_task, tmp_path):

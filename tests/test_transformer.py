@@ -256,7 +256,7 @@ def test_cache_and_no_cache_give_the_same_tokens(tok, positions):
         plain = gen(model, PROMPTS, max_new_tokens=20, use_cache=False, **kw)
         assert cached.texts == plain.texts, kw
         assert len(set(cached.texts)) == len(PROMPTS)  # not a degenerate model
-        assert cached.metadata["tokens_generated"] == [20] * 4
+        assert cached.per_sample["tokens_generated"] == [20] * 4
 
 
 @pytest.mark.parametrize("positions, width, text", [("learned", 32, "Hello, W"),
@@ -364,8 +364,8 @@ def test_stop_strings_cut_the_text_and_end_rows(tok):
     free = gen(model, PROMPTS, temperature=0, max_new_tokens=24)
     stop = free.texts[0][5:7]  # occurs in row 0 after 7 tokens
     cut = gen(model, PROMPTS, temperature=0, max_new_tokens=24, stop=[stop, "@@"])
-    rows = zip(free.texts, cut.texts, cut.metadata["tokens_generated"],
-               cut.metadata["finish_reasons"])
+    rows = zip(free.texts, cut.texts, cut.per_sample["tokens_generated"],
+               cut.per_sample["finish_reasons"])
     for i, (full, text, n, reason) in enumerate(rows):
         at = full.find(stop)
         if at < 0:  # rows without the stop string go on, unchanged by the others leaving
@@ -375,11 +375,11 @@ def test_stop_strings_cut_the_text_and_end_rows(tok):
             # It ended with the token that completed the stop string.
             shorter = gen(model, [PROMPTS[i]], temperature=0, max_new_tokens=n - 1)
             assert stop not in shorter.texts[0] and n < 24
-    assert cut.metadata["finish_reasons"][0] == "stop"
+    assert cut.per_sample["finish_reasons"][0] == "stop"
     assert cut.metadata["stop"] == [stop, "@@"]
     # Every row stopping ends generation early; the prompt itself never stops a row.
     all_stop = gen(model, ["the"] * 2, temperature=0, max_new_tokens=24, stop=free.texts[0][0])
-    assert all_stop.texts == ["", ""] and all_stop.metadata["tokens_generated"] == [1, 1]
+    assert all_stop.texts == ["", ""] and all_stop.per_sample["tokens_generated"] == [1, 1]
     assert "Hello" not in free.texts[1]
     assert gen(model, [PROMPTS[1]], temperature=0, max_new_tokens=24, stop="Hello").texts == \
         [free.texts[1]]
@@ -396,7 +396,7 @@ def test_stream_pieces_join_to_the_final_texts(tok, use_cache):
     for i, text in enumerate(out.texts):
         assert "".join(pieces[i]) == text
         assert all(pieces[i])
-    assert out.metadata["finish_reasons"][1] == "stop"
+    assert out.per_sample["finish_reasons"][1] == "stop"
     assert sum(len(p) for p in pieces.values()) > 4 * 8  # streamed along, not at the end
 
 

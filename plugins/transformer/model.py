@@ -363,13 +363,15 @@ class Transformer(GenerativeModule):
             "model": name, "seed": seed, "temperature": temperature, "top_k": top_k,
             "top_p": top_p, "max_new_tokens": max_new_tokens, "stop": stops,
             "use_cache": bool(use_cache),
+        }
+        per_sample = {
             "prompt_tokens": [len(c) if prompts else 0 for c in contexts],
             "tokens_generated": [len(i) for i in ids],
             "finish_reasons": ["stop" if row.stopped else "length" for row in rows],
         }
         conditions = [{"prompt": p} for p in prompts] if prompts else None
         return Samples(texts=[row.text for row in rows], conditions=conditions or [],
-                       metadata=metadata)
+                       metadata=metadata, per_sample=per_sample)
 
     def _prompts(self, value: Any, n: int) -> list[str] | None:
         """The prompt of each row, or None without one."""
