@@ -208,3 +208,18 @@ def test_gradients_are_freed_right_after_each_optimizer_step():
     trainer.fit(model, train_dataloaders=DataLoader([batch] * 3, batch_size=None))
     assert seen == [True, True, True]
     assert "train/loss" in trainer.callback_metrics  # logged on logging steps and the last batch
+
+
+def test_a_lora_finetune_run_resumes_with_its_adapters(lm_run, compose_task):
+    from genframe.tasks.finetune import finetune
+    from genframe.tasks.train import train
+
+    first = finetune(compose_task("finetune", f"run={lm_run['run_dir']}", "finetune=lora",
+                                  *FAST_TRAINING))
+    more = train(compose_task("train", f"resume={first['run_dir']}"),
+                 overrides=["trainer.max_epochs=2"])
+    info = json.loads((more["run_dir"] / "run.json").read_text())
+    assert info["task"] == "finetune" and info["resumed_from"].endswith("last.ckpt")
+    assert info["steps"] == 4 and info["epochs"] == 2  # 2 more steps after the first 2
+    assert info["model"]["lora"]["r"] == 8
+    assert (more["run_dir"] / "adapter.safetensors").exists()

@@ -24,7 +24,8 @@ from genframe.tasks.build import check_fit, to_plain, trained_model_and_data
 from genframe.tasks.fit import fit
 
 
-def finetune(cfg: DictConfig) -> dict[str, Any]:
+def finetune(cfg: DictConfig, *, ckpt_path: str | None = None,
+             lineage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune a trained model, fully or with LoRA adapters.
 
     Args:
@@ -40,6 +41,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     ``adapter.safetensors`` (the adapters alone) next to ``model.safetensors`` (base and
     adapters, or the merged model with ``finetune.lora.merge=true``).
 
+    ``ckpt_path`` (a checkpoint of an earlier fine-tuning run with the same config)
+    continues that run: ``genframe train resume=<finetune run>`` calls this.
+
     Returns:
         As `genframe.tasks.train.train`; the run records where it started from.
     """
@@ -54,7 +58,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     if changes:
         model = with_hparams(model, changes)
         check_fit(model, data, data_cfg)
-    lineage: dict[str, Any] = {
+    lineage = {
+        **(lineage or {}),
         "started_from": {"run": str(run.path) if run else None, "weights": str(weights)},
     }
     if has_lora(model):
@@ -71,7 +76,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     counts = parameter_counts(model)
     lineage["parameters"] = counts
     print(describe(counts), flush=True)
-    return fit(cfg, model, data, data_cfg, task="finetune", lineage=lineage, before_save=before_save)
+    return fit(cfg, model, data, data_cfg, task="finetune", ckpt_path=ckpt_path, lineage=lineage,
+               before_save=before_save)
 
 
 def with_hparams(model, changes: dict[str, Any]):

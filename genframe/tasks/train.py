@@ -11,15 +11,16 @@ from genframe.runs import open_run
 from genframe.tasks.build import build_data, build_model, check_fit, to_plain
 from genframe.tasks.fit import fit
 
-GROUPS = ("data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "paths")
+GROUPS = ("data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "paths",
+          "finetune")
 
 
 def train(cfg: DictConfig, *, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train the configured model on the configured data.
 
     Args:
-        cfg: the composed `train` config. ``cfg.resume`` (a run directory) continues that
-            run from its ``last.ckpt`` with its stored config; command-line ``key=value``
+        cfg: the composed `train` config. ``cfg.resume`` (a run directory of `train` or
+            `finetune`) continues that run from its ``last.ckpt`` with its stored config; command-line ``key=value``
             overrides still apply on top (e.g. a larger ``trainer.max_epochs``).
         overrides: the ``key=value`` overrides to apply when resuming; by default the
             command line's (from Hydra).
@@ -33,8 +34,13 @@ def train(cfg: DictConfig, *, overrides: list[str] | None = None) -> dict[str, A
     ckpt_path = None
     lineage: dict[str, Any] = {}
     if cfg.get("resume"):
+        task = open_run(cfg.resume, key="resume").info.get("task")
         cfg, ckpt_path = _resumed_config(cfg, overrides)
         lineage["resumed_from"] = str(ckpt_path)
+        if task == "finetune":  # the same fine-tuning (model, adapters, data), continued
+            from genframe.tasks.finetune import finetune
+
+            return finetune(cfg, ckpt_path=ckpt_path, lineage=lineage)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data_cfg = to_plain(cfg.data)
     data = build_data(cfg.data)
