@@ -43,6 +43,7 @@ def test_train_prints_run_dir_and_metrics(cli, tmp_path):
     result = cli("train", *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "run directory:" in result.stdout and "val/loss" in result.stdout
+    assert "litlogger" not in result.stdout + result.stderr  # Lightning's advert is dropped
     run_dir = result.stdout.split("run directory:")[1].split()[0]
     assert run_dir.startswith(str(tmp_path / "outputs" / "train"))
     gen = cli("generate", f"run={run_dir}", "num_samples=5", "seed=0", "condition.label=null",

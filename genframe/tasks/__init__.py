@@ -16,6 +16,7 @@ def run(cfg) -> Any:
 
     # A deprecation inside Lightning's own code, not actionable by users.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    _quiet_lightning_adverts()
     from genframe.tasks.chat import chat
     from genframe.tasks.evaluate import evaluate
     from genframe.tasks.export import export
@@ -27,3 +28,19 @@ def run(cfg) -> Any:
              "chat": chat}
     result = tasks[cfg.task_name](cfg)
     return result.get("objective")
+
+
+class _NoAdverts:
+    """A logging filter dropping Lightning's product tips ("Tip: ... try installing
+    litlogger"): printed on every run, they say nothing about it."""
+
+    def filter(self, record) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def _quiet_lightning_adverts() -> None:
+    import logging
+
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in logger.filters):
+        logger.addFilter(_NoAdverts())
