@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class GenframeError(Exception):
@@ -56,3 +57,15 @@ def valid_list(choices: Iterable[str], limit: int = 20) -> str:
     if len(choices) > limit:
         text += f", ... ({len(choices) - limit} more)"
     return text or "(none)"
+
+
+def argument_check(args: Any, prefix: str = "model"):
+    """``need(ok, key, expected)`` for checking constructor values (``args`` is usually
+    ``locals()``): raises a `UserError` naming ``<prefix>.<key>``, what was expected and
+    the value given, e.g. "model.latent_dim must be at least 1, got 0"."""
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise UserError(f"{prefix}.{key} must be {expected}, got {args[key]!r}")
+
+    return need

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from genframe.errors import UserError, valid_list
+from genframe.errors import UserError, argument_check, valid_list
 from genframe.module import GenerativeModule
 from genframe.samplers.base import Sampler
 from genframe.samplers.ddim import DDIMSampler
@@ -416,9 +416,7 @@ class Diffusion(GenerativeModule):
 def _validate(args: dict[str, Any]) -> None:
     """Refuse bad constructor values with a message naming the ``model.`` key."""
 
-    def need(ok: bool, key: str, expected: str) -> None:
-        if not ok:
-            raise UserError(f"model.{key} must be {expected}, got {args[key]!r}")
+    need = argument_check(args)
 
     need(args["in_channels"] >= 1, "in_channels", "at least 1")
     need(args["image_size"] >= 1, "image_size", "at least 1")

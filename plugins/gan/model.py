@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genframe.errors import UserError, did_you_mean, valid_list
+from genframe.errors import UserError, argument_check, did_you_mean, valid_list
 from genframe.layers import Upsample, downsampled_sizes, group_norm
 from genframe.module import GenerativeModule
 from genframe.samples import Samples
@@ -538,9 +538,7 @@ class GAN(GenerativeModule):
 def _validate(args: dict[str, Any]) -> None:
     """Refuse bad constructor values with a message naming the ``model.`` key."""
 
-    def need(ok: bool, key: str, expected: str) -> None:
-        if not ok:
-            raise UserError(f"model.{key} must be {expected}, got {args[key]!r}")
+    need = argument_check(args)
 
     def is_int(v: Any) -> bool:
         return isinstance(v, Integral) and not isinstance(v, bool)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from genframe.errors import UserError, did_you_mean, valid_list
+from genframe.errors import UserError, argument_check, did_you_mean, valid_list
 from genframe.module import GenerativeModule
 from genframe.samples import Samples
 
@@ -469,9 +469,7 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, use_cache, stream)
 def _validate(args: dict[str, Any]) -> None:
     """Refuse bad constructor values with a message naming the ``model.`` key."""
 
-    def need(ok: bool, key: str, expected: str) -> None:
-        if not ok:
-            raise UserError(f"model.{key} must be {expected}, got {args[key]!r}")
+    need = argument_check(args)
 
     if args["vocab_size"] is None:
         raise UserError(

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genframe.errors import UserError, did_you_mean, valid_list
+from genframe.errors import UserError, argument_check, did_you_mean, valid_list
 from genframe.layers import ConvDecoder, ConvEncoder
 from genframe.module import GenerativeModule
 from genframe.samples import Samples
@@ -389,9 +389,7 @@ class VAE(GenerativeModule):
 def _validate(args: dict[str, Any]) -> None:
     """Refuse bad constructor values with a message naming the ``model.`` key."""
 
-    def need(ok: bool, key: str, expected: str) -> None:
-        if not ok:
-            raise UserError(f"model.{key} must be {expected}, got {args[key]!r}")
+    need = argument_check(args)
 
     need(args["in_channels"] >= 1, "in_channels", "at least 1")
     need(args["image_size"] >= 1, "image_size", "at least 1")
