@@ -106,8 +106,8 @@ class GenerativeModule(pl.LightningModule):
         value is always in the trainer's metrics): log per-step values only then when
         ``self.log``'s own cost matters next to the step."""
         trainer = self._trainer
-        if trainer is None:
-            return True
+        if trainer is None:  # a step called by hand: nothing would receive the values
+            return False
         return bool(getattr(trainer._logger_connector, "should_update_logs", True)
                     or getattr(trainer, "is_last_batch", True))
 
