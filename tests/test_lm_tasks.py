@@ -223,3 +223,45 @@ def test_a_lora_finetune_run_resumes_with_its_adapters(lm_run, compose_task):
     assert info["steps"] == 4 and info["epochs"] == 2  # 2 more steps after the first 2
     assert info["model"]["lora"]["r"] == 8
     assert (more["run_dir"] / "adapter.safetensors").exists()
+
+
+def test_prompt_ids_generate_like_the_same_prompt_text(lm_run):
+    from genframe.weights import load_model
+
+    model, _, _ = load_model(str(lm_run["run_dir"]))
+    ids = model.tokenizer.encode("The for")
+    by_text = model.generate(2, condition={"prompt": "The for"}, seed=1, max_new_tokens=6)
+    by_ids = model.generate(2, condition={"prompt_ids": ids}, seed=1, max_new_tokens=6)
+    assert by_ids.texts == by_text.texts and by_ids.conditions == by_text.conditions
+    per_row = model.generate(2, condition={"prompt_ids": [ids, ids[:3]]}, seed=1, max_new_tokens=6)
+    assert per_row.conditions == [{"prompt": "The for"}, {"prompt": "The"}]
+    for bad in ([], [ids[0], 10_000], [[1], [2], [3]]):
+        with pytest.raises(UserError, match="prompt_ids"):
+            model.generate(2, condition={"prompt_ids": bad})
+    with pytest.raises(UserError, match="not both"):
+        model.generate(1, condition={"prompt": "a", "prompt_ids": ids})
+
+
+def test_chat_sends_bpe_prompts_encoded_piece_by_piece_as_in_training():
+    from genframe.samples import Samples
+    from genframe.tasks.chat import ChatSession
+    from genframe.text import build_tokenizer
+    from genframe.text.chat import ChatTemplate
+
+    tok = build_tokenizer("bpe", ["<user> hello there\n<assistant> hi<end>\n" * 50], vocab_size=300)
+    template = ChatTemplate.from_mapping(None)
+    messages = [{"role": "user", "content": "hello there"}]
+    pieces = template.encode_prompt(messages, tok)
+    whole = tok.encode(template.render(messages, add_generation_prompt=True))
+    assert pieces != whole  # " hello" is one token in the whole string, two in pieces
+    sent = []
+
+    def generate(n, *, condition=None, seed=None, **options):
+        sent.append(condition)
+        return Samples(texts=["hi<end>"])
+
+    session = ChatSession(generate=generate, count_tokens=lambda text: len(tok.encode(text)),
+                          template=template, block_size=64, max_new_tokens=8,
+                          encode=lambda msgs: template.encode_prompt(msgs, tok))
+    assert session.send("hello there") == "hi"
+    assert sent == [{"prompt_ids": pieces}]

@@ -68,6 +68,8 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
               chat_template=template.to_dict(), chat_template_from=template_from)
     session = ChatSession(
         generate=model.generate, count_tokens=lambda text: len(model.tokenizer.encode(text)),
+        encode=(lambda messages: template.encode_prompt(messages, model.tokenizer))
+        if "prompt_ids" in model.condition_keys else None,
         template=template, block_size=int(block_size), max_new_tokens=max_new,
         system=cfg.get("system"), seed=cfg.get("seed"),
         sampling={"temperature": cfg.temperature, "top_k": cfg.get("top_k"),
@@ -132,6 +134,10 @@ class ChatSession:
     Args:
         generate: the model's ``generate`` method.
         count_tokens: the number of tokens the model reads for a prompt string.
+        encode: messages -> the prompt's token ids, encoded piece by piece as the chat
+            data encodes its training conversations; when given, prompts go to the
+            model as ``prompt_ids`` (so a BPE model reads the same tokens it trained on)
+            and are counted by it.
         template: the chat template.
         block_size: the model's context window in tokens.
         max_new_tokens: the longest reply; the prompt gets ``block_size - max_new_tokens``.
@@ -143,9 +149,11 @@ class ChatSession:
     def __init__(self, *, generate: Callable, count_tokens: Callable[[str], int],
                  template: ChatTemplate, block_size: int, max_new_tokens: int,
                  system: str | None = None, seed: int | None = None,
-                 sampling: dict[str, Any] | None = None) -> None:
+                 sampling: dict[str, Any] | None = None,
+                 encode: Callable[[Sequence[Message]], list[int]] | None = None) -> None:
         self.generate = generate
         self.count_tokens = count_tokens
+        self.encode = encode
         self.template = template
         self.budget = block_size - max_new_tokens
         self.max_new_tokens = max_new_tokens
@@ -166,6 +174,8 @@ class ChatSession:
         return trim_history(messages, self._prompt_tokens, self.budget)
 
     def _prompt_tokens(self, messages: Sequence[Message]) -> int:
+        if self.encode is not None:
+            return len(self.encode(messages))
         return self.count_tokens(self.template.render(messages, add_generation_prompt=True))
 
     def send(self, user_text: str, *, stream: Callable[[int, str], None] | None = None,
@@ -186,8 +196,11 @@ class ChatSession:
         if stream is not None and self._accepts("stream"):
             options["stream"] = stream
         seed = None if self.seed is None else self.seed + self.turns
-        prompt = self.template.render(messages, add_generation_prompt=True)
-        samples = self.generate(1, condition={"prompt": prompt}, seed=seed, **options)
+        if self.encode is not None:
+            condition = {"prompt_ids": self.encode(messages)}
+        else:
+            condition = {"prompt": self.template.render(messages, add_generation_prompt=True)}
+        samples = self.generate(1, condition=condition, seed=seed, **options)
         raw = cut_at_stop(samples.texts[0], self.template.stop)
         if stream is not None:
             stream(-1, raw)  # tells the printer the final text

@@ -86,7 +86,7 @@ class Transformer(GenerativeModule):
     """
 
     needs = frozenset({"tokens"})
-    condition_keys = frozenset({"prompt"})
+    condition_keys = frozenset({"prompt", "prompt_ids"})
     uses_tokenizer = True
 
     def __init__(
@@ -300,7 +300,9 @@ class Transformer(GenerativeModule):
             condition: ``{"prompt": text}`` for the same prompt in every row, or
                 ``{"prompt": [text, ...]}`` with one per row; without it every row starts
                 from a start token (a newline for a char tokenizer that has one,
-                ``<|endoftext|>`` for BPE). Needs a tokenizer.
+                ``<|endoftext|>`` for BPE). Needs a tokenizer. Or ``{"prompt_ids": ids}``
+                (a list of token ids, or one list per row): the prompt already encoded,
+                e.g. piece by piece as a chat template encodes its training data.
             seed: the same seed gives the same texts.
             max_new_tokens: the most tokens generated per row.
             temperature: divides the logits; 0 picks the most likely token (greedy).
@@ -326,8 +328,15 @@ class Transformer(GenerativeModule):
         top_p = None if top_p is None else float(top_p)
         stops = _stop_strings(stop)
         condition = self.check_condition(condition)
-        prompts = self._prompts(condition.get("prompt"), num_samples)
-        contexts = self._contexts(prompts, num_samples)
+        if condition.get("prompt_ids") is not None:
+            if condition.get("prompt") is not None:
+                raise UserError("condition: give prompt or prompt_ids, not both")
+            contexts = self._given_contexts(condition["prompt_ids"], num_samples)
+            prompts = [self.tokenizer.decode(c) if self.tokenizer is not None else _ids_text(c)
+                       for c in contexts]
+        else:
+            prompts = self._prompts(condition.get("prompt"), num_samples)
+            contexts = self._contexts(prompts, num_samples)
         gen, seed = self.make_generator(seed)
 
         text_of = self.tokenizer.decode if self.tokenizer is not None else _ids_text
@@ -407,15 +416,31 @@ class Transformer(GenerativeModule):
             if p in encoded:
                 continue
             ids = self.tokenizer.encode(p) or start
-            if len(ids) > self.block_size - 1:
-                which = f"prompt {i}" if len(set(prompts)) > 1 else "the prompt"
-                raise UserError(
-                    f"condition.prompt: {which} is {len(ids)} tokens; this model's context "
-                    f"window is block_size={self.block_size} tokens, and at least one new "
-                    f"token must fit: shorten it to {self.block_size - 1} tokens or fewer"
-                )
+            self._check_fits(len(ids), f"prompt {i}" if len(set(prompts)) > 1 else "the prompt")
             encoded[p] = ids
         return [list(encoded[p]) for p in prompts]
+
+    def _given_contexts(self, value: Any, n: int) -> list[list[int]]:
+        """Rows' token ids from ``condition["prompt_ids"]`` (one list, or one per row)."""
+        rows = value if value and all(isinstance(r, (list, tuple)) for r in value) else [value] * n
+        if len(rows) != n:
+            raise UserError(f"condition.prompt_ids: got {len(rows)} prompts for {n} samples")
+        vocab = self.hparams.vocab_size
+        for i, row in enumerate(rows):
+            if not row or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                  for t in row):
+                raise UserError(f"condition.prompt_ids: row {i} must be a non-empty list of "
+                                f"token ids in 0..{vocab - 1}")
+            self._check_fits(len(row), "the prompt" if n == 1 else f"prompt {i}")
+        return [list(r) for r in rows]
+
+    def _check_fits(self, length: int, which: str) -> None:
+        if length > self.block_size - 1:
+            raise UserError(
+                f"condition.prompt: {which} is {length} tokens; this model's context "
+                f"window is block_size={self.block_size} tokens, and at least one new "
+                f"token must fit: shorten it to {self.block_size - 1} tokens or fewer"
+            )
 
     def _start_id(self) -> int:
         tok = self.tokenizer
