@@ -145,6 +145,17 @@ def test_finetune_on_new_text_keeps_the_models_tokenizer(lm_run, compose_task, t
     spec, _ = read_weights(result["run_dir"] / "model.safetensors")
     assert spec["kwargs"]["warmup_steps"] == 2
     assert spec["kwargs"]["vocab_size"] == base.vocab_size
+    # The new text was tokenised with the model's ids: its unseen characters became <unk>.
+    from genframe.tasks.build import trained_model_and_data
+
+    model, _, _, data, _ = trained_model_and_data(compose_task(
+        "finetune", f"run={lm_run['run_dir']}", "data=text", "data.source=files",
+        f"data.path={other}", "data.block_size=16"), "finetune")
+    data.setup("fit")
+    assert data.tokenizer is model.tokenizer
+    window = data.train_set[0]["tokens"].tolist()
+    assert max(window) < base.vocab_size
+    assert data.tokenizer.encode("Z") == [0]  # "Z" is not in the base text
 
 
 def test_finetune_hparams_refuse_unknown_keys_and_sizes(lm_run, compose_task):
