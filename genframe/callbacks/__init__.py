@@ -1,0 +1,7 @@
+"""Lightning callbacks of genframe: the ones every run gets and the ones configs choose
+(``conf/callbacks/*.yaml`` name them as ``genframe.callbacks.<Class>``)."""
+
+from genframe.callbacks.finite_loss import FiniteLossGuard
+from genframe.callbacks.sample_quality import SampleQuality
+
+__all__ = ["FiniteLossGuard", "SampleQuality"]

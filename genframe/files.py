@@ -1,0 +1,143 @@
+"""Files on disk: atomic writes, and weights read from local files without unpickling code.
+
+Everything that writes a file genframe later reads back (run records, weights, caches)
+goes through `atomic_write_bytes`; every "weights from a local file" path (a run's
+weights, LoRA adapters, a timm trunk for the GAN or for the image metrics) reads them
+with `read_safetensors` / `read_state_dict` and loads them with `load_state_dict_strict`,
+so a file for another architecture is refused instead of half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from genframe.errors import UserError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a crash never leaves a half-written file.
+
+    The bytes go to a temporary file in the target folder (the same filesystem), are
+    flushed and fsynced, and the file is renamed into place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """`obj` as indented, key-sorted JSON, written atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_safetensors(path: Path, *, key: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, tensors) of a safetensors file.
+
+    Raises:
+        UserError: naming `key` (the config key or file the path came from) when the file
+            is missing or not a readable safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return meta, load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{key}: not a readable safetensors file ({exc})") from exc
+
+
+def read_state_dict(path: str | Path, *, where: str) -> dict[str, Any]:
+    """A state dict (name -> tensor) from a ``.safetensors`` file or a torch file.
+
+    Torch files are read with ``torch.load(weights_only=True)``, never unpickling code
+    (written here rather than with ``timm.models.load_state_dict``, which older timm 1.0
+    releases call without ``weights_only``). Checkpoints that wrap the weights
+    (``state_dict_ema``, ``model_ema``, ``state_dict``, ``model``) are unwrapped,
+    preferring EMA weights as timm's reader does, and DDP's ``module.`` prefix is removed.
+
+    Raises:
+        UserError: naming `where` when the file is missing, unreadable or holds no state
+            dict of tensors.
+    """
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{where}: no such file: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for a foreign file
+        first = (str(exc).splitlines() or [""])[0][:200]
+        how = ("is not a readable safetensors file" if path.suffix == ".safetensors"
+               else "cannot be read as weights without unpickling code")
+        raise UserError(f"{where}: {path} {how} ({type(exc).__name__}: {first})") from exc
+    if isinstance(state, dict):
+        for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"{where}: {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_state_dict_strict(module: Any, state: dict[str, Any], *, where: str,
+                           what: str | None = None, ignore: Iterable[str] = ()) -> None:
+    """Load `state` into `module`; every key must be there, with the module's shapes.
+
+    Args:
+        module: an ``nn.Module``.
+        state: name -> tensor.
+        where: the config key or file the state came from, for messages.
+        what: how to name the module in messages (default: its class name).
+        ignore: keys of `state` to drop first (a classifier head the module lacks).
+
+    Raises:
+        UserError: naming `where`, with counts and examples of missing, unexpected and
+            wrongly shaped keys, or of non-finite values. Nothing is loaded then.
+    """
+    import torch
+
+    state = {k: v for k, v in state.items() if k not in set(ignore)}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                   for k in own if k in state and state[k].shape != own[k].shape]
+    what = what or type(module).__name__
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:2]})")
+        raise UserError(f"{where}: the weights do not fit {what}: keys " + "; ".join(parts))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{where}: non-finite values in {bad[:3]}")
+    module.load_state_dict(state, strict=True)
