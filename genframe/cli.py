@@ -13,17 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from genframe import __version__
-from genframe.config import TASKS
 from genframe.errors import GenframeError, did_you_mean
-
-TASK_HELP = {
-    "train": "fit a model on data; writes checkpoints, weights, samples, metrics",
-    "finetune": "continue from a run's weights (new data, frozen parts, new lr)",
-    "generate": "sample from a trained run or checkpoint into a new run directory",
-    "evaluate": "compute a trained model's metrics on validation data",
-    "chat": "talk with a trained language model (interactive, or one turn per stdin line)",
-    "export": "write a run's model to a self-contained folder (merge=true folds in LoRA)",
-}
+from genframe.tasks import TASKS
 OTHER_COMMANDS = {"plugins": "list loaded plugins and what each registered (--json)"}
 # Keys whose children are open-ended (model-specific): `sampling.x=1` needs no `+`.
 OPEN_KEYS = ("sampling.", "condition.", "template.vars.", "finetune.hparams.")
@@ -186,7 +177,7 @@ def main_help() -> str:
         "",
         "tasks:",
     ]
-    lines += [f"  {t:<10} {h}" for t, h in TASK_HELP.items()]
+    lines += [f"  {t.name:<10} {t.help}" for t in TASKS.values()]
     lines += ["", "other commands:"]
     lines += [f"  {t:<10} {h}" for t, h in OTHER_COMMANDS.items()]
     try:

@@ -20,9 +20,6 @@ from typing import Any
 
 from genframe.errors import UserError, did_you_mean, valid_list
 
-TASKS = ("train", "finetune", "generate", "evaluate", "export", "chat")
-
-
 def conf_dir() -> Path:
     """The directory of genframe's own Hydra configs."""
     from importlib.resources import files
@@ -53,8 +50,9 @@ def register_plugin_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from genframe.plugins import get_registry
+    from genframe.plugins import get_registry, on_registry_reset
 
+    on_registry_reset(reset_config_store)
     cs = ConfigStore.instance()
     stored = []
     for plugin, root in get_registry().config_dirs:

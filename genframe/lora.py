@@ -9,7 +9,7 @@ change (``attn.qkv.weight`` becomes ``attn.qkv.base_layer.weight`` next to
 
 genframe resolves glob patterns to exact module names itself (peft's own matching is by
 name suffix or one regex, with no message that shows the valid names) and records the
-resolved config in ``model.genframe_spec["lora"]``, so a weights file that holds adapters
+resolved config in ``model.model_spec.lora``, so a weights file that holds adapters
 rebuilds its model (`genframe.weights.build_from_spec`). peft's ``merge_and_unload``
 lives on ``PeftModel``/``LoraModel`` only; for an injected model `merge_lora` does the same
 with each LoRA layer's own ``merge()``.
@@ -91,7 +91,7 @@ def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
     """Inject LoRA adapters into `model` in place and freeze everything else.
 
     Args:
-        model: any ``nn.Module`` (a genframe model gets ``genframe_spec["lora"]``).
+        model: any ``nn.Module`` (a genframe model gets ``model_spec.lora``).
         r: the rank of each update.
         alpha: the scale numerator; the update is scaled by ``alpha / r``.
         dropout: dropout on the adapter's input during training.
@@ -150,9 +150,9 @@ def _inject(model: nn.Module, config: dict[str, Any]) -> None:
         p.requires_grad_(id(p) in adapter)
     # The spec carries the config into weights files; the attribute serves any nn.Module.
     model.genframe_lora = {**config, "target_modules": list(config["target_modules"])}
-    spec = getattr(model, "genframe_spec", None)
+    spec = getattr(model, "model_spec", None)
     if spec is not None:
-        spec["lora"] = dict(model.genframe_lora)
+        spec.lora = dict(model.genframe_lora)
 
 
 def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -198,13 +198,14 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save
 
-    from genframe.runs import atomic_write_bytes
+    from genframe.files import atomic_write_bytes
 
     config = lora_config(model)
     # Keys without the adapter name: "blocks.0.attn.qkv.lora_A.weight".
     state = get_peft_model_state_dict(model, adapter_name=_ADAPTER)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    base = {k: v for k, v in (getattr(model, "genframe_spec", None) or {}).items() if k != "lora"}
+    spec = getattr(model, "model_spec", None)
+    base = {k: v for k, v in (spec.to_dict() if spec is not None else {}).items() if k != "lora"}
     meta = {ADAPTER_KEY: json.dumps(config), BASE_KEY: json.dumps(base)}
     atomic_write_bytes(Path(path), save(state, metadata=meta))
     return Path(path)
@@ -212,7 +213,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
 
 def read_adapter(path: str | Path, *, key: str = "adapter") -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """Return (LoRA config, base model spec, adapter weights) from an adapter file."""
-    from genframe.weights import read_safetensors
+    from genframe.files import read_safetensors
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -227,9 +228,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Add the adapters of an adapter file (`save_adapter`) to `model` and load their
     weights. Returns the summary of `apply_lora`."""
     config, base, state = read_adapter(path)
-    spec = getattr(model, "genframe_spec", None) or {}
-    if base.get("name") and spec.get("name") and base["name"] != spec["name"]:
-        raise UserError(f"adapter={path}: made for model '{base['name']}', not '{spec['name']}'")
+    spec = getattr(model, "model_spec", None)
+    name = spec.name if spec is not None else None
+    if base.get("name") and name and base["name"] != name:
+        raise UserError(f"adapter={path}: made for model '{base['name']}', not '{name}'")
     try:
         summary = apply_lora(model, r=config["r"], alpha=config["alpha"], dropout=config["dropout"],
                              target_modules=config["target_modules"])
@@ -258,7 +260,7 @@ def load_lora_weights(model: nn.Module, state: dict[str, torch.Tensor], *, where
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base layer and put the plain layer back, in place.
 
-    The state dict has the plain model's keys again, ``genframe_spec`` loses ``"lora"``,
+    The state dict has the plain model's keys again, ``model_spec.lora`` becomes None,
     and each parameter's ``requires_grad`` is as it was before `apply_lora` froze it (peft's
     ``merge_and_unload`` would leave the base frozen). Returns `model`.
     """
@@ -280,7 +282,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for attr in ("peft_config", "genframe_lora", "_genframe_frozen_before_lora"):
         if hasattr(model, attr):
             delattr(model, attr)
-    spec = getattr(model, "genframe_spec", None)
+    spec = getattr(model, "model_spec", None)
     if spec is not None:
-        spec.pop("lora", None)
+        spec.lora = None
     return model

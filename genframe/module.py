@@ -2,23 +2,45 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import random
+import warnings
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
 
 from genframe.samples import Samples
+from genframe.spec import ModelSpec
+
+#: The plugin API this genframe provides. A plugin module declares the version it was
+#: written for as ``GENFRAME_PLUGIN_API = 1``; `genframe plugins` reports a mismatch.
+PLUGIN_API_VERSION = 1
+
+# Parameters of `sample()` that are not sampling options.
+_SAMPLE_ARGS = ("self", "num_samples", "condition", "generator")
+
+
+class GenframeDeprecationWarning(DeprecationWarning):
+    """A plugin uses an interface genframe will drop (shown by the CLI, once per place)."""
 
 
 class GenerativeModule(pl.LightningModule):
     """A LightningModule that trains on genframe batches and can generate.
 
-    Subclasses compute their own objective in ``training_step``/``validation_step``
-    (logging ``train/loss`` and ``val/loss``), and implement :meth:`generate`.
-    Constructor arguments must be plain Python values (the YAML keys of the model's
-    config) and be saved with ``self.save_hyperparameters()`` so a checkpoint or a run
-    directory can rebuild the model.
+    A model plugin subclasses it and writes:
+
+    - ``training_step`` / ``validation_step``: its own objective on a dict batch, logging
+      ``train/loss`` and ``val/loss``;
+    - ``sample(num_samples, *, condition, generator, **options)``: its own sampling (see
+      `sample`); `generate` is the public entry and does the shared work;
+    - ``configure_optimizers`` only when the default (AdamW from the constructor's ``lr``
+      and ``weight_decay``) does not fit.
+
+    Constructor arguments must be plain, type-annotated Python values (the YAML keys of
+    the model's config) saved with ``self.save_hyperparameters()``, so a checkpoint or a
+    run directory can rebuild the model.
 
     Class attributes:
         needs: batch keys the model reads (``"image"``, ``"label"``, ``"tokens"``,
@@ -26,16 +48,41 @@ class GenerativeModule(pl.LightningModule):
             class-conditional model needs ``"label"`` only when it is conditional).
         condition_keys: keys ``generate(condition=...)`` accepts, empty when the model is
             unconditional.
+        uses_tokenizer: True for text models: genframe hands them their data's tokenizer
+            (`set_tokenizer`).
+        learning_rate_keys: constructor arguments that are learning rates;
+            ``finetune.lr`` sets every one of them (the GAN: ``("lr_g", "lr_d")``).
+        renamed_arguments: old constructor-argument name -> new name, so that runs saved
+            before a rename still load (``{"channels": "block_out_channels"}``).
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"image"})
     condition_keys: ClassVar[frozenset[str]] = frozenset()
-    #: True for text models: genframe hands them their data's tokenizer (`set_tokenizer`).
     uses_tokenizer: ClassVar[bool] = False
-    #: Set by genframe's builder: ``{"name": registered name, "kwargs": constructor args}``
-    #: (and ``"tokenizer"``, its JSON form, once a tokenizer is set).
-    genframe_spec: dict[str, Any] | None = None
+    learning_rate_keys: ClassVar[tuple[str, ...]] = ("lr",)
+    renamed_arguments: ClassVar[dict[str, str]] = {}
+    #: Set by genframe when it builds the model (`genframe.weights.build_model`).
+    model_spec: ModelSpec | None = None
     tokenizer: Any = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        legacy = cls.__dict__.get("generate")
+        if legacy is not None and not getattr(legacy, "_genframe_entry", False):
+            # A plugin written before `sample()` existed: keep it working, say so once.
+            warnings.warn(
+                f"{cls.__module__}.{cls.__qualname__} overrides generate(); implement "
+                "sample(num_samples, *, condition, generator, **options) instead and let "
+                "GenerativeModule.generate do the checks, seeding, eval mode and metadata "
+                "(see the README's plugin guide). Overriding generate() will stop working "
+                "in a later genframe.", GenframeDeprecationWarning, stacklevel=2)
+            cls.generate = _recording_name(legacy)
+
+    @property
+    def registered_name(self) -> str:
+        """The name the model was built under (``model=<name>``; an alias or a subclass
+        is recorded as such), or its class name when built by hand."""
+        return self.model_spec.name if self.model_spec is not None else type(self).__name__
 
     def generate(
         self,
@@ -45,16 +92,77 @@ class GenerativeModule(pl.LightningModule):
         seed: int | None = None,
         **sampling: Any,
     ) -> Samples:
-        """Generate `num_samples` samples.
+        """Generate `num_samples` samples (the one public way to sample a model).
+
+        Checks `num_samples`, the condition keys (`condition_keys`) and the sampling
+        options (the keyword arguments of `sample`), seeds a `torch.Generator` on the
+        model's device, runs `sample` in eval mode without gradients (then restores the
+        training mode), and records the registered model name and the seed in the
+        metadata. Images come back on the CPU.
 
         Args:
-            num_samples: how many samples to make.
-            condition: e.g. ``{"label": 3}``; must only use keys in ``condition_keys``.
+            num_samples: how many samples to make (a positive integer).
+            condition: e.g. ``{"label": 3}`` or ``{"prompt": "..."}``; only keys in
+                ``condition_keys``.
             seed: the same seed gives the same samples; None draws a fresh seed, which is
-                recorded in the metadata.
-            **sampling: model-specific sampling options (temperature, sampler, ...).
+                recorded in ``metadata["seed"]``.
+            **sampling: the model's sampling options (the keyword arguments of its
+                `sample`, such as ``temperature`` or ``sampler``).
+
+        Raises:
+            UserError: a bad `num_samples`, an unknown condition key or sampling option.
         """
-        raise NotImplementedError
+        from genframe.errors import UserError
+
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
+        self.check_sampling(sampling)
+        condition = self.check_condition(condition)
+        generator, seed = self.make_generator(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                samples = self.sample(num_samples, condition=condition, generator=generator,
+                                      **sampling)
+        finally:
+            self.train(was_training)
+        if not isinstance(samples, Samples):
+            raise TypeError(f"{type(self).__name__}.sample() must return genframe.Samples, "
+                            f"got {type(samples).__name__}")
+        if samples.images is not None:
+            samples.images = samples.images.detach().cpu()
+        samples.metadata = {**samples.metadata, "model": self.registered_name, "seed": seed}
+        return samples
+
+    generate._genframe_entry = True  # type: ignore[attr-defined]
+
+    def sample(self, num_samples: int, *, condition: dict[str, Any],
+               generator: torch.Generator, **options: Any) -> Samples:
+        """The model's own sampling, called by `generate` (override this).
+
+        Runs in eval mode under ``torch.no_grad()``; draw every random number from
+        `generator` so the same seed gives the same samples.
+
+        Args:
+            num_samples: how many samples (already checked: a positive integer).
+            condition: the checked condition (a dict, empty when none was given).
+            generator: a seeded ``torch.Generator`` on the model's device.
+            **options: declare each sampling option as a keyword argument with its default
+                (``temperature: float = 1.0``); `generate` refuses any other name.
+
+        Returns:
+            `Samples`: images float N×C×H×W in [0, 1], or N texts, with the conditions
+            used and what else describes how they were made (``metadata``; genframe adds
+            ``model`` and ``seed``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement sample()")
+
+    def sampling_options(self) -> list[str]:
+        """The sampling options `generate` accepts: the keyword arguments of `sample`."""
+        params = inspect.signature(self.sample).parameters
+        return [n for n, p in params.items()
+                if n not in _SAMPLE_ARGS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def example_batch(self, batch_size: int = 4) -> dict[str, Any]:
         """A random batch this model accepts (used by `genframe.testing`).
@@ -86,8 +194,26 @@ class GenerativeModule(pl.LightningModule):
         import json
 
         self.tokenizer = tokenizer
-        if self.genframe_spec is not None:
-            self.genframe_spec["tokenizer"] = json.loads(tokenizer.to_json())
+        if self.model_spec is not None:
+            self.model_spec.tokenizer = json.loads(tokenizer.to_json())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The default optimiser: AdamW (Loshchilov & Hutter 2019) over the trainable
+        parameters, with the constructor's ``lr`` and ``weight_decay`` (0 when the model
+        has none). Override it for anything else (several optimisers, schedules,
+        parameter groups); say in `learning_rate_keys` which arguments are learning rates.
+
+        Raises:
+            NotImplementedError: the model has no ``lr`` constructor argument.
+        """
+        if "lr" not in self.hparams:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no `lr` constructor argument, so the default "
+                "optimiser (AdamW from lr and weight_decay) does not apply: define "
+                "configure_optimizers()")
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=float(self.hparams.lr),
+                                 weight_decay=float(self.hparams.get("weight_decay", 0.0)))
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Lightning's step, then the gradients are freed at once.
@@ -112,10 +238,13 @@ class GenerativeModule(pl.LightningModule):
                     or getattr(trainer, "is_last_batch", True))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the model's spec so the checkpoint alone rebuilds it (call super() if
-        you override this)."""
-        if self.genframe_spec is not None:
-            checkpoint["genframe"] = self.genframe_spec
+        """Store the model's spec and the environment in the checkpoint, so the checkpoint
+        alone rebuilds the model (call super() if you override this)."""
+        from genframe.spec import environment
+
+        if self.model_spec is not None:
+            checkpoint["genframe"] = self.model_spec.to_dict()
+            checkpoint["genframe_environment"] = environment(self.device)
 
     # -- helpers for subclasses -----------------------------------------------------
 
@@ -137,14 +266,20 @@ class GenerativeModule(pl.LightningModule):
             )
         return condition
 
-    def check_sampling(self, sampling: dict[str, Any], allowed: Any) -> None:
-        """Refuse sampling options the model does not know (a `UserError`)."""
+    def check_sampling(self, sampling: dict[str, Any], allowed: Any = None) -> None:
+        """Refuse sampling options the model does not know (a `UserError`).
+
+        Args:
+            sampling: option name -> value, as given to `generate`.
+            allowed: the valid names (any collection of str); default: `sampling_options`.
+        """
         from genframe.errors import UserError, did_you_mean, valid_list
 
+        allowed = self.sampling_options() if allowed is None else list(allowed)
         for key in sampling:
             if key not in allowed:
                 raise UserError(
-                    f"sampling.{key}: not an option of {type(self).__name__}."
+                    f"sampling.{key}: not an option of model '{self.registered_name}'."
                     f"{did_you_mean(key, allowed)} Valid options: {valid_list(allowed)}"
                 )
 
@@ -195,3 +330,18 @@ class GenerativeModule(pl.LightningModule):
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed))
         return gen, int(seed)
+
+
+def _recording_name(legacy_generate):
+    """Wrap a plugin's own ``generate`` (the pre-`sample` interface) so its samples still
+    record the registered model name and seed as `GenerativeModule.generate` does."""
+
+    @functools.wraps(legacy_generate)
+    def generate(self, num_samples, *args, **kwargs):
+        samples = legacy_generate(self, num_samples, *args, **kwargs)
+        if isinstance(samples, Samples):
+            samples.metadata = {**samples.metadata, "model": self.registered_name}
+        return samples
+
+    generate._genframe_entry = True
+    return generate

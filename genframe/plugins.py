@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -224,9 +225,19 @@ def remove_plugin(name: str) -> None:
     reset_registry()
 
 
+_ON_RESET: list[Callable[[], None]] = []
+
+
+def on_registry_reset(callback: Callable[[], None]) -> None:
+    """Call `callback` whenever the registry is reset (the config store forgets the
+    plugin configs it took from the old registry)."""
+    if callback not in _ON_RESET:
+        _ON_RESET.append(callback)
+
+
 def reset_registry() -> None:
+    """Forget the registry; the next `get_registry` loads the plugins again."""
     global _REGISTRY
     _REGISTRY = None
-    from genframe import config
-
-    config.reset_config_store()
+    for callback in list(_ON_RESET):
+        callback()

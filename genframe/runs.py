@@ -4,8 +4,10 @@ A run directory holds::
 
     config.yaml           the composed config (interpolations kept, as Hydra composed it)
     .hydra/               Hydra's own copy, the overrides and Hydra's settings
-    run.json              genframe and plugin versions, git revision, the model's name
-                          and constructor arguments, the resolved data config, lineage
+    run.json              format version, environment (genframe, Python, torch, Lightning,
+                          CUDA versions, device), plugin versions, git revision, the
+                          model's description (`ModelSpec`), the resolved data config,
+                          lineage
     checkpoints/          last.ckpt and best.ckpt (train and finetune)
     model.safetensors     the weights of the best checkpoint
     samples/              PNGs (or .txt), grid.png, manifest.jsonl
@@ -25,6 +27,7 @@ from typing import Any
 
 from genframe.errors import UserError
 from genframe.files import atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from genframe.spec import FORMAT_VERSION, ModelSpec, environment, migrate_run_info
 
 RUN_INFO = "run.json"
 CONFIG = "config.yaml"
@@ -56,8 +59,12 @@ def plugin_versions() -> dict[str, dict[str, str]]:
     }
 
 
-def start_run(out_dir: Path, cfg, task: str, **info: Any) -> dict[str, Any]:
-    """Write config.yaml and run.json at the start of a task; returns the info dict."""
+def start_run(out_dir: Path, cfg, task: str, *, device: Any = None, **info: Any) -> dict[str, Any]:
+    """Write config.yaml and run.json at the start of a task; returns the info dict.
+
+    run.json gets the format version and the environment (versions and `device`, the
+    device the task runs on) besides `info`; a ``model`` value may be a `ModelSpec`.
+    """
     from omegaconf import OmegaConf
 
     from genframe import __version__
@@ -70,7 +77,11 @@ def start_run(out_dir: Path, cfg, task: str, **info: Any) -> dict[str, Any]:
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / CONFIG, OmegaConf.to_yaml(cfg).encode())
+    if isinstance(info.get("model"), ModelSpec):
+        info["model"] = info["model"].to_dict(tokenizer=False)
     record = {
+        "format_version": FORMAT_VERSION,
+        "environment": environment(device),
         "genframe_version": __version__,
         "task": task,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -84,7 +95,10 @@ def start_run(out_dir: Path, cfg, task: str, **info: Any) -> dict[str, Any]:
 
 
 def update_run(out_dir: Path, **info: Any) -> None:
+    """Add or change keys of a run's run.json (a ``model`` may be a `ModelSpec`)."""
     path = Path(out_dir) / RUN_INFO
+    if isinstance(info.get("model"), ModelSpec):
+        info["model"] = info["model"].to_dict(tokenizer=False)
     record = json.loads(path.read_text())
     record.update(info)
     atomic_write_json(path, record)
@@ -104,8 +118,8 @@ class Run:
         return OmegaConf.load(self.path / CONFIG)
 
     @property
-    def model_spec(self) -> dict[str, Any]:
-        return self.info["model"]
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.info["model"], where=f"{self.path / RUN_INFO}")
 
     @property
     def data_config(self) -> dict[str, Any] | None:
@@ -137,6 +151,7 @@ def open_run(path: str | os.PathLike, *, key: str = "run") -> Run:
         info = json.loads(info_path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{key}={path}: {RUN_INFO} is not valid JSON ({exc})") from exc
-    if "model" not in info:
-        raise UserError(f"{key}={path}: this run holds no model (it was a '{info.get('task')}' run)")
-    return Run(p.resolve(), info)
+    if not isinstance(info, dict) or "model" not in info:
+        task = info.get("task") if isinstance(info, dict) else None
+        raise UserError(f"{key}={path}: this run holds no model (it was a '{task}' run)")
+    return Run(p.resolve(), migrate_run_info(info, where=f"{key}={path}"))

@@ -9,10 +9,12 @@ In a plugin's test suite::
 
 or, before the plugin is installed, ``check_model_contract(MyModel, tiny={...})``.
 
-The check builds the model from its tiny preset on CPU and verifies: one training step
-gives a finite loss and changes the weights; Lightning can run a fast_dev_run on a batch;
-`generate()` returns `Samples` of the right shape and range; the same seed gives the same
-samples; a safetensors file and a Lightning checkpoint each rebuild a model that
+The check builds the model from its tiny preset on CPU and verifies, every training step
+inside a real Lightning Trainer (so automatic and manual optimisation are checked the
+same way): one training step gives a finite loss and changes the weights; a fast_dev_run
+logs ``train/loss`` and ``val/loss``; `generate()` returns `Samples` of the right shape
+and range, with the registered name and the seed in the metadata; the same seed gives
+the same samples; a safetensors file and a Lightning checkpoint each rebuild a model that
 generates the same samples.
 """
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ def registered_models() -> list[str]:
 def build_tiny(model: str | type, tiny: dict[str, Any] | None = None):
     """Instantiate a registered model (by name) or a class from its tiny preset."""
     from genframe.plugins import get_registry
-    from genframe.tasks.build import instantiate_model
+    from genframe.spec import ModelSpec
+    from genframe.weights import instantiate_model
 
     if isinstance(model, str):
         reg = get_registry().model(model)
@@ -47,18 +49,19 @@ def build_tiny(model: str | type, tiny: dict[str, Any] | None = None):
         return instantiate_model(model, kwargs)
     kwargs = dict(tiny or {})
     m = model(**kwargs)
-    m.genframe_spec = {"name": getattr(model, "__name__", "model"), "kwargs": kwargs}
+    m.model_spec = ModelSpec(name=getattr(model, "__name__", "model"), kwargs=kwargs)
     return m
 
 
-def _rebuild(m, spec: dict[str, Any], state: dict[str, torch.Tensor]):
+def _rebuild(m, spec, state: dict[str, torch.Tensor]):
     """Rebuild from a spec as genframe does; an unregistered class is rebuilt directly."""
     from genframe.plugins import get_registry
     from genframe.weights import build_from_spec
 
-    if spec["name"] in get_registry().models:
+    if spec.name in get_registry().models:
         return build_from_spec(spec, state)
-    rebuilt = type(m)(**spec["kwargs"])
+    rebuilt = type(m)(**spec.kwargs)
+    rebuilt.model_spec = spec
     rebuilt.load_state_dict(state)
     return rebuilt
 
@@ -69,7 +72,7 @@ def check_model_contract(model: str | type, *, tiny: dict[str, Any] | None = Non
     """Run the whole contract on one model; raises AssertionError on the first failure."""
     torch.manual_seed(0)
     m = build_tiny(model, tiny)
-    name = m.genframe_spec["name"]
+    name = m.model_spec.name
     batch = m.example_batch(batch_size)
     assert isinstance(batch, dict), f"{name}: example_batch must return a dict"
     assert set(m.needs) <= set(batch), f"{name}: example_batch lacks needed keys {set(m.needs) - set(batch)}"
@@ -80,41 +83,50 @@ def check_model_contract(model: str | type, *, tiny: dict[str, Any] | None = Non
     _check_round_trip(m, samples, name, tmp_path, num_samples)
 
 
+def _trainer(root, **kwargs):
+    import pytorch_lightning as pl
+
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=str(root), **kwargs)
+
+
 def _check_training_step(m, batch, name: str) -> None:
-    m.train()
-    opt = m.configure_optimizers()
-    opt = opt[0] if isinstance(opt, (list, tuple)) else opt
-    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    """One optimizer step through a Trainer changes the weights with a finite loss."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    losses: list[torch.Tensor] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if loss is not None:
+                losses.append(loss)
+
     before = [p.detach().clone() for p in m.parameters() if p.requires_grad]
-    with warnings.catch_warnings():  # self.log() outside a Trainer only warns
-        warnings.simplefilter("ignore")
-        out = m.training_step(batch, 0)
-    loss = out["loss"] if isinstance(out, dict) else out
-    if loss is None:  # manual optimisation steps its own optimisers
-        assert not m.automatic_optimization, f"{name}: training_step returned no loss"
-    else:
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _trainer(tmp, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+                           callbacks=[Record()])
+        trainer.fit(m, train_dataloaders=DataLoader([batch], batch_size=None))
+    if m.automatic_optimization:
+        assert losses, f"{name}: training_step returned no loss"
+    for loss in losses:
         assert torch.is_tensor(loss) and loss.dim() == 0, f"{name}: loss must be a scalar tensor"
         value = float(loss.detach())
         assert math.isfinite(value), f"{name}: loss is not finite ({value})"
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
     after = [p.detach() for p in m.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), (
         f"{name}: one training step changed no parameter"
     )
+    assert all(torch.isfinite(p).all() for p in after), f"{name}: a training step made weights non-finite"
 
 
 def _check_lightning_loop(m, batch, name: str, tmp_path: Path | None) -> None:
-    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(
-            accelerator="cpu", devices=1, fast_dev_run=1, logger=False,
-            enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=str(tmp_path or tmp),
-        )
-        from torch.utils.data import DataLoader
+        trainer = _trainer(tmp_path or tmp, fast_dev_run=1)
 
         # batch_size=None: the loader yields the ready-made batch as it is.
         loader = DataLoader([batch], batch_size=None)
@@ -136,6 +148,10 @@ def _check_generate(m, name: str, n: int) -> Samples:
         assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0, f"{name}: images must lie in [0, 1]"
     else:
         assert all(isinstance(t, str) for t in samples.texts), f"{name}: texts must be strings"
+    assert samples.metadata.get("model") == m.registered_name, (
+        f"{name}: metadata['model'] must be the registered name {m.registered_name!r}, "
+        f"got {samples.metadata.get('model')!r}")
+    assert samples.metadata.get("seed") == 123, f"{name}: metadata['seed'] must be the seed given"
     again = m.generate(n, seed=123)
     assert _same(samples, again), f"{name}: the same seed gave different samples"
     return samples
@@ -148,7 +164,7 @@ def _check_round_trip(m, samples: Samples, name: str, tmp_path: Path | None, n: 
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp_path or tmp)
-        path = save_weights(m, root / "model.safetensors", m.genframe_spec)
+        path = save_weights(m, root / "model.safetensors")
         rebuilt = _rebuild(m, *read_weights(path)).eval()
         assert _same(samples, rebuilt.generate(n, seed=123)), (
             f"{name}: a model rebuilt from safetensors generates different samples"

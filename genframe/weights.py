@@ -1,49 +1,92 @@
-"""Saving and loading model weights without unpickling code.
+"""Saving, reading and rebuilding models without unpickling code.
 
-Weights go to safetensors with the model's spec (registered name and constructor
-arguments) in the file's metadata; Lightning checkpoints are read with
-``torch.load(weights_only=True)``. Either file alone is enough to rebuild the model.
+Weights go to safetensors with the model's description (`genframe.spec.ModelSpec`) and
+the environment they were made in, in the file's metadata; Lightning checkpoints carry
+both too and are read with ``torch.load(weights_only=True)``. Either file alone rebuilds
+the model (`build_from_spec`), and `load_model` does so from a run directory.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from genframe.config import check_kwargs
 from genframe.errors import UserError
-from genframe.runs import Run, atomic_write_bytes, open_run
+from genframe.files import atomic_write_bytes, read_safetensors
+from genframe.plugins import get_registry
+from genframe.runs import Run, open_run
+from genframe.spec import ModelSpec, environment
 
 SPEC_KEY = "genframe"
+ENVIRONMENT_KEY = "genframe_environment"
 
 
-def save_weights(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> Path:
-    """Write `model`'s weights and `spec` to a safetensors file, atomically."""
+def instantiate_model(name: str, kwargs: Mapping[str, Any], *, where: str = "model",
+                      source: Callable[[str], str] | None = None, migrate: bool = False):
+    """Build the registered model `name` from checked constructor arguments.
+
+    Args:
+        name: a registered model name.
+        kwargs: constructor arguments (plain values), checked against the signature.
+        where: the config path used in messages (``"model"``).
+        source: maps a key to where it was set, for messages.
+        migrate: the arguments come from a saved run (weights, run.json, a resumed
+            config): old argument names (the class's ``renamed_arguments``) are renamed.
+            Otherwise an old name is refused with the new one.
+
+    Returns:
+        The model, with ``model.model_spec`` set.
+
+    Raises:
+        UserError: unknown name, unknown or mistyped argument, a value the model refuses.
+    """
+    cls = get_registry().model(name).load()
+    kwargs = renamed_arguments(cls, kwargs, where=where, migrate=migrate)
+    kwargs = check_kwargs(cls, kwargs, where=where, source=source)
+    model = cls(**kwargs)
+    model.model_spec = ModelSpec(name=name, kwargs=kwargs)
+    return model
+
+
+def renamed_arguments(cls: type, kwargs: Mapping[str, Any], *, where: str,
+                      migrate: bool) -> dict[str, Any]:
+    """`kwargs` with the class's old argument names (``renamed_arguments``) replaced."""
+    kwargs = dict(kwargs)
+    for old, new in (getattr(cls, "renamed_arguments", None) or {}).items():
+        if old not in kwargs:
+            continue
+        if not migrate:
+            raise UserError(f"{where}.{old}: renamed to {new}; use {where}.{new}=...")
+        if new in kwargs:
+            raise UserError(f"{where}: both {old} (its old name) and {new} are given; keep {new}")
+        kwargs[new] = kwargs.pop(old)
+    return kwargs
+
+
+def save_weights(model: torch.nn.Module, path: Path, spec: ModelSpec | None = None) -> Path:
+    """Write `model`'s weights, its spec (default ``model.model_spec``) and the environment
+    to a safetensors file, atomically."""
     from safetensors.torch import save
 
+    spec = spec if spec is not None else model.model_spec
+    if spec is None:
+        raise ValueError("save_weights: the model has no model_spec (build it with genframe)")
+    device = next(iter(model.parameters()), torch.empty(0)).device
     # Clones break storage sharing (tied weights), which safetensors refuses to write.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(Path(path), save(state, metadata={SPEC_KEY: json.dumps(spec)}))
+    meta = {SPEC_KEY: json.dumps(spec.to_dict()), ENVIRONMENT_KEY: json.dumps(environment(device))}
+    atomic_write_bytes(Path(path), save(state, metadata=meta))
     return Path(path)
 
 
-def read_safetensors(path: Path, *, key: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file; a `UserError` naming `key` if unreadable."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return meta, load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{key}: not a readable safetensors file ({exc})") from exc
-
-
-def read_weights(path: str | Path, *, key: str = "ckpt") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Return (spec, state_dict) from a .safetensors file or a Lightning .ckpt."""
+def read_weights(path: str | Path, *, key: str = "ckpt") -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Return (spec, state_dict) from a .safetensors file or a Lightning .ckpt (any
+    format so far; see `genframe.spec`)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{key}={path}: no such file")
@@ -58,7 +101,7 @@ def read_weights(path: str | Path, *, key: str = "ckpt") -> tuple[dict[str, Any]
                     "use the model.safetensors of the run that wrote it"
                 )
             raise UserError(f"{key}={path}: a safetensors file, but not genframe's (no model spec)")
-        return json.loads(meta[SPEC_KEY]), state
+        return ModelSpec.from_dict(json.loads(meta[SPEC_KEY]), where=f"{key}={path}"), state
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad or foreign file
@@ -68,33 +111,33 @@ def read_weights(path: str | Path, *, key: str = "ckpt") -> tuple[dict[str, Any]
         ) from exc
     if not isinstance(ckpt, dict) or SPEC_KEY not in ckpt or "state_dict" not in ckpt:
         raise UserError(f"{key}={path}: not a genframe checkpoint (no model spec inside)")
-    return ckpt[SPEC_KEY], ckpt["state_dict"]
+    return ModelSpec.from_dict(ckpt[SPEC_KEY], where=f"{key}={path}"), ckpt["state_dict"]
 
 
-def build_from_spec(spec: dict[str, Any], state: dict[str, torch.Tensor] | None = None):
-    """Instantiate the registered model named in `spec` and load `state` into it.
+def build_from_spec(spec: ModelSpec, state: dict[str, torch.Tensor] | None = None, *,
+                    where: str = "model"):
+    """Instantiate the registered model of `spec` and load `state` into it (strictly).
 
-    A spec with ``"lora"`` (weights saved while LoRA adapters were applied) gets the same
-    adapters before the state is loaded, so the state's keys fit.
+    A spec with a tokenizer hands it to the model; a spec with ``lora`` (weights saved
+    while LoRA adapters were applied) gets the same adapters before the state is loaded,
+    so the state's keys fit. Old argument names are migrated (see `instantiate_model`).
     """
-    from genframe.tasks.build import instantiate_model
-
-    model = instantiate_model(spec["name"], spec["kwargs"], where="model", source=None)
-    if spec.get("tokenizer") is not None:
+    model = instantiate_model(spec.name, spec.kwargs, where=where, migrate=True)
+    if spec.tokenizer is not None:
         from genframe.text.tokenize import tokenizer_from_json
 
-        model.set_tokenizer(tokenizer_from_json(spec["tokenizer"], where="the model's spec"))
-    if spec.get("lora") is not None:
+        model.set_tokenizer(tokenizer_from_json(spec.tokenizer, where="the model's spec"))
+    if spec.lora is not None:
         from genframe.lora import apply_lora
 
-        lora = spec["lora"]
+        lora = spec.lora
         apply_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
                    target_modules=lora["target_modules"])
     if state is not None:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UserError(
-                f"the weights do not fit model '{spec['name']}': missing {missing[:5]}, "
+                f"the weights do not fit model '{spec.name}': missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}"
             )
     return model

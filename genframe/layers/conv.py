@@ -149,23 +149,23 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
-def _check_widths(channels: Sequence[int]) -> list[int]:
-    widths = [int(c) for c in channels]
+def _check_widths(block_out_channels: Sequence[int]) -> list[int]:
+    widths = [int(c) for c in block_out_channels]
     if not widths or any(c < 1 for c in widths):
-        raise ValueError(f"channels must be a non-empty list of positive widths, got {channels}")
+        raise ValueError(f"block_out_channels must be a non-empty list of positive widths, got {block_out_channels}")
     return widths
 
 
 class ConvEncoder(nn.Module):
     """A convolutional trunk from images to a low-resolution feature map.
 
-    Level ``i`` runs `blocks_per_level` ResBlocks at width ``channels[i]``; between levels
+    Level ``i`` runs `blocks_per_level` ResBlocks at width ``block_out_channels[i]``; between levels
     a stride-2 conv halves the size (rounding up) and moves to the next width. The output
     is normalised and activated, ready for a linear or conv head.
 
     Args:
         in_channels: image channels.
-        channels: width of each level, highest resolution first, e.g. ``[32, 64]``.
+        block_out_channels: width of each level, highest resolution first, e.g. ``[32, 64]``.
         image_size: input side (int) or ``(H, W)``.
         blocks_per_level: ResBlocks per level (0 gives a plain strided conv net).
         emb_dim: embedding width passed to every ResBlock (see `ResBlock`), or None.
@@ -173,14 +173,14 @@ class ConvEncoder(nn.Module):
 
     Attributes:
         sizes: the spatial size at each level, ``sizes[-1]`` being the output's.
-        out_channels: ``channels[-1]``.
-        out_shape: ``(channels[-1], H_out, W_out)``.
+        out_channels: ``block_out_channels[-1]``.
+        out_shape: ``(block_out_channels[-1], H_out, W_out)``.
     """
 
     def __init__(
         self,
         in_channels: int,
-        channels: Sequence[int],
+        block_out_channels: Sequence[int],
         image_size: int | Sequence[int],
         *,
         blocks_per_level: int = 1,
@@ -188,7 +188,7 @@ class ConvEncoder(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        widths = _check_widths(channels)
+        widths = _check_widths(block_out_channels)
         self.sizes = downsampled_sizes(image_size, len(widths) - 1)
         self.out_channels = widths[-1]
         self.out_shape = (widths[-1], *self.sizes[-1])
@@ -205,8 +205,8 @@ class ConvEncoder(nn.Module):
         self.norm_out = group_norm(widths[-1])
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, C_img, H, W) -> (B, channels[-1], H_out, W_out)
-        h = self.stem(x)  # (B, channels[0], H, W)
+        # x: (B, C_img, H, W) -> (B, block_out_channels[-1], H_out, W_out)
+        h = self.stem(x)  # (B, block_out_channels[0], H, W)
         for level in self.levels:
             for layer in level:
                 h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
@@ -216,13 +216,13 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """The mirror of `ConvEncoder`: a low-resolution feature map back to full-size outputs.
 
-    Takes ``(B, channels[-1], *sizes[-1])`` and walks the levels from the lowest
+    Takes ``(B, block_out_channels[-1], *sizes[-1])`` and walks the levels from the lowest
     resolution up, upsampling to the exact size recorded on the way down, so the output is
     always ``(B, out_channels, H, W)`` for the `image_size` given, odd sizes included.
 
     Args:
         out_channels: output channels per pixel (e.g. 2*C for a mean and a log-scale).
-        channels: the same list of widths as the matching encoder, highest resolution
+        block_out_channels: the same list of widths as the matching encoder, highest resolution
             first.
         image_size: output side (int) or ``(H, W)``.
         blocks_per_level: ResBlocks per level.
@@ -231,13 +231,13 @@ class ConvDecoder(nn.Module):
 
     Attributes:
         sizes: the spatial size at each level (``sizes[0]`` is the image size).
-        in_shape: the feature-map shape the decoder expects, ``(channels[-1], h, w)``.
+        in_shape: the feature-map shape the decoder expects, ``(block_out_channels[-1], h, w)``.
     """
 
     def __init__(
         self,
         out_channels: int,
-        channels: Sequence[int],
+        block_out_channels: Sequence[int],
         image_size: int | Sequence[int],
         *,
         blocks_per_level: int = 1,
@@ -245,7 +245,7 @@ class ConvDecoder(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        widths = _check_widths(channels)
+        widths = _check_widths(block_out_channels)
         self.sizes = downsampled_sizes(image_size, len(widths) - 1)
         self.in_shape = (widths[-1], *self.sizes[-1])
 
@@ -263,7 +263,7 @@ class ConvDecoder(nn.Module):
         self.head = nn.Conv2d(widths[0], out_channels, 3, padding=1)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        # h: (B, channels[-1], h, w) -> (B, out_channels, H, W)
+        # h: (B, block_out_channels[-1], h, w) -> (B, out_channels, H, W)
         level_index = len(self.sizes) - 1
         for level in self.levels:
             for layer in level:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from genframe.config import check_kwargs
 from genframe.errors import UserError, valid_list
 from genframe.plugins import get_registry
+from genframe.weights import instantiate_model
 
 
 def to_plain(node: Any) -> Any:
@@ -53,15 +54,6 @@ def split_name(node: Mapping[str, Any], group: str) -> tuple[str, dict[str, Any]
     return str(name), kwargs
 
 
-def instantiate_model(name: str, kwargs: dict[str, Any], *, where: str = "model", source=None):
-    """Build the registered model `name` from checked constructor arguments."""
-    cls = get_registry().model(name).load()
-    kwargs = check_kwargs(cls, kwargs, where=where, source=source)
-    model = cls(**kwargs)
-    model.genframe_spec = {"name": name, "kwargs": kwargs}
-    return model
-
-
 # Model constructor arguments that, left null in the model's config, are taken from the
 # data module after its setup (the size of the tokenizer it trained).
 _FROM_DATA = ("vocab_size",)
@@ -90,6 +82,34 @@ def build_model(model_cfg: Any, data=None):
     return model
 
 
+def build_sampler(sampler_cfg: Any):
+    """The `genframe.samplers.Sampler` a ``sampler`` config names (None for None).
+
+    Accepts the config node ``{name: ddim, steps: 50, eta: 0.0}`` (or a bare name); the
+    name is looked up in the registry and the other keys are checked against the
+    sampler's constructor.
+    """
+    from genframe.samplers.base import Sampler
+
+    node = to_plain(sampler_cfg)
+    if node is None:
+        return None
+    if isinstance(node, str):
+        node = {"name": node}
+    if not isinstance(node, Mapping):
+        raise UserError(f"sampler: expected a sampler choice like sampler=ddim, got {node!r}")
+    kwargs = dict(node)
+    name = kwargs.pop("name", None)
+    if name is None:
+        names = valid_list(get_registry().samplers)
+        raise UserError(f"sampler: no name given; choose one of {names} (e.g. sampler=ddim)")
+    cls = get_registry().sampler(str(name)).load()
+    sampler = cls(**check_kwargs(cls, kwargs, where="sampler", source=source_map("sampler")))
+    if not isinstance(sampler, Sampler):
+        raise UserError(f"sampler '{name}' is not a genframe.samplers.Sampler")
+    return sampler
+
+
 def build_data(data_cfg: Any):
     name, kwargs = split_name(to_plain(data_cfg), "data")
     cls = get_registry().data_module(name).load()
@@ -105,7 +125,8 @@ def check_fit(model, data, data_cfg: Mapping[str, Any]) -> None:
     """Refuse a model whose needs the data cannot meet, before any training starts."""
     needs = set(getattr(model, "needs", ()))
     provides = set(getattr(data, "provides", ()))
-    mname = (getattr(model, "genframe_spec", None) or {}).get("name", type(model).__name__)
+    spec = getattr(model, "model_spec", None)
+    mname = spec.name if spec is not None else type(model).__name__
     dname = data_cfg.get("name", type(data).__name__)
     missing = needs - provides
     if missing:
@@ -114,7 +135,7 @@ def check_fit(model, data, data_cfg: Mapping[str, Any]) -> None:
             f"only {valid_list(provides)} (missing: {valid_list(missing)}). Choose data that "
             "provides them, or a model setting that does not need them."
         )
-    kwargs = (getattr(model, "genframe_spec", None) or {}).get("kwargs", {})
+    kwargs = spec.kwargs if spec is not None else {}
     _check_text_fit(kwargs, data, mname, dname)
     for mkey, dkey in _SHAPE_KEYS.items():
         # The data module's attribute wins: it may be filled in from the files (the

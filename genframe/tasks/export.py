@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from genframe.errors import UserError
 from genframe.lora import ADAPTER_FILE, has_lora, merge_lora, save_adapter
 from genframe.runs import WEIGHTS, start_run, update_run
+from genframe.tasks.common import source_record
 from genframe.weights import load_model, save_weights
 
 
@@ -39,18 +40,18 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out).expanduser().resolve() if cfg.get("out") else Path(cfg.paths.output_dir)
     if (out_dir / WEIGHTS).exists():
         raise UserError(f"out={out_dir}: already holds a {WEIGHTS}; choose an empty folder")
-    source = {"run": str(run.path) if run else None, "weights": str(weights)}
-    start_run(out_dir, cfg, "export", model=_run_spec(model), source=source,
+    source = source_record(run, weights)
+    start_run(out_dir, cfg, "export", model=model.model_spec, source=source,
               data=run.data_config if run else None)
     files = []
     if adapted:  # the adapters alone, before a merge folds them in
         files.append(save_adapter(model, out_dir / ADAPTER_FILE))
     if cfg.merge:
         merge_lora(model)
-    files.append(save_weights(model, out_dir / WEIGHTS, model.genframe_spec))
+    files.append(save_weights(model, out_dir / WEIGHTS))
     if getattr(model, "tokenizer", None) is not None:
         files.append(model.tokenizer.save(out_dir))
-    update_run(out_dir, status="completed", model=_run_spec(model), merged_adapters=bool(cfg.merge))
+    update_run(out_dir, status="completed", model=model.model_spec, merged_adapters=bool(cfg.merge))
     lines = [f"run directory: {out_dir}"]
     if cfg.merge:
         lines.append("  LoRA adapters merged into the base weights")
@@ -58,8 +59,3 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     lines.append(f"generate from it: genframe generate ckpt={out_dir / WEIGHTS}")
     print("\n".join(lines), flush=True)
     return {"run_dir": out_dir, "files": [Path(f) for f in files], "metrics": {}}
-
-
-def _run_spec(model) -> dict[str, Any]:
-    # run.json names the model; its tokenizer goes to tokenizer.json (as in `fit`).
-    return {k: v for k, v in model.genframe_spec.items() if k != "tokenizer"}

@@ -21,11 +21,11 @@ from genframe.lora import (
 )
 from genframe.runs import update_run
 from genframe.tasks.build import check_fit, to_plain, trained_model_and_data
-from genframe.tasks.fit import fit
+from genframe.tasks.common import source_record
+from genframe.tasks.fit import Prepared, fit
 
 
-def finetune(cfg: DictConfig, *, ckpt_path: str | None = None,
-             lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune a trained model, fully or with LoRA adapters.
 
     Args:
@@ -41,12 +41,18 @@ def finetune(cfg: DictConfig, *, ckpt_path: str | None = None,
     ``adapter.safetensors`` (the adapters alone) next to ``model.safetensors`` (base and
     adapters, or the merged model with ``finetune.lora.merge=true``).
 
-    ``ckpt_path`` (a checkpoint of an earlier fine-tuning run with the same config)
-    continues that run: ``genframe train resume=<finetune run>`` calls this.
+    ``genframe train resume=<finetune run>`` continues a fine-tuning run (through
+    `prepare_finetuning`).
 
     Returns:
         As `genframe.tasks.train.train`; the run records where it started from.
     """
+    return fit(cfg, prepare_finetuning(cfg), task="finetune")
+
+
+def prepare_finetuning(cfg: DictConfig) -> Prepared:
+    """The trained model of a `finetune` config, changed as it asks (learning rates,
+    hyperparameters, merged adapters, new LoRA adapters, frozen parameters), and its data."""
     import pytorch_lightning as pl
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -54,14 +60,11 @@ def finetune(cfg: DictConfig, *, ckpt_path: str | None = None,
 
     changes = dict(to_plain(cfg.finetune.get("hparams")) or {})
     if cfg.finetune.lr is not None:
-        changes["lr"] = float(cfg.finetune.lr)
+        changes.update(learning_rate_changes(model, cfg.finetune.lr))
     if changes:
         model = with_hparams(model, changes)
         check_fit(model, data, data_cfg)
-    lineage = {
-        **(lineage or {}),
-        "started_from": {"run": str(run.path) if run else None, "weights": str(weights)},
-    }
+    lineage: dict[str, Any] = {"started_from": source_record(run, weights)}
     if has_lora(model):
         merge_lora(model)
         lineage["merged_adapters_of_start"] = True
@@ -76,8 +79,29 @@ def finetune(cfg: DictConfig, *, ckpt_path: str | None = None,
     counts = parameter_counts(model)
     lineage["parameters"] = counts
     print(describe(counts), flush=True)
-    return fit(cfg, model, data, data_cfg, task="finetune", ckpt_path=ckpt_path, lineage=lineage,
-               before_save=before_save)
+    return Prepared(model=model, data=data, data_cfg=data_cfg, lineage=lineage,
+                    before_save=before_save)
+
+
+def learning_rate_changes(model, lr: Any) -> dict[str, float]:
+    """``finetune.lr`` as constructor-argument changes: every learning rate the model
+    declares (`GenerativeModule.learning_rate_keys`: ``lr``, or the GAN's ``lr_g`` and
+    ``lr_d``) is set to `lr`.
+
+    Raises:
+        UserError: `lr` is not a positive number, or the model has no learning-rate argument.
+    """
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise UserError(f"finetune.lr must be a positive number, got {lr!r}")
+    spec = model.model_spec
+    keys = [k for k in getattr(model, "learning_rate_keys", ("lr",)) if k in spec.kwargs]
+    if not keys:
+        raise UserError(
+            f"finetune.lr: model '{spec.name}' has no learning-rate argument (it declares "
+            f"{list(getattr(model, 'learning_rate_keys', ()))}; its arguments: "
+            f"{valid_list(spec.kwargs)}); set its own argument with finetune.hparams.<name>=..."
+        )
+    return {k: float(lr) for k in keys}
 
 
 def with_hparams(model, changes: dict[str, Any]):
@@ -88,15 +112,15 @@ def with_hparams(model, changes: dict[str, Any]):
     """
     from genframe.weights import build_from_spec
 
-    spec = model.genframe_spec
-    kwargs = spec["kwargs"]
+    spec = model.model_spec
+    kwargs = spec.kwargs
     for key in changes:
         if key not in kwargs:
             raise UserError(
-                f"finetune.hparams.{key}: model '{spec['name']}' has no such argument."
+                f"finetune.hparams.{key}: model '{spec.name}' has no such argument."
                 f"{did_you_mean(key, kwargs)} Its arguments: {valid_list(kwargs)}"
             )
-    new_spec = {**spec, "kwargs": {**kwargs, **changes}}
+    new_spec = spec.with_kwargs(**changes)
     try:
         return build_from_spec(new_spec, model.state_dict())
     except (UserError, RuntimeError) as exc:
@@ -139,8 +163,7 @@ def _adapter_writer(merge: bool):
         save_adapter(model, out_dir / ADAPTER_FILE)
         if merge:
             merge_lora(model)
-            spec = {k: v for k, v in model.genframe_spec.items() if k != "tokenizer"}
-            update_run(out_dir, model=spec, merged_adapters=True)
+            update_run(out_dir, model=model.model_spec, merged_adapters=True)
         update_run(out_dir, adapter=str(out_dir / ADAPTER_FILE))
 
     return write

@@ -3,33 +3,59 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from genframe.errors import Interrupted, TrainingDiverged, UserError
-from genframe.runs import METRICS, WEIGHTS, atomic_write_json, start_run, update_run
+from genframe.files import atomic_write_json
+from genframe.runs import METRICS, WEIGHTS, start_run, update_run
 from genframe.sample_writer import write_samples
-from genframe.tasks.build import build_trainer, to_plain
+from genframe.tasks.build import build_trainer
+from genframe.tasks.common import generation_options, report
 from genframe.weights import save_weights
 
 
-def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str | None = None,
-        lineage: dict[str, Any] | None = None,
-        before_save: Callable[[Any, Path], None] | None = None) -> dict[str, Any]:
-    """Train `model` on `data` under `cfg`, then write weights, samples and metrics.
+@dataclass
+class Prepared:
+    """What a training task hands the shared loop.
 
-    `before_save(model, out_dir)`, if given, runs once the best weights are back in the
-    model and before they are written (finetune saves LoRA adapters and merges there).
+    Attributes:
+        model: the model to train (``model_spec`` set).
+        data: its data module.
+        data_cfg: the resolved data config recorded in run.json.
+        lineage: what run.json records about where the run came from.
+        before_save: ``before_save(model, out_dir)`` runs once the best weights are back
+            in the model and before they are written (LoRA fine-tuning saves its adapters
+            and merges there).
+    """
+
+    model: Any
+    data: Any
+    data_cfg: dict[str, Any]
+    lineage: dict[str, Any] = field(default_factory=dict)
+    before_save: Callable[[Any, Path], None] | None = None
+
+
+def fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None = None) -> dict[str, Any]:
+    """Train the prepared model under `cfg` (from `ckpt_path` when continuing a run), then
+    write the best weights, samples and metrics into the run directory.
+
+    Returns:
+        dict with ``run_dir``, ``metrics``, ``objective`` (the ``monitor`` metric),
+        ``model``, ``trainer`` and ``samples``.
     """
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
+    model, data, data_cfg = prepared.model, prepared.data, prepared.data_cfg
+    lineage, before_save = prepared.lineage, prepared.before_save
     out_dir = Path(cfg.paths.output_dir)
     trainer = build_trainer(cfg, model)
     # run.json names the model; its tokenizer (in the spec too) goes to tokenizer.json.
-    spec = {k: v for k, v in model.genframe_spec.items() if k != "tokenizer"}
-    start_run(out_dir, cfg, task, model=spec, data=data_cfg, **(lineage or {}))
+    start_run(out_dir, cfg, task, device=trainer.strategy.root_device, model=model.model_spec,
+              data=data_cfg, **(lineage or {}))
     if getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(out_dir)
     try:
@@ -50,7 +76,7 @@ def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str
         model.load_state_dict(state)
     if before_save is not None:
         before_save(model, out_dir)
-    save_weights(model, out_dir / WEIGHTS, model.genframe_spec)
+    save_weights(model, out_dir / WEIGHTS)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     val = trainer.validate(model, datamodule=data, verbose=False)
@@ -62,8 +88,7 @@ def fit(cfg, model, data, data_cfg: dict[str, Any], *, task: str, ckpt_path: str
     samples = None
     if cfg.num_samples > 0:
         model.eval()
-        samples = model.generate(cfg.num_samples, seed=cfg.seed, **to_plain(cfg.sampling))
-        samples.metadata.setdefault("model", model.genframe_spec["name"])
+        samples = model.generate(cfg.num_samples, seed=cfg.seed, **generation_options(cfg, model))
         write_samples(samples, out_dir)
     atomic_write_json(out_dir / METRICS, metrics)
     update_run(out_dir, status="completed", best_checkpoint=str(best) if best else None,
@@ -78,11 +103,3 @@ def _best_checkpoint(trainer) -> str | None:
     cb = getattr(trainer, "checkpoint_callback", None)
     path = getattr(cb, "best_model_path", "") if cb is not None else ""
     return path if path and Path(path).exists() else None
-
-
-def report(out_dir: Path, metrics: dict[str, float], title: str) -> None:
-    """Print where the run is and its metrics under `title`."""
-    lines = [f"run directory: {out_dir}", title]
-    for key, value in metrics.items():
-        lines.append(f"  {key:<32} {value:.4f}")
-    print("\n".join(lines), flush=True)

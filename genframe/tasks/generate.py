@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from genframe.errors import UserError
-from genframe.runs import atomic_write_json, start_run, update_run
+from genframe.files import atomic_write_json
+from genframe.runs import start_run, update_run
 from genframe.sample_writer import write_samples
 from genframe.tasks.build import to_plain
+from genframe.tasks.common import generation_options, resolve_device, source_record
+from genframe.terminal import SampleStreamPrinter
 from genframe.weights import load_model
+
+__all__ = ["generate", "generation_options", "prompts_of", "read_prompt_file"]
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
@@ -33,10 +36,10 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")
     if cfg.batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {cfg.batch_size}")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"), cfg.get("adapter"))
     model.to(device).eval()
-    name = model.genframe_spec["name"]
+    name = model.registered_name
     condition = {k: v for k, v in to_plain(cfg.condition).items() if v is not None}
     prompts = prompts_of(cfg)
     if prompts is not None:
@@ -53,18 +56,16 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     sampling = generation_options(cfg, model)
     live = bool(cfg.get("stream")) and text_model
     out_dir = Path(cfg.paths.output_dir)
-    start_run(out_dir, cfg, "generate", source={"run": str(run.path) if run else None,
-                                               "weights": str(weights)})
+    start_run(out_dir, cfg, "generate", source=source_record(run, weights))
     batches = []
     for b, start in enumerate(range(0, total, cfg.batch_size)):
         n = min(cfg.batch_size, total - start)
         cond = dict(condition)
         if rows:
             cond["prompt"] = rows[start:start + n]
-        printer = _StreamPrinter(start, rows[start] if rows else "") if live else None
+        printer = SampleStreamPrinter(start, rows[start] if rows else "") if live else None
         extra = {"stream": printer} if printer else {}
         samples = model.generate(n, condition=cond or None, seed=cfg.seed + b, **sampling, **extra)
-        samples.metadata.setdefault("model", name)
         if printer:
             printer.finish(samples)
         batches.append(samples)
@@ -111,62 +112,3 @@ def read_prompt_file(path: str) -> list[str]:
     if not prompts:
         raise UserError(f"prompt_file={path}: the file holds no prompt")
     return prompts
-
-
-class _StreamPrinter:
-    """Prints a batch's texts: the first as it is made (the model's `stream` callback),
-    the others when the batch is done. Nothing is printed before the first piece, so a
-    refused prompt leaves no half-written output."""
-
-    def __init__(self, start: int, prompt: str) -> None:
-        self.start = start
-        self.prompt = prompt
-        self.started = False
-
-    def __call__(self, row: int, piece: str) -> None:
-        if row == 0:
-            self._header()
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-    def _header(self) -> None:
-        if not self.started:
-            sys.stdout.write(f"--- sample {self.start} ---\n{self.prompt}")
-            self.started = True
-
-    def finish(self, samples) -> None:
-        self._header()
-        lines = [""]
-        for j in range(1, len(samples)):
-            prompt = samples.conditions[j].get("prompt") or ""
-            lines += [f"--- sample {self.start + j} ---", prompt + samples.texts[j]]
-        print("\n".join(lines), flush=True)
-
-
-def generation_options(cfg: DictConfig, model) -> dict[str, Any]:
-    """The keyword arguments for `model.generate`: ``sampling.*`` plus, for models whose
-    `generate` takes them, the ``sampler`` config and the ``guidance`` scale."""
-    import inspect
-
-    options = to_plain(cfg.get("sampling") or {})
-    params = inspect.signature(model.generate).parameters
-    name = model.genframe_spec["name"]
-    for key in ("sampler", "guidance"):
-        value = to_plain(cfg.get(key))
-        if value is None:
-            continue
-        if key not in params:
-            shown = f"sampler={value.get('name')}" if key == "sampler" else f"guidance={value}"
-            raise UserError(f"{shown}: model '{name}' takes no {key} (only diffusion-style models do)")
-        options[key] = value
-    return options
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"device: expected auto, cpu or cuda, got '{name}'")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name}: this machine has no CUDA GPU; use device=cpu")
-    return torch.device(name)

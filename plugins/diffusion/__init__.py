@@ -19,7 +19,7 @@ def genframe_register_models(register):
             in_channels=1,
             image_size=8,
             num_classes=10,
-            channels=[8, 16],
+            block_out_channels=[8, 16],
             blocks_per_level=1,
             attention_resolutions=[4],
             num_heads=2,

@@ -21,7 +21,6 @@ separate objects; this module holds the objective, the EMA and the generate() gl
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -36,7 +35,6 @@ from genframe.samples import Samples
 
 from .unet import UNet, level_sides
 
-SAMPLING_OPTIONS = ("sampler", "guidance", "clip_x0")
 MAX_GUIDANCE = 50.0
 
 
@@ -49,7 +47,7 @@ class Diffusion(GenerativeModule):
         num_classes: 0 for an unconditional model; K > 0 makes it class-conditional: it
             reads ``batch["label"]`` and generates with ``condition={"label": k}`` and a
             classifier-free guidance scale.
-        channels: U-Net widths per level, highest resolution first; each level after the
+        block_out_channels: U-Net widths per level, highest resolution first; each level after the
             first halves the spatial size.
         blocks_per_level: residual blocks per U-Net level (on the way down; one more on
             the way up).
@@ -85,12 +83,15 @@ class Diffusion(GenerativeModule):
     per validation batch, so epochs are comparable).
     """
 
+    # Runs saved before the rename called the width list `channels`.
+    renamed_arguments = {"channels": "block_out_channels"}
+
     def __init__(
         self,
         in_channels: int = 1,
         image_size: int = 8,
         num_classes: int = 0,
-        channels: list[int] = (64, 128),  # type: ignore[assignment]  # immutable default
+        block_out_channels: list[int] = (64, 128),  # type: ignore[assignment]  # immutable default
         blocks_per_level: int = 2,
         attention_resolutions: list[int] | None = None,
         num_heads: int = 4,
@@ -109,9 +110,9 @@ class Diffusion(GenerativeModule):
     ) -> None:
         super().__init__()
         # Plain lists in hparams, whatever sequence came in.
-        channels = [int(c) for c in channels]
+        block_out_channels = [int(c) for c in block_out_channels]
         if attention_resolutions is None:  # the lowest-resolution level, whatever the size
-            attention_resolutions = [level_sides(image_size, len(channels))[-1]]
+            attention_resolutions = [level_sides(image_size, len(block_out_channels))[-1]]
         attention_resolutions = [int(r) for r in attention_resolutions]
         _validate(locals())
         self.save_hyperparameters()
@@ -126,7 +127,7 @@ class Diffusion(GenerativeModule):
         # rebuilt from the hyperparameters rather than stored in checkpoints.
         self.schedule = make_schedule(schedule, timesteps)
         self.unet = UNet(
-            in_channels, image_size, channels,
+            in_channels, image_size, block_out_channels,
             blocks_per_level=blocks_per_level,
             attention_resolutions=attention_resolutions,
             num_heads=num_heads, dropout=dropout, num_classes=num_classes,
@@ -267,33 +268,9 @@ class Diffusion(GenerativeModule):
 
     # -- generation -------------------------------------------------------------------
 
-    def make_sampler(self, sampler: Sampler | Mapping[str, Any] | str | None) -> Sampler:
-        """A `Sampler` from an instance, a config dict ``{"name": "ddim", "steps": 50}``,
-        a registered name, or None (DDIM with ``default_sampler_steps``, eta 0)."""
-        if sampler is None:
-            return DDIMSampler(steps=self.hparams.default_sampler_steps, eta=0.0)
-        if isinstance(sampler, Sampler):
-            return sampler
-        from genframe.config import check_kwargs
-        from genframe.plugins import get_registry
-
-        if isinstance(sampler, str):
-            sampler = {"name": sampler}
-        if not isinstance(sampler, Mapping):
-            raise UserError(
-                f"sampler: expected a sampler name or config like {{name: ddim, steps: 50}}, "
-                f"got {sampler!r}"
-            )
-        kwargs = dict(sampler)
-        name = kwargs.pop("name", None)
-        if name is None:
-            names = valid_list(get_registry().samplers)
-            raise UserError(f"sampler: no name given; choose one of {names} (e.g. sampler=ddim)")
-        cls = get_registry().sampler(str(name)).load()
-        built = cls(**check_kwargs(cls, kwargs, where="sampler"))
-        if not isinstance(built, Sampler):
-            raise UserError(f"sampler '{name}' is not a genframe.samplers.Sampler")
-        return built
+    def default_sampler(self) -> Sampler:
+        """DDIM with ``default_sampler_steps`` steps and eta 0 (deterministic)."""
+        return DDIMSampler(steps=self.hparams.default_sampler_steps, eta=0.0)
 
     def _guidance(self, guidance: float | None) -> float | None:
         """The guidance scale to use (None for an unconditional model)."""
@@ -347,16 +324,24 @@ class Diffusion(GenerativeModule):
 
         return guided
 
-    def generate(
+    def check_sampling(self, sampling: dict[str, Any], allowed: Any = None) -> None:
+        for key in ("steps", "eta"):  # sampler settings, a common slip
+            if key in sampling:
+                raise UserError(
+                    f"sampling.{key}: set it on the sampler instead, e.g. sampler=ddim "
+                    f"sampler.{key}={sampling[key]}"
+                )
+        super().check_sampling(sampling, allowed)
+
+    def sample(
         self,
         num_samples: int,
         *,
-        condition: dict[str, Any] | None = None,
-        seed: int | None = None,
-        sampler: Sampler | Mapping[str, Any] | str | None = None,
+        condition: dict[str, Any],
+        generator: torch.Generator,
+        sampler: Sampler | None = None,
         guidance: float | None = None,
         clip_x0: bool = True,
-        **sampling: Any,
     ) -> Samples:
         """Sample `num_samples` images by running the reverse process from noise.
 
@@ -364,53 +349,38 @@ class Diffusion(GenerativeModule):
             num_samples: how many images.
             condition: ``{"label": k}`` (or a list of N labels) for a conditional model;
                 without it a conditional model cycles through the classes.
-            seed: the same seed (and sampler) gives the same images; DDIM with eta=0 uses
-                randomness only for the starting noise.
-            sampler: a `Sampler`, a config dict ``{"name": "ddim", "steps": 50, "eta":
-                0.0}``, a registered sampler name, or None for DDIM with
-                ``default_sampler_steps`` steps and eta 0.
+            generator: the seeded generator; DDIM with eta=0 uses it only for the
+                starting noise.
+            sampler: a `genframe.samplers.Sampler` (``DDIMSampler(steps=50)``, or what
+                ``sampler=<name>`` builds in the tasks); None: `default_sampler`.
             guidance: classifier-free guidance scale in [0, 50] for a conditional model
                 (None: the model's ``guidance``); refused for an unconditional one.
             clip_x0: clip the predicted clean image to [-1, 1] at every step.
         """
-        for key in ("steps", "eta"):
-            if key in sampling:
-                raise UserError(
-                    f"sampling.{key}: set it on the sampler instead, e.g. sampler=ddim "
-                    f"sampler.{key}={sampling[key]}"
-                )
-        self.check_sampling(sampling, SAMPLING_OPTIONS)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
-        condition = self.check_condition(condition)
+        if sampler is None:
+            sampler = self.default_sampler()
+        if not isinstance(sampler, Sampler):
+            raise UserError(
+                f"sampler: expected a genframe.samplers.Sampler such as DDIMSampler(steps=50), "
+                f"got {sampler!r} (on the command line: sampler=ddim sampler.steps=50)"
+            )
         labels, conditions = self.labels_for(num_samples, condition, self.num_classes)
         w = self._guidance(guidance)
-        sampler = self.make_sampler(sampler)
         sampler.num_model_calls(self.schedule)  # checks the sampler fits T before any work
-        gen, seed = self.make_generator(seed)
-
         shape = (num_samples, self.in_channels, self.image_size, self.image_size)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                x = sampler.sample(
-                    self.denoiser(labels, w), self.schedule, shape,
-                    prediction=self.prediction, generator=gen, device=self.device,
-                    clip_x0=bool(clip_x0),
-                )  # (N, C, H, W) in [-1, 1]
-        finally:
-            self.train(was_training)
+        x = sampler.sample(
+            self.denoiser(labels, w), self.schedule, shape,
+            prediction=self.prediction, generator=generator, device=self.device,
+            clip_x0=bool(clip_x0),
+        )  # (N, C, H, W) in [-1, 1]
         images = ((x.float() + 1) / 2).clamp(0, 1)
         metadata = {
-            "model": "diffusion",
-            "seed": seed,
             "sampler": sampler.describe(),
             "guidance": w,
             "ema": self.ema_unet is not None,
             "clip_x0": bool(clip_x0),
         }
-        return Samples(images=images.cpu(), conditions=conditions, metadata=metadata)
+        return Samples(images=images, conditions=conditions, metadata=metadata)
 
 
 def _validate(args: dict[str, Any]) -> None:
@@ -421,10 +391,10 @@ def _validate(args: dict[str, Any]) -> None:
     need(args["in_channels"] >= 1, "in_channels", "at least 1")
     need(args["image_size"] >= 1, "image_size", "at least 1")
     need(args["num_classes"] >= 0, "num_classes", "0 (unconditional) or more")
-    channels = args["channels"]
+    block_out_channels = args["block_out_channels"]
     need(
-        len(channels) >= 1 and all(c >= 1 for c in channels),
-        "channels", "a non-empty list of positive widths",
+        len(block_out_channels) >= 1 and all(c >= 1 for c in block_out_channels),
+        "block_out_channels", "a non-empty list of positive widths",
     )
     need(args["blocks_per_level"] >= 1, "blocks_per_level", "at least 1")
     need(args["num_heads"] >= 1, "num_heads", "at least 1")
@@ -450,17 +420,17 @@ def _validate(args: dict[str, Any]) -> None:
         if args[key] not in allowed:
             raise UserError(f"model.{key} must be one of {valid_list(allowed)}, got {args[key]!r}")
 
-    sides = level_sides(args["image_size"], len(channels))
+    sides = level_sides(args["image_size"], len(block_out_channels))
     unknown = sorted(set(args["attention_resolutions"]) - set(sides))
     if unknown:
         raise UserError(
             f"model.attention_resolutions: {unknown} match no U-Net level; with "
-            f"image_size={args['image_size']} and {len(channels)} levels the level sides are "
+            f"image_size={args['image_size']} and {len(block_out_channels)} levels the level sides are "
             f"{sides}. Choose from those, or [] for attention only in the middle block"
         )
     heads = args["num_heads"]
-    attn_widths = {c for c, s in zip(channels, sides) if s in args["attention_resolutions"]}
-    attn_widths.add(channels[-1])  # the middle block
+    attn_widths = {c for c, s in zip(block_out_channels, sides) if s in args["attention_resolutions"]}
+    attn_widths.add(block_out_channels[-1])  # the middle block
     bad = sorted(w for w in attn_widths if w % heads)
     if bad:
         raise UserError(

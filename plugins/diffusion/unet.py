@@ -6,7 +6,7 @@ timestep (and class) embedding, self-attention at chosen resolutions and in the 
 skip connections from every block of the way down to the way up, and zero-initialised
 output layers so the network starts as a near-identity on each residual path.
 
-Level ``i`` runs at width ``channels[i]`` and spatial size ``sizes[i]``; each level after
+Level ``i`` runs at width ``block_out_channels[i]`` and spatial size ``sizes[i]``; each level after
 the first halves the size, rounding up (`genframe.layers.downsampled_sizes`), and the way
 up returns to the exact sizes recorded on the way down, so 8x8 digits and odd or
 non-square sizes all work.
@@ -42,7 +42,7 @@ class UNet(nn.Module):
     Args:
         in_channels: image channels; the output has as many.
         image_size: image side (int) or (H, W).
-        channels: width of each level, highest resolution first, e.g. ``[64, 128]``.
+        block_out_channels: width of each level, highest resolution first, e.g. ``[64, 128]``.
         blocks_per_level: ResBlocks per level on the way down (the way up has one more,
             to also consume the skip from the level's downsampling, as in ADM).
         attention_resolutions: spatial sides (max(H, W)) of the levels that get
@@ -61,7 +61,7 @@ class UNet(nn.Module):
         self,
         in_channels: int,
         image_size: int | Sequence[int],
-        channels: Sequence[int],
+        block_out_channels: Sequence[int],
         *,
         blocks_per_level: int = 2,
         attention_resolutions: Sequence[int] = (),
@@ -70,9 +70,9 @@ class UNet(nn.Module):
         num_classes: int = 0,
     ) -> None:
         super().__init__()
-        widths = [int(c) for c in channels]
+        widths = [int(c) for c in block_out_channels]
         if not widths or any(c < 1 for c in widths):
-            raise ValueError(f"channels must be a non-empty list of positive widths, got {channels}")
+            raise ValueError(f"block_out_channels must be a non-empty list of positive widths, got {block_out_channels}")
         self.sizes = downsampled_sizes(image_size, len(widths) - 1)
         sides = [max(s) for s in self.sizes]
         unknown = sorted(set(attention_resolutions) - set(sides))
@@ -84,7 +84,7 @@ class UNet(nn.Module):
         self.num_classes = num_classes
         self.null_label = num_classes  # the extra embedding row for "no label"
 
-        # Timestep embedding: sinusoids of width channels[0] -> MLP to 4x that (DDPM).
+        # Timestep embedding: sinusoids of width block_out_channels[0] -> MLP to 4x that (DDPM).
         self.base_width = widths[0]
         emb_dim = 4 * widths[0]
         self.time_mlp = nn.Sequential(
@@ -138,7 +138,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def embed(self, t: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
-        """The conditioning vector of each sample: (B, 4 * channels[0])."""
+        """The conditioning vector of each sample: (B, 4 * block_out_channels[0])."""
         emb = self.time_mlp(timestep_embedding(t, self.base_width))  # (B, E)
         if self.label_embed is not None:
             if label is None:  # an unlabelled call of a conditional net: unconditional
@@ -150,7 +150,7 @@ class UNet(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None
     ) -> torch.Tensor:
         emb = self.embed(t, label)  # (B, E)
-        h = self.stem(x)  # (B, channels[0], H, W)
+        h = self.stem(x)  # (B, block_out_channels[0], H, W)
         skips = [h]
         level = 0
         for block in self.down:
@@ -164,7 +164,7 @@ class UNet(nn.Module):
                     h = layer(h)
             skips.append(h)
 
-        for layer in self.middle:  # (B, channels[-1], h, w)
+        for layer in self.middle:  # (B, block_out_channels[-1], h, w)
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
 
         for block in self.up:

@@ -3,7 +3,7 @@
 Radford et al. 2019 (GPT-2), after nanoGPT (https://github.com/karpathy/nanoGPT). The
 network lives in `network.py` and the decoding loop in `generation.py`; this module holds
 the objective (next-token cross-entropy, optionally masked), the optimizer and its
-schedule, and `generate()`, which validates options and turns ids into texts.
+schedule, and `sample()`, which validates options and turns ids into texts.
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ from .generation import RowText, choose_tokens, decode
 from .network import GPT, POSITIONS
 
 log = logging.getLogger("genframe")
-
-SAMPLING_OPTIONS = (
-    "max_new_tokens", "temperature", "top_k", "top_p", "stop", "use_cache", "stream",
-)
-
 
 class WarmupCosine:
     """Learning-rate factor at an optimizer step: linear warm-up, then cosine decay.
@@ -278,12 +273,12 @@ class Transformer(GenerativeModule):
 
     # -- generation ---------------------------------------------------------------------
 
-    def generate(
+    def sample(
         self,
         num_samples: int,
         *,
-        condition: dict[str, Any] | None = None,
-        seed: int | None = None,
+        condition: dict[str, Any],
+        generator: torch.Generator,
         max_new_tokens: int = 200,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -291,7 +286,6 @@ class Transformer(GenerativeModule):
         stop: str | Sequence[str] | None = None,
         use_cache: bool = True,
         stream: Callable[[int, str], None] | None = None,
-        **sampling: Any,
     ) -> Samples:
         """Continue a prompt (or start from scratch) `num_samples` times.
 
@@ -303,7 +297,7 @@ class Transformer(GenerativeModule):
                 ``<|endoftext|>`` for BPE). Needs a tokenizer. Or ``{"prompt_ids": ids}``
                 (a list of token ids, or one list per row): the prompt already encoded,
                 e.g. piece by piece as a chat template encodes its training data.
-            seed: the same seed gives the same texts.
+            generator: the seeded generator every token is drawn with.
             max_new_tokens: the most tokens generated per row.
             temperature: divides the logits; 0 picks the most likely token (greedy).
             top_k: sample only among the k most likely tokens.
@@ -320,14 +314,10 @@ class Transformer(GenerativeModule):
         Rows longer than the context window continue with a sliding window (see
         `generation.py`); a prompt must leave room for one token.
         """
-        self.check_sampling(sampling, SAMPLING_OPTIONS)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
         _check_options(max_new_tokens, temperature, top_k, top_p, use_cache, stream)
         temperature = float(temperature)
         top_p = None if top_p is None else float(top_p)
         stops = _stop_strings(stop)
-        condition = self.check_condition(condition)
         if condition.get("prompt_ids") is not None:
             if condition.get("prompt") is not None:
                 raise UserError("condition: give prompt or prompt_ids, not both")
@@ -337,8 +327,6 @@ class Transformer(GenerativeModule):
         else:
             prompts = self._prompts(condition.get("prompt"), num_samples)
             contexts = self._contexts(prompts, num_samples)
-        gen, seed = self.make_generator(seed)
-
         text_of = self.tokenizer.decode if self.tokenizer is not None else _ids_text
         rows = [
             RowText(text_of, stops, None if stream is None else _row_emitter(stream, i))
@@ -353,23 +341,16 @@ class Transformer(GenerativeModule):
                 logits = logits.clone()
                 logits[:, known:] = float("-inf")
             return choose_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 generator=gen)
+                                 generator=generator)
 
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                ids = decode(self.net, contexts, max_new_tokens=max_new_tokens, choose=choose,
-                             on_token=lambda r, t: rows[r].add(t), use_cache=bool(use_cache))
-        finally:
-            self.train(was_training)
+        ids = decode(self.net, contexts, max_new_tokens=max_new_tokens, choose=choose,
+                     on_token=lambda r, t: rows[r].add(t), use_cache=bool(use_cache))
         for row in rows:
             if not row.stopped:
                 row.finish()
 
-        name = (self.genframe_spec or {}).get("name", "transformer")
         metadata = {
-            "model": name, "seed": seed, "temperature": temperature, "top_k": top_k,
+            "temperature": temperature, "top_k": top_k,
             "top_p": top_p, "max_new_tokens": max_new_tokens, "stop": stops,
             "use_cache": bool(use_cache),
         }

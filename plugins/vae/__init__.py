@@ -19,7 +19,7 @@ def genframe_register_models(register):
             image_size=8,
             num_levels=17,
             latent_dim=4,
-            channels=[8, 16],
+            block_out_channels=[8, 16],
             blocks_per_level=1,
         ),
         description="Convolutional variational autoencoder (Kingma & Welling 2014)",

@@ -26,7 +26,6 @@ from genframe.module import GenerativeModule
 from genframe.samples import Samples
 
 LIKELIHOODS = ("discretized_gaussian", "gaussian", "bernoulli")
-SAMPLING_OPTIONS = ("temperature", "mean")
 
 # Decoder log-scales are clamped to this range. The floor (as in PixelCNN++) keeps the
 # bin masses from underflowing once the model becomes confident; the ceiling is far
@@ -127,7 +126,7 @@ class VAE(GenerativeModule):
         num_levels: grey levels of the data (``data.num_levels``); the discretized
             likelihood scores the data on this grid.
         latent_dim: size of the latent vector z.
-        channels: widths of the conv levels, highest resolution first; each level after
+        block_out_channels: widths of the conv levels, highest resolution first; each level after
             the first halves the spatial size.
         blocks_per_level: residual blocks per level in encoder and decoder.
         num_classes: 0 for an unconditional VAE; with > 0 the model is a conditional VAE
@@ -147,7 +146,12 @@ class VAE(GenerativeModule):
     ELBO with KL weight 1, nats per image), ``val/recon``, ``val/kl``, ``val/bpd``
     (``val/loss`` / (ln 2 * C*H*W); bits per dimension of the discrete data for the
     discretized likelihood, only comparable between runs for the other two).
+
+    Trained with genframe's default optimiser (AdamW from ``lr`` and ``weight_decay``).
     """
+
+    # Runs saved before the rename called the width list `channels`.
+    renamed_arguments = {"channels": "block_out_channels"}
 
     def __init__(
         self,
@@ -155,7 +159,7 @@ class VAE(GenerativeModule):
         image_size: int = 8,
         num_levels: int = 256,
         latent_dim: int = 16,
-        channels: list[int] = (32, 64),  # type: ignore[assignment]  # immutable default
+        block_out_channels: list[int] = (32, 64),  # type: ignore[assignment]  # immutable default
         blocks_per_level: int = 1,
         num_classes: int = 0,
         likelihood: str = "discretized_gaussian",
@@ -165,7 +169,7 @@ class VAE(GenerativeModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        channels = [int(c) for c in channels]  # a plain list in hparams, whatever came in
+        block_out_channels = [int(c) for c in block_out_channels]  # a plain list in hparams, whatever came in
         _validate(locals())
         self.save_hyperparameters()
 
@@ -178,7 +182,7 @@ class VAE(GenerativeModule):
         self.set_class_conditional(num_classes)
 
         self.encoder = ConvEncoder(
-            in_channels, channels, image_size, blocks_per_level=blocks_per_level
+            in_channels, block_out_channels, image_size, blocks_per_level=blocks_per_level
         )
         feat_shape = self.encoder.out_shape  # (C_last, h, w)
         feat_dim = math.prod(feat_shape)
@@ -186,7 +190,7 @@ class VAE(GenerativeModule):
         # Label conditioning: one learned embedding, concatenated to the flattened encoder
         # features (so q(z|x, y) can leave label information out of z) and to z (so the
         # decoder gets y for free).
-        embed_dim = channels[-1] if num_classes else 0
+        embed_dim = block_out_channels[-1] if num_classes else 0
         self.label_embed = nn.Embedding(num_classes, embed_dim) if num_classes else None
 
         self.to_posterior = nn.Linear(feat_dim + embed_dim, 2 * latent_dim)
@@ -195,7 +199,7 @@ class VAE(GenerativeModule):
         # discretized_gaussian: a mean and a log-scale per pixel; the others: one number.
         out_per_channel = 2 if likelihood == "discretized_gaussian" else 1
         self.decoder = ConvDecoder(
-            out_per_channel * in_channels, channels, image_size, blocks_per_level=blocks_per_level
+            out_per_channel * in_channels, block_out_channels, image_size, blocks_per_level=blocks_per_level
         )
         if likelihood == "gaussian":
             # One global log-scale, learned with everything else.
@@ -305,23 +309,17 @@ class VAE(GenerativeModule):
         self.log("val/bpd", nelbo / (math.log(2) * dims), **log)
         return nelbo
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
-
     # -- generation -------------------------------------------------------------------
 
 
-    def generate(
+    def sample(
         self,
         num_samples: int,
         *,
-        condition: dict[str, Any] | None = None,
-        seed: int | None = None,
+        condition: dict[str, Any],
+        generator: torch.Generator,
         temperature: float = 1.0,
         mean: bool = True,
-        **sampling: Any,
     ) -> Samples:
         """Decode `num_samples` latents drawn from the prior N(0, temperature^2 I).
 
@@ -329,34 +327,21 @@ class VAE(GenerativeModule):
             num_samples: how many images.
             condition: ``{"label": k}`` (or a list of N labels) for a conditional model;
                 without it a conditional model cycles through the classes.
-            seed: the same seed gives the same images.
+            generator: the seeded generator every draw comes from.
             temperature: standard deviation of the prior draw (below 1 trades variety
                 for cleaner images).
             mean: return the decoder's mean image (True) or a sample from p(x|z).
         """
-        self.check_sampling(sampling, SAMPLING_OPTIONS)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
         temperature = float(temperature)
         if not temperature >= 0:
             raise UserError(f"sampling.temperature must be >= 0, got {temperature}")
-        condition = self.check_condition(condition)
         labels, conditions = self.labels_for(num_samples, condition, self.num_classes)
-        gen, seed = self.make_generator(seed)
-
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                z = torch.randn(
-                    num_samples, self.latent_dim, generator=gen, device=self.device
-                ) * temperature  # (N, D)
-                out = self.decode(z, labels).float()  # (N, k*C, H, W)
-                images = self._to_images(out, gen, mean=bool(mean))  # (N, C, H, W) in [0, 1]
-        finally:
-            self.train(was_training)
-        metadata = {"model": "vae", "seed": seed, "temperature": temperature, "mean": bool(mean)}
-        return Samples(images=images.cpu(), conditions=conditions, metadata=metadata)
+        z = torch.randn(num_samples, self.latent_dim, generator=generator,
+                        device=self.device) * temperature  # (N, D)
+        out = self.decode(z, labels).float()  # (N, k*C, H, W)
+        images = self._to_images(out, generator, mean=bool(mean))  # (N, C, H, W) in [0, 1]
+        metadata = {"temperature": temperature, "mean": bool(mean)}
+        return Samples(images=images, conditions=conditions, metadata=metadata)
 
     def _to_images(self, out: torch.Tensor, gen: torch.Generator, *, mean: bool) -> torch.Tensor:
         """Decoder outputs -> images in [0, 1]: the mean of p(x|z), or a draw from it."""
@@ -396,8 +381,8 @@ def _validate(args: dict[str, Any]) -> None:
     need(args["num_levels"] >= 2, "num_levels", "at least 2")
     need(args["latent_dim"] >= 1, "latent_dim", "at least 1")
     need(
-        len(args["channels"]) >= 1 and all(c >= 1 for c in args["channels"]),
-        "channels",
+        len(args["block_out_channels"]) >= 1 and all(c >= 1 for c in args["block_out_channels"]),
+        "block_out_channels",
         "a non-empty list of positive widths",
     )
     need(args["blocks_per_level"] >= 0, "blocks_per_level", "0 or more")

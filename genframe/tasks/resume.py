@@ -1,0 +1,82 @@
+"""`genframe train resume=DIR`: a new run that continues an earlier one from its last
+checkpoint. The run is opened and its config resolved here, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from genframe.errors import UserError
+from genframe.runs import open_run
+
+# Config groups a resumed run keeps: changing one would make it another run.
+GROUPS = ("data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "paths",
+          "finetune")
+
+
+@dataclass
+class Resumed:
+    """What continuing a run needs.
+
+    Attributes:
+        cfg: the run's stored config with the new ``key=value`` overrides applied and
+            ``paths`` pointing at the new run directory.
+        ckpt_path: the run's ``checkpoints/last.ckpt``.
+        task: the task that made the run (``train`` or ``finetune``); its preparation
+            rebuilds the model and data.
+        lineage: what the new run records about where it came from.
+    """
+
+    cfg: DictConfig
+    ckpt_path: str
+    task: str
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resumed:
+    """Read ``cfg.resume`` (a run directory) and build the config that continues it.
+
+    Args:
+        cfg: the composed `train` config with ``resume`` set.
+        overrides: the ``key=value`` overrides to apply; by default the command line's
+            (from Hydra). Group choices are refused: a resumed run keeps its groups.
+
+    Raises:
+        UserError: not a run directory, no ``last.ckpt``, a run of another task, or an
+            override that changes a config group.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run = open_run(cfg.resume, key="resume")
+    task = run.info.get("task")
+    if task not in ("train", "finetune"):
+        raise UserError(f"resume={cfg.resume}: a '{task}' run; only train and finetune runs "
+                        "can be resumed")
+    last = run.checkpoint("last")
+    if last is None:
+        raise UserError(f"resume={cfg.resume}: the run has no checkpoints/last.ckpt to resume from")
+    stored = run.config
+    if overrides is None:
+        try:
+            overrides = list(HydraConfig.get().overrides.task)
+        except ValueError:  # not inside a Hydra run
+            overrides = []
+    overrides = [o for o in overrides if not o.startswith("resume=")]
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        key = ov.key_or_group
+        if key in GROUPS:
+            raise UserError(
+                f"resume keeps the run's config groups; '{ov.input_line}' would change them. "
+                "Change values with key=value (e.g. trainer.max_epochs=200)."
+            )
+        if ov.is_delete():
+            OmegaConf.update(stored, key, None, force_add=True)
+        else:
+            OmegaConf.update(stored, key, ov.value(), force_add=ov.is_add() or ov.is_force_add())
+    stored.paths = cfg.paths  # the new run directory
+    stored.resume = str(run.path)
+    return Resumed(cfg=stored, ckpt_path=str(last), task=task,
+                   lineage={"resumed_from": str(last)})
