@@ -28,12 +28,14 @@ def noise(path, size=(12, 9), mode="RGB", seed=0):
     return path
 
 
-def all_images(dm):
+def all_items(dm):
+    """Every item of the three splits."""
     dm.setup("fit")
-    return torch.cat([
-        torch.stack([dm.train_set[i]["image"] for i in range(len(dm.train_set))]),
-        torch.stack([dm.val_set[i]["image"] for i in range(len(dm.val_set))]),
-    ])
+    return [s[i] for s in (dm.train_set, dm.val_set, dm.test_set) for i in range(len(s))]
+
+
+def all_images(dm):
+    return torch.stack([item["image"] for item in all_items(dm)])
 
 
 def test_rgb_sizes_resized_cropped_and_scaled(tmp_path):
@@ -67,9 +69,10 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
     a = np.full((6, 6), 32896, dtype=np.uint16)  # mid grey in 16 bits -> 128 in 8 bits
     Image.fromarray(a).save(tmp_path / "mid.png")
     save(tmp_path / "b.png", size=(6, 6), color=0, mode="L")
+    save(tmp_path / "c.png", size=(6, 6), color=0, mode="L")
     x = all_images(ImageFolderDataModule(root=str(tmp_path), image_size=4, channels=1))
     means = sorted(round(float(v), 3) for v in x.flatten(1).mean(1))
-    assert means == [-1.0, round(128 / 127.5 - 1, 3)]
+    assert means == [-1.0, -1.0, round(128 / 127.5 - 1, 3)]
 
 
 def test_subfolders_become_sorted_labels(tmp_path):
@@ -82,8 +85,7 @@ def test_subfolders_become_sorted_labels(tmp_path):
     assert dm.provides == frozenset({"image", "label"})
     assert dm.class_names == ["ant", "mole", "zebra"] and dm.num_classes == 3
     dm.setup()
-    items = [dm.train_set[i] for i in range(len(dm.train_set))] + [
-        dm.val_set[i] for i in range(len(dm.val_set))]
+    items = all_items(dm)
     assert len(items) == 7
     for item in items:
         # ant is white, zebra black: the label follows the folder.
@@ -94,8 +96,8 @@ def test_subfolders_become_sorted_labels(tmp_path):
 
 
 def test_flat_or_mixed_folders_have_no_labels(tmp_path):
-    save(tmp_path / "a.png")
-    save(tmp_path / "b.png")
+    for name in ("a", "b", "c"):
+        save(tmp_path / f"{name}.png")
     assert ImageFolderDataModule(root=str(tmp_path)).provides == frozenset({"image"})
     save(tmp_path / "cats" / "c.png")
     save(tmp_path / "dogs" / "d.png")
@@ -106,8 +108,8 @@ def test_flat_or_mixed_folders_have_no_labels(tmp_path):
 
 
 def test_label_switches(tmp_path):
-    save(tmp_path / "only" / "a.png")
-    save(tmp_path / "only" / "b.png")
+    for name in ("a", "b", "c"):
+        save(tmp_path / "only" / f"{name}.png")
     # One sub-folder: auto says no labels, true forces one class.
     assert ImageFolderDataModule(root=str(tmp_path), labels="auto").provides == {"image"}
     forced = ImageFolderDataModule(root=str(tmp_path), labels="true")
@@ -121,6 +123,7 @@ def test_label_switches(tmp_path):
 def test_num_classes_mismatch(tmp_path):
     for cls in ("a", "b"):
         save(tmp_path / cls / "x.png")
+        save(tmp_path / cls / "y.png")
     ImageFolderDataModule(root=str(tmp_path), num_classes=2)
     with pytest.raises(UserError, match="data.num_classes=3") as err:
         ImageFolderDataModule(root=str(tmp_path), num_classes=3)
@@ -138,7 +141,7 @@ def test_corrupt_and_empty_files_are_skipped_and_reported(tmp_path, caplog):
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=4)
     with caplog.at_level(logging.WARNING, logger="genframe"):
         dm.setup()
-    assert len(dm.train_set) + len(dm.val_set) == 3
+    assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 3
     assert sorted(p.name for p, _ in dm.skipped) == ["broken.png", "cut.png", "empty.JPG"]
     assert all(reason for _, reason in dm.skipped)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -156,8 +159,8 @@ def test_corrupt_and_empty_files_are_skipped_and_reported(tmp_path, caplog):
 def test_warning_lists_at_most_five_names(tmp_path, caplog):
     for i in range(7):
         (tmp_path / f"bad{i}.png").write_bytes(b"not an image")
-    save(tmp_path / "a.png")
-    save(tmp_path / "b.png")
+    for name in ("a", "b", "c"):
+        save(tmp_path / f"{name}.png")
     with caplog.at_level(logging.WARNING, logger="genframe"):
         ImageFolderDataModule(root=str(tmp_path)).setup()
     msg = caplog.records[-1].getMessage()
@@ -200,8 +203,8 @@ def test_bad_settings_raise(tmp_path):
 
 def test_tilde_root(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    save(tmp_path / "pics" / "a.png")
-    save(tmp_path / "pics" / "b.png")
+    for name in ("a", "b", "c"):
+        save(tmp_path / "pics" / f"{name}.png")
     dm = ImageFolderDataModule(root="~/pics")
     assert dm.root == tmp_path / "pics"
 
@@ -209,6 +212,7 @@ def test_tilde_root(tmp_path, monkeypatch):
 def test_num_levels_snaps_to_grid(tmp_path):
     noise(tmp_path / "a.png", mode="L")
     noise(tmp_path / "b.png", mode="L", seed=1)
+    noise(tmp_path / "c.png", mode="L", seed=2)
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=4, channels=1, num_levels=5)
     x = all_images(dm)
     assert set(torch.unique(x).tolist()) <= {-1.0, -0.5, 0.0, 0.5, 1.0}
@@ -223,7 +227,7 @@ def test_train_dataloader_batch(tmp_path):
     assert set(batch) == {"image", "label"}
     assert batch["image"].dtype == torch.float32 and batch["image"].shape == (4, 3, 8, 8)
     assert batch["label"].dtype == torch.long and batch["label"].shape == (4,)
-    assert len(dm.train_set) == 8 and len(dm.val_set) == 2
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (7, 2, 1)
     val = next(iter(dm.val_dataloader()))
     assert set(val) == {"image", "label"}
 
@@ -249,6 +253,7 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     im.save(tmp_path / "rotated.png", exif=exif)
     save(tmp_path / "other.png", size=(4, 4), color=0, mode="L")
+    save(tmp_path / "third.png", size=(4, 4), color=0, mode="L")
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=4, channels=1)
     dm.setup()
     x = all_images(dm)

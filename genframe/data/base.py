@@ -1,12 +1,23 @@
-"""Base class of genframe data modules and a small in-memory dataset."""
+"""Base class of genframe data modules, the shared train/validation/test split, and a
+small in-memory dataset."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from genframe.errors import UserError
+
+log = logging.getLogger("genframe")
+
+#: The splits every genframe data module serves, in the order they are reported.
+SPLITS = ("train", "val", "test")
+SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
 
 class DictDataset(Dataset):
@@ -29,9 +40,14 @@ class DictDataset(Dataset):
 class GenerativeDataModule(pl.LightningDataModule):
     """A LightningDataModule whose batches are dicts with genframe's agreed keys.
 
-    Subclasses set ``provides`` (the batch keys they deliver) and fill
-    ``self.train_set`` / ``self.val_set`` in ``setup``. Images are float tensors shaped
-    (N, C, H, W) scaled to [-1, 1]; labels are long tensors.
+    Subclasses set ``provides`` (the batch keys they deliver) and fill ``self.train_set``,
+    ``self.val_set`` and ``self.test_set`` in ``setup`` (`split_indices` cuts one
+    collection into the three, reproducibly), then call `summarize_splits` once. Images
+    are float tensors shaped (N, C, H, W) scaled to [-1, 1]; labels are long tensors.
+
+    The validation split picks the best checkpoint during training; the test split is
+    touched only by ``genframe evaluate`` (its default ``split=test``), so the figures it
+    reports were never used to choose anything.
     """
 
     provides: ClassVar[frozenset[str]] = frozenset()
@@ -43,8 +59,6 @@ class GenerativeDataModule(pl.LightningDataModule):
 
         Only text data modules take one; they must accept it before ``setup``.
         """
-        from genframe.errors import UserError
-
         raise UserError(f"data module {type(self).__name__} does not take a tokenizer")
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0) -> None:
@@ -53,13 +67,29 @@ class GenerativeDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        #: After setup: how many items (images, documents, conversations) each split holds.
+        self.split_sizes: dict[str, int] = {}
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of `split` (``"train"``, ``"val"`` or ``"test"``), set up if needed."""
+        if split not in SPLITS:
+            raise UserError(f"split={split}: expected one of {', '.join(SPLITS)}")
+        if getattr(self, f"{split}_set", None) is None:
             self.setup("fit")
-            dataset = self.train_set if shuffle else self.val_set
+        dataset = getattr(self, f"{split}_set", None)
+        if dataset is None:
+            raise UserError(
+                f"data module {type(self).__name__} has no {SPLIT_WORDS[split]} split (its "
+                f"setup leaves {split}_set empty); expected a data module with a {split} split, "
+                "or evaluate another split (split=val)")
+        return dataset
+
+    def dataloader(self, split: str) -> DataLoader:
+        """A DataLoader over `split`; only the training split is shuffled."""
+        shuffle = split == "train"
         return DataLoader(
-            dataset,
+            self.dataset(split),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
@@ -68,21 +98,101 @@ class GenerativeDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self.dataloader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self.dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self.dataloader("test")
+
+    def summarize_splits(self, unit: str, counts: Mapping[str, int] | None = None,
+                         detail: str = "") -> None:
+        """Log once how many `unit` (images, documents, ...) each split holds.
+
+        Args:
+            unit: what is counted, plural ("images").
+            counts: split name -> count; default the lengths of the three datasets.
+            detail: appended to the line in parentheses (e.g. the split seed).
+        """
+        if self.split_sizes:
+            return
+        if counts is None:
+            counts = {s: len(getattr(self, f"{s}_set")) for s in SPLITS
+                      if getattr(self, f"{s}_set", None) is not None}
+        self.split_sizes = {s: int(counts[s]) for s in SPLITS if s in counts}
+        sizes = " / ".join(f"{n} {s}" for s, n in self.split_sizes.items())
+        log.info("%s splits: %s %s%s", type(self).__name__, sizes, unit,
+                 f" ({detail})" if detail else "")
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reproducible random train/validation split of range(n)."""
-    if not 0.0 < val_fraction < 1.0:
-        from genframe.errors import UserError
+def check_fractions(val_fraction: float | None, test_fraction: float | None) -> None:
+    """Refuse (`UserError`) split shares no data could use.
 
-        raise UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+    Each share must lie strictly between 0 and 1 and together they must stay below 1, so
+    that training keeps some data. None means the split does not come from a fraction
+    (``image_folder``'s ``val_root`` / ``test_root``) and is not checked.
+    """
+    shares = {"data.val_fraction": val_fraction, "data.test_fraction": test_fraction}
+    for key, value in shares.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}={value!r}: expected a number between 0 and 1, e.g. 0.1")
+        if not 0.0 < value < 1.0:
+            raise UserError(f"{key}={value}: expected a share strictly between 0 and 1, "
+                            "e.g. 0.1 (every split needs some data)")
+    used = {k: v for k, v in shares.items() if v is not None}
+    if len(used) == 2 and sum(used.values()) >= 1.0:
+        raise UserError(
+            f"data.val_fraction + data.test_fraction = {val_fraction} + {test_fraction} = "
+            f"{val_fraction + test_fraction:g}: expected less than 1, so that some data is "
+            "left for training (e.g. 0.1 and 0.1)")
+
+
+def split_counts(n: int, val_fraction: float | None, test_fraction: float | None, *,
+                 what: str = "items", where: str = "the data") -> tuple[int, int, int]:
+    """How many of `n` items go to (train, val, test).
+
+    A held-out split gets ``round(n * fraction)`` items, at least 1; a fraction of None
+    gives 0 (that split comes from elsewhere). Refuses (`UserError`) a split that would
+    be empty, naming `where` (e.g. the folder) and what would be valid.
+    """
+    check_fractions(val_fraction, test_fraction)
+    n_val = 0 if val_fraction is None else max(1, round(n * val_fraction))
+    n_test = 0 if test_fraction is None else max(1, round(n * test_fraction))
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        held = [f"data.{k}_fraction={f} holds out {c}" for k, f, c in
+                (("val", val_fraction, n_val), ("test", test_fraction, n_test)) if f is not None]
+        need = 1 + (n_val > 0) + (n_test > 0)
+        raise UserError(
+            f"{where} has {n} {what}, too few for the splits: {' and '.join(held)}, leaving "
+            f"{max(n_train, 0)} for training; expected at least {need} {what} with at least "
+            f"one in every split (more data, or smaller fractions)")
+    return n_train, n_val, n_test
+
+
+def split_indices(n: int, val_fraction: float | None, test_fraction: float | None, seed: int,
+                  *, what: str = "items", where: str = "the data",
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A reproducible random (train, val, test) split of range(n).
+
+    One permutation of range(n) drawn from `seed` is cut into three: its first
+    ``n_test`` items are the test split, the next ``n_val`` the validation split, the
+    rest the training split (`split_counts` says how many). The same `n`, fractions and
+    seed always give the same split on any machine.
+
+    Why the test split comes first: before genframe had test splits, the validation split
+    was the first ``n_val`` items of this same permutation. With ``test_fraction ==
+    val_fraction`` the test split is exactly that old validation split, so a run trained
+    before test splits existed is evaluated on images it never trained on, and a test
+    figure of a new run compares directly with the old validation figures. The new
+    validation split comes out of the old training split instead (the training split
+    shrinks by ``test_fraction``): splitting the old validation split in two would have
+    kept the training data, but left two splits of half the size for choosing checkpoints
+    and for reporting (90 digits each), twice as noisy.
+    """
+    n_train, n_val, n_test = split_counts(n, val_fraction, test_fraction, what=what, where=where)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(n * val_fraction))
-    return perm[n_val:], perm[:n_val]
+    return perm[n_test + n_val:], perm[n_test:n_test + n_val], perm[:n_test]

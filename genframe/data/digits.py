@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from genframe.data.base import DictDataset, GenerativeDataModule, split_indices
+from genframe.data.base import (
+    DictDataset,
+    GenerativeDataModule,
+    check_fractions,
+    split_indices,
+)
 from genframe.errors import UserError
 
 
@@ -14,8 +19,11 @@ class DigitsDataModule(GenerativeDataModule):
 
     Args:
         batch_size: images per batch.
-        val_fraction: share of the images held out for validation.
-        seed: seed of the train/validation split.
+        val_fraction: share of the images held out for validation (choosing checkpoints).
+        test_fraction: share of the images held out for testing (``genframe evaluate``).
+            With the defaults: 1,437 training, 180 validation and 180 test images; see
+            `split_indices` for how the split is drawn.
+        seed: seed of the train/validation/test split.
         image_size: side length; the native 8 keeps the 17 grey levels exact, other
             sizes resample bilinearly.
         channels: 1 (grey) or 3 (the grey value repeated).
@@ -30,6 +38,7 @@ class DigitsDataModule(GenerativeDataModule):
         self,
         batch_size: int = 64,
         val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
         seed: int = 0,
         image_size: int = 8,
         channels: int = 1,
@@ -44,7 +53,9 @@ class DigitsDataModule(GenerativeDataModule):
             raise UserError(f"data.num_classes is 10 for digits, got {num_classes}")
         if image_size < 4:
             raise UserError(f"data.image_size must be at least 4, got {image_size}")
+        check_fractions(val_fraction, test_fraction)
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.seed = seed
         self.image_size = image_size
         self.channels = channels
@@ -67,6 +78,8 @@ class DigitsDataModule(GenerativeDataModule):
         if self.channels == 3:
             images = images.expand(-1, 3, -1, -1).contiguous()
         labels = torch.tensor(digits.target, dtype=torch.long)
-        train_idx, val_idx = split_indices(len(images), self.val_fraction, self.seed)
-        self.train_set = DictDataset({"image": images[train_idx], "label": labels[train_idx]})
-        self.val_set = DictDataset({"image": images[val_idx], "label": labels[val_idx]})
+        splits = split_indices(len(images), self.val_fraction, self.test_fraction, self.seed,
+                               what="images", where="the digits data")
+        self.train_set, self.val_set, self.test_set = (
+            DictDataset({"image": images[idx], "label": labels[idx]}) for idx in splits)
+        self.summarize_splits("images", detail=f"seed {self.seed}")

@@ -12,7 +12,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from genframe.data.base import GenerativeDataModule, split_indices
+from genframe.data.base import (
+    SPLIT_WORDS,
+    SPLITS,
+    GenerativeDataModule,
+    check_fractions,
+    split_counts,
+    split_indices,
+)
 from genframe.errors import UserError
 
 log = logging.getLogger("genframe")
@@ -59,14 +66,28 @@ class ImageFolderDataModule(GenerativeDataModule):
     Images are decoded once in `setup` with Pillow and kept in memory as uint8. EXIF
     rotation is applied, transparent pixels are composited onto white, 16-bit images are
     scaled (not clipped) to 8 bits, animated files use their first frame. Files Pillow
-    cannot read are skipped, counted in ``self.skipped`` and reported in one warning.
+    cannot read are skipped, counted in ``self.skipped`` and reported in one warning per
+    folder.
 
     With labels, the class of an image is the first-level sub-folder of `root` it lies
     in (deeper folders belong to that class); classes are the sorted sub-folder names,
     numbered 0..K-1 (``self.class_names``).
 
+    Splits: the images under `root` are split at random (seeded, see `split_indices`)
+    into training, validation and test images by `val_fraction` and `test_fraction`. A
+    user with a ready split names its folders instead: every image under `val_root` is a
+    validation image, every image under `test_root` a test image, and the fraction of that
+    split is not used (with both, every image under `root` is a training image). Labelled
+    data must use the same class folders in every root: `root`'s sub-folders define the
+    classes; a class may be missing from `val_root` or `test_root` (a small test set need
+    not hold every class), but a class folder `root` does not have is refused, since no
+    model trained on `root` can know that label.
+
     Args:
         root: the folder of images (``~`` is expanded).
+        val_root: a folder of validation images, or None to hold out `val_fraction` of
+            `root`.
+        test_root: a folder of test images, or None to hold out `test_fraction` of `root`.
         image_size: side length; the shorter side is resized to it (Lanczos) and the
             centre is cropped to a square.
         channels: 3 (RGB) or 1 (grey).
@@ -78,8 +99,11 @@ class ImageFolderDataModule(GenerativeDataModule):
         num_levels: grey levels per channel, 2..256; below 256 the pixel values are
             snapped to that many evenly spaced levels.
         batch_size: images per batch.
-        val_fraction: share of the images held out for validation.
-        seed: seed of the train/validation split.
+        val_fraction: share of `root`'s images held out for validation (not used with
+            `val_root`).
+        test_fraction: share of `root`'s images held out for testing (not used with
+            `test_root`).
+        seed: seed of the split.
         num_workers: DataLoader worker processes.
     """
 
@@ -88,6 +112,8 @@ class ImageFolderDataModule(GenerativeDataModule):
     def __init__(
         self,
         root: str,
+        val_root: str | None = None,
+        test_root: str | None = None,
         image_size: int = 32,
         channels: int = 3,
         labels: str | bool = "auto",
@@ -95,6 +121,7 @@ class ImageFolderDataModule(GenerativeDataModule):
         num_levels: int = 256,
         batch_size: int = 64,
         val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -109,28 +136,35 @@ class ImageFolderDataModule(GenerativeDataModule):
             raise UserError(f"data.num_classes must be 0 (fill in) or positive, got {num_classes}")
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
-        # split_indices checks this too, but only in setup(); fail before any model is built.
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
-        self.root = Path(os.path.expanduser(str(root)))
+        self.root = _expand(root)
+        #: The folders of the held-out splits that have their own (split name -> folder).
+        self.split_roots: dict[str, Path] = {
+            split: _expand(path) for split, path in (("val", val_root), ("test", test_root))
+            if path not in (None, "")}
+        self.val_root = self.split_roots.get("val")
+        self.test_root = self.split_roots.get("test")
+        # A split read from its own folder ignores its fraction (None: not checked, not used).
+        self.val_fraction = None if self.val_root else val_fraction
+        self.test_fraction = None if self.test_root else test_fraction
+        check_fractions(self.val_fraction, self.test_fraction)
         self.image_size = image_size
         self.channels = channels
         self.labels = _label_mode(labels)
         self.num_levels = num_levels
-        self.val_fraction = val_fraction
         self.seed = seed
         self.skipped: list[tuple[Path, str]] = []
 
-        self.files = _list_images(self.root)
-        if len(self.files) < 2:
-            raise UserError(
-                f"data.root: only 1 image file under {self.root} ({self.files[0].name}); "
-                "expected at least 2 (one for training, one for validation)"
-            )
+        self.files = _list_images(self.root, "data.root")
+        self.split_files = {split: _list_images(path, f"data.{split}_root")
+                            for split, path in self.split_roots.items()}
+        _check_separate(self.root, self.split_roots)
+        # Refuse too few files now, before any model is built (setup checks again after
+        # unreadable files are skipped).
+        split_counts(len(self.files), self.val_fraction, self.test_fraction,
+                     what="image files", where=f"data.root {self.root}")
 
         # Class of each file = its first-level sub-folder ("" for files directly in root).
-        rel = [f.relative_to(self.root).parts for f in self.files]
-        folders = [parts[0] if len(parts) > 1 else "" for parts in rel]
+        folders = _class_folders(self.files, self.root)
         in_root = [f for f, d in zip(self.files, folders) if not d]
         # Only sub-folders that hold images become classes: an empty folder would be a
         # label that never occurs.
@@ -149,6 +183,8 @@ class ImageFolderDataModule(GenerativeDataModule):
             use_labels = False
 
         self.class_names: list[str] = names if use_labels else []
+        #: Per split folder: the label of each file (None without labels).
+        self._split_labels: dict[str, list[int] | None] = {}
         if use_labels:
             if num_classes == 0:
                 num_classes = len(names)
@@ -161,51 +197,83 @@ class ImageFolderDataModule(GenerativeDataModule):
             self.provides = frozenset({"image", "label"})
             index = {n: i for i, n in enumerate(names)}
             self._file_labels: list[int] | None = [index[d] for d in folders]
+            for split, path in self.split_roots.items():
+                self._split_labels[split] = _labels_in(
+                    self.split_files[split], path, f"data.{split}_root", index, self.root)
             log.info("image_folder: %d image files under %s, %d classes: %s",
                      len(self.files), self.root, len(names), _short_list(names))
         else:
             self.provides = frozenset({"image"})
             self._file_labels = None
+            self._split_labels = {split: None for split in self.split_roots}
             why = " (some lie directly in root)" if self.labels == "auto" and names else ""
             log.info("image_folder: %d image files under %s, no labels%s",
                      len(self.files), self.root, why)
+        for split, path in self.split_roots.items():
+            log.info("image_folder: %d %s image files under %s", len(self.split_files[split]),
+                     SPLIT_WORDS[split], path)
         self.num_classes = num_classes
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         start = time.perf_counter()
+        sources = [("root", self.root, self.files, self._file_labels)] + [
+            (split, self.split_roots[split], self.split_files[split], self._split_labels[split])
+            for split in self.split_roots]
+        every_file = [f for _, _, files, _ in sources for f in files]
         # Pillow releases the GIL while it decodes and resamples, so threads give a real
         # speed-up on big folders; map keeps the files' order, so splits stay reproducible.
-        workers = max(1, min(8, os.cpu_count() or 1, len(self.files)))
+        workers = max(1, min(8, os.cpu_count() or 1, len(every_file)))
         with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(self._load, self.files))
+            results = iter(list(pool.map(self._load, every_file)))
 
-        arrays, keep, skipped = [], [], []
-        for i, (path, (array, reason)) in enumerate(zip(self.files, results)):
-            if array is None:
-                skipped.append((path, reason))
-            else:
-                arrays.append(array)
-                keep.append(i)
-        self.skipped = skipped
-        if skipped:
-            named = ", ".join(f"{p.relative_to(self.root)} ({r})" for p, r in skipped[:_MAX_NAMED])
-            more = f", and {len(skipped) - _MAX_NAMED} more" if len(skipped) > _MAX_NAMED else ""
-            log.warning("image_folder: skipped %d of %d files under %s (unreadable): %s%s",
-                        len(skipped), len(self.files), self.root, named, more)
-        if not arrays:
-            raise UserError(
-                f"data.root: none of the {len(self.files)} image files under {self.root} could "
-                f"be read (e.g. {skipped[0][0].name}: {skipped[0][1]}); expected images Pillow "
-                "can decode"
-            )
-        if len(arrays) < 2:
-            raise UserError(
-                f"data.root: only 1 readable image under {self.root}; expected at least 2 "
-                "(one for training, one for validation)"
-            )
+        self.skipped = []
+        decoded: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for name, folder, files, file_labels in sources:
+            key = "data.root" if name == "root" else f"data.{name}_root"
+            arrays, keep, skipped = [], [], []
+            for i, (path, (array, reason)) in enumerate(zip(files, results)):
+                if array is None:
+                    skipped.append((path, reason))
+                else:
+                    arrays.append(array)
+                    keep.append(i)
+            self.skipped += skipped
+            if skipped:
+                named = ", ".join(f"{p.relative_to(folder)} ({r})" for p, r in skipped[:_MAX_NAMED])
+                more = f", and {len(skipped) - _MAX_NAMED} more" if len(skipped) > _MAX_NAMED else ""
+                log.warning("image_folder: skipped %d of %d files under %s (unreadable): %s%s",
+                            len(skipped), len(files), folder, named, more)
+            if not arrays:
+                raise UserError(
+                    f"{key}: none of the {len(files)} image files under {folder} could "
+                    f"be read (e.g. {skipped[0][0].name}: {skipped[0][1]}); expected images "
+                    "Pillow can decode"
+                )
+            labels = None
+            if file_labels is not None:
+                labels = torch.tensor([file_labels[i] for i in keep], dtype=torch.long)
+            decoded[name] = (self._to_tensor(arrays), labels)
 
+        images, labels = decoded.pop("root")
+        idx = split_indices(len(images), self.val_fraction, self.test_fraction, self.seed,
+                            what="readable images", where=f"data.root {self.root}")
+        for split, split_idx in zip(SPLITS, idx):
+            if split in decoded:  # from its own folder; the fraction gave no index
+                continue
+            decoded[split] = (images[split_idx],
+                              labels[split_idx] if labels is not None else None)
+        for split in SPLITS:
+            setattr(self, f"{split}_set", _ImageDataset(*decoded[split], self.num_levels))
+        where = ", ".join(f"{SPLIT_WORDS[s]} images from {p}" for s, p in self.split_roots.items())
+        self.summarize_splits("images", detail=f"{where}; " * bool(where) + f"seed {self.seed}")
+        log.info("image_folder: decoded %d images at %dx%d in %.1f s",
+                 sum(self.split_sizes.values()), self.image_size, self.image_size,
+                 time.perf_counter() - start)
+
+    def _to_tensor(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """(H, W, C) uint8 arrays -> one (N, C, H, W) uint8 tensor of level indices."""
         images = torch.from_numpy(np.stack(arrays))  # (N, H, W, C) uint8
         images = images.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
         if self.num_levels < 256:
@@ -213,17 +281,7 @@ class ImageFolderDataModule(GenerativeDataModule):
             # in uint8), so the served images lie exactly on the num_levels evenly spaced
             # values in [-1, 1] that discrete likelihoods (data.num_levels) assume.
             images = torch.round(images.float() * ((self.num_levels - 1) / 255.0)).to(torch.uint8)
-        labels = None
-        if self._file_labels is not None:
-            labels = torch.tensor([self._file_labels[i] for i in keep], dtype=torch.long)
-
-        train_idx, val_idx = split_indices(len(images), self.val_fraction, self.seed)
-        pick = (lambda idx: labels[idx]) if labels is not None else (lambda idx: None)
-        self.train_set = _ImageDataset(images[train_idx], pick(train_idx), self.num_levels)
-        self.val_set = _ImageDataset(images[val_idx], pick(val_idx), self.num_levels)
-        log.info("image_folder: decoded %d images (%d train, %d val) at %dx%d in %.1f s",
-                 len(images), len(train_idx), len(val_idx), self.image_size, self.image_size,
-                 time.perf_counter() - start)
+        return images
 
     def _load(self, path: Path) -> tuple[np.ndarray | None, str]:
         """One file as an (H, W, C) uint8 array, or (None, why it could not be read)."""
@@ -300,12 +358,13 @@ def _label_mode(labels: str | bool) -> str:
     return mode
 
 
-def _list_images(root: Path) -> list[Path]:
-    """Image files under `root`, recursively, in a stable order; UserError when there are none."""
+def _list_images(root: Path, key: str = "data.root") -> list[Path]:
+    """Image files under `root`, recursively, in a stable order; UserError (naming the
+    config `key`) when there are none."""
     if not root.exists():
-        raise UserError(f"data.root: {root} does not exist; expected a folder of images")
+        raise UserError(f"{key}: {root} does not exist; expected a folder of images")
     if not root.is_dir():
-        raise UserError(f"data.root: {root} is a file, not a folder; expected a folder of images")
+        raise UserError(f"{key}: {root} is a file, not a folder; expected a folder of images")
     found: list[Path] = []
     others: list[str] = []
     seen: set[str] = set()
@@ -329,10 +388,56 @@ def _list_images(root: Path) -> list[Path]:
     if not found:
         also = f"; found {len(others)} other file(s), e.g. {others[0]}" if others else ""
         raise UserError(
-            f"data.root: no image files under {root} (looked recursively for "
+            f"{key}: no image files under {root} (looked recursively for "
             f"{' '.join(IMAGE_EXTENSIONS)}, in any case){also}"
         )
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _expand(path: str) -> Path:
+    return Path(os.path.expanduser(str(path)))
+
+
+def _class_folders(files: list[Path], root: Path) -> list[str]:
+    """The first-level sub-folder of `root` each file lies in ("" directly in root)."""
+    return [parts[0] if len(parts) > 1 else "" for parts in
+            (f.relative_to(root).parts for f in files)]
+
+
+def _check_separate(root: Path, split_roots: dict[str, Path]) -> None:
+    """Refuse split folders that are the same as, or nested in, another one: their images
+    would be in two splits at once (a test image also trained on)."""
+    folders = {"data.root": root, **{f"data.{s}_root": p for s, p in split_roots.items()}}
+    real = {key: Path(os.path.realpath(p)) for key, p in folders.items()}
+    keys = list(real)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            if real[a] == real[b] or real[b] in real[a].parents or real[a] in real[b].parents:
+                raise UserError(
+                    f"{b}: {folders[b]} overlaps {a} {folders[a]} (the same folder, or one "
+                    "inside the other), so some images would be in two splits; expected "
+                    "separate folders, e.g. data/train, data/val and data/test")
+
+
+def _labels_in(files: list[Path], folder: Path, key: str, index: dict[str, int],
+               root: Path) -> list[int]:
+    """The label of each file of a split folder, by its class sub-folder's name in
+    `index` (data.root's classes). Refuses images outside a class folder and class
+    folders data.root does not have; a class with no folder here is fine."""
+    folders = _class_folders(files, folder)
+    loose = [f for f, d in zip(files, folders) if not d]
+    if loose:
+        raise UserError(
+            f"{key}: {len(loose)} image(s) lie directly in {folder} (e.g. {loose[0].name}), "
+            f"but data.root {root} is labelled by its sub-folders; expected every image in "
+            f"a sub-folder named after its class ({_short_list(sorted(index))})")
+    unknown = sorted({d for d in folders if d not in index})
+    if unknown:
+        raise UserError(
+            f"{key}: class folder(s) {_short_list(unknown)} under {folder} are not classes of "
+            f"data.root {root}; expected sub-folders named after its classes "
+            f"({_short_list(sorted(index))}). Rename or remove them (a class may be missing).")
+    return [index[d] for d in folders]
 
 
 def _short_list(names: list[str], limit: int = 10) -> str:
