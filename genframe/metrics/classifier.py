@@ -10,9 +10,10 @@ It serves two metrics when no pretrained network is at hand (the offline case):
   Ravuri & Vinyals 2019 (https://arxiv.org/abs/1905.10887) in reverse.
 
 Training is a plain torch loop (no Lightning, no Hydra): a few seconds on the digits on a
-CPU. The weights are cached as safetensors under `cache_dir()`, keyed by a hash of the data
-description, the data's content, the architecture and the training settings, so an
-evaluation during every validation epoch, a sweep, or `genframe evaluate` train it once.
+CPU. The weights are cached as safetensors in ``classifiers/`` of genframe's cache folder
+(`genframe.cache`), keyed by a hash of the data description, the data's content, the
+architecture and the training settings, so an evaluation during every validation epoch, a
+sweep, or `genframe evaluate` train it once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genframe.cache import CLASSIFIERS, cache_dir
 from genframe.errors import UserError
+from genframe.files import atomic_write_bytes
 from genframe.layers.conv import ConvEncoder, as_size2d
 from genframe.metrics.features import FeatureExtractor, match_channels
-from genframe.runs import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,6 @@ log = logging.getLogger(__name__)
 # then ignored instead of loaded into a different network.
 FORMAT = "genframe-classifier/1"
 META_KEY = "genframe_classifier"
-
-
-def cache_dir() -> Path:
-    """Where genframe caches what it computes once (classifier weights, ...).
-
-    ``$GENFRAME_CACHE`` if set, else ``$XDG_CACHE_HOME/genframe``, else ``~/.cache/genframe``.
-    """
-    env = os.environ.get("GENFRAME_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "genframe"
-
 
 _default_cache_dir = cache_dir  # `load_or_train_classifier` has an argument of that name
 
@@ -356,7 +344,8 @@ def load_or_train_classifier(
             weights) and is recorded in the file. ``num_classes`` is used if present.
         train_images, val_images: float (N, C, H, W) in [0, 1].
         train_labels, val_labels: long (N,).
-        cache_dir: default `cache_dir()`; entries go to ``<cache_dir>/classifiers/``.
+        cache_dir: default `genframe.cache.cache_dir()`; entries go to
+            ``<cache_dir>/classifiers/``.
         epochs, seed, **settings: passed to `train_classifier` and part of the key.
 
     Returns:
@@ -387,7 +376,7 @@ def load_or_train_classifier(
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
-    path = root / "classifiers" / f"{_slug(str(description.get('name', 'data')))}-{digest}.safetensors"
+    path = root / CLASSIFIERS / f"{_slug(str(description.get('name', 'data')))}-{digest}.safetensors"
 
     if path.is_file():
         try:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genframe.errors import UserError, did_you_mean
+from genframe.files import load_state_dict_strict, read_state_dict
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -220,74 +221,21 @@ def load_timm_weights(model: nn.Module, path: Path, *, where: str) -> None:
 
     We load the state dict ourselves instead of timm's ``pretrained_cfg_overlay=dict(file=)``
     route: that route loads with ``strict=False`` once the classifier is removed, so a
-    file for another architecture would load silently with random layers left. Here every
-    key must fit, and a mismatch is a `UserError` naming the file and the first keys.
+    file for another architecture would load silently with random layers left. Here the
+    file is read by `genframe.files.read_state_dict` (never unpickling code; wrappers and
+    a ``module.`` prefix understood) and loaded by `genframe.files.load_state_dict_strict`:
+    every key must fit, and a mismatch is a `UserError` naming `where` and the first keys.
     """
     state = read_state_dict(path, where=where)
-
     # The file may carry the classifier the model was trained with; the extractor has none.
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    for name in (classifier,) if isinstance(classifier, str) else classifier:
-        state.pop(f"{name}.weight", None)
-        state.pop(f"{name}.bias", None)
-
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong_shape = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:2]})")
-        raise UserError(
-            f"{where}: the weights do not fit timm model '{arch}': keys "
-            + "; ".join(parts)
-            + ". Expected a state dict of this architecture in timm's layout."
-        )
-    model.load_state_dict(state, strict=True)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UserError(f"{where}: non-finite values in {bad[:3]}")
-
-
-def read_state_dict(path: Path, *, where: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file, never unpickling code.
-
-    Written here rather than with ``timm.models.load_state_dict`` because older timm 1.0
-    releases call ``torch.load`` without ``weights_only=True``.
-    """
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch/safetensors raise many types for a foreign file
-        first = (str(exc).splitlines() or [""])[0][:200]
-        how = ("is not a readable safetensors file" if path.suffix == ".safetensors"
-               else "cannot be read as weights without unpickling code")
-        raise UserError(f"{where}: {how} ({type(exc).__name__}: {first})") from exc
-    # Training scripts wrap the weights: prefer EMA weights as timm's own reader does.
-    if isinstance(state, dict):
-        for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model"):
-            if isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-                break
-    if not isinstance(state, dict) or not state or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise UserError(f"{where}: the file holds no state dict of tensors")
-    # DataParallel / DDP save keys as `module.<name>`.
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    head = [f"{name}.{p}" for name in ((classifier,) if isinstance(classifier, str) else classifier)
+            for p in ("weight", "bias")]
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    load_state_dict_strict(
+        model, state, where=where, ignore=head,
+        what=f"timm model '{arch}' (expected a state dict of that architecture in timm's layout)",
+    )
 
 
 def feature_batch_size(extractor: nn.Module, default: int = 256) -> int:

@@ -8,6 +8,9 @@ from typing import Any
 import torch
 
 from genframe.errors import UserError
+from genframe.metrics.build import build_extractor, classifier_from_datasets, stack_dataset
+from genframe.metrics.features import to_unit_range
+from genframe.metrics.image_metrics import ImageMetrics
 from genframe.samples import Samples
 
 
@@ -36,14 +39,6 @@ def data_image_metrics(
             training images is the usual practice (as for CIFAR-10's FID).
         max_real: use at most this many real images.
     """
-    from genframe.metrics import (
-        ImageMetrics,
-        build_extractor,
-        classifier_from_datasets,
-        stack_dataset,
-        to_unit_range,
-    )
-
     data.setup("fit")
     classifier = None
     if extractor == "classifier":

@@ -1,4 +1,7 @@
-"""Tokens prepared once, stored as a memory-mapped array keyed by text and tokenizer."""
+"""Tokens prepared once, stored as a memory-mapped array keyed by text and tokenizer.
+
+Entries live in ``tokens/`` of genframe's cache folder (`genframe.cache`).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from genframe.cache import TOKENS
+from genframe.cache import cache_dir as cache_root
+from genframe.files import atomic_write_bytes, atomic_write_json
+
 log = logging.getLogger("genframe")
 
 FORMAT = "genframe-tokens/1"
 
 
 def default_cache_dir() -> Path:
-    from genframe.metrics.classifier import cache_dir
-
-    return cache_dir() / "tokens"
+    """``tokens/`` of genframe's cache folder (``$GENFRAME_CACHE``, see `genframe.cache`)."""
+    return cache_root(TOKENS)
 
 
 def docs_fingerprint(docs: Sequence[str]) -> str:
@@ -69,8 +75,6 @@ def token_cache(docs: Sequence[str], tokenizer, cache_dir: str | Path | None = N
             parts.append(np.array([separator], dtype=dtype))
         parts.append(np.asarray(ids, dtype=dtype))
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-    from genframe.runs import atomic_write_bytes, atomic_write_json
 
     atomic_write_bytes(data_path, tokens.tobytes())
     atomic_write_json(meta_path, {"format": FORMAT, "dtype": dtype.name,
