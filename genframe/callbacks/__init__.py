@@ -2,6 +2,7 @@
 (``conf/callbacks/*.yaml`` name them as ``genframe.callbacks.<Class>``)."""
 
 from genframe.callbacks.finite_loss import FiniteLossGuard
+from genframe.callbacks.progress import ProgressLine
 from genframe.callbacks.sample_quality import SampleQuality
 
-__all__ = ["FiniteLossGuard", "SampleQuality"]
+__all__ = ["FiniteLossGuard", "ProgressLine", "SampleQuality"]
