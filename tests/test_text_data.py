@@ -187,7 +187,7 @@ def test_text_datamodule_on_pydoc_char():
     assert dm.val_set[1]["tokens"][0] == dm.val_set[0]["tokens"][-1]
     again = TextDataModule(block_size=32, batch_size=4)
     again.setup("fit")
-    assert again.cache_hits == {"train": True, "val": True}
+    assert again.cache_hits == {"train": True, "val": True, "test": True}
     assert np.array_equal(np.asarray(again.train_set.tokens), np.asarray(dm.train_set.tokens))
 
 

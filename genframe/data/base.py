@@ -79,6 +79,11 @@ class GenerativeDataModule(pl.LightningDataModule):
             self.setup("fit")
         dataset = getattr(self, f"{split}_set", None)
         if dataset is None:
+            if split == "test" and getattr(self, "test_fraction", None) == 0:
+                raise UserError(
+                    f"data.test_fraction=0: data module {type(self).__name__} has no test "
+                    "split; expected data.test_fraction > 0 (e.g. 0.1, then train again, as "
+                    "the split changes the training data), or evaluate split=val")
             raise UserError(
                 f"data module {type(self).__name__} has no {SPLIT_WORDS[split]} split (its "
                 f"setup leaves {split}_set empty); expected a data module with a {split} split, "
@@ -129,9 +134,12 @@ class GenerativeDataModule(pl.LightningDataModule):
 def check_fractions(val_fraction: float | None, test_fraction: float | None) -> None:
     """Refuse (`UserError`) split shares no data could use.
 
-    Each share must lie strictly between 0 and 1 and together they must stay below 1, so
-    that training keeps some data. None means the split does not come from a fraction
-    (``image_folder``'s ``val_root`` / ``test_root``) and is not checked.
+    `val_fraction` must lie strictly between 0 and 1 (the validation split picks the best
+    checkpoint); `test_fraction` too, or be exactly 0, which turns the test split off (for
+    data too small to spare one; ``genframe evaluate`` then refuses ``split=test``).
+    Together they must stay below 1, so that training keeps some data. None means the
+    split does not come from a fraction (``image_folder``'s ``val_root`` / ``test_root``)
+    and is not checked.
     """
     shares = {"data.val_fraction": val_fraction, "data.test_fraction": test_fraction}
     for key, value in shares.items():
@@ -139,11 +147,13 @@ def check_fractions(val_fraction: float | None, test_fraction: float | None) -> 
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}={value!r}: expected a number between 0 and 1, e.g. 0.1")
+        if key == "data.test_fraction" and value == 0:
+            continue
         if not 0.0 < value < 1.0:
+            also = " (or 0 for no test split)" if key == "data.test_fraction" else ""
             raise UserError(f"{key}={value}: expected a share strictly between 0 and 1, "
-                            "e.g. 0.1 (every split needs some data)")
-    used = {k: v for k, v in shares.items() if v is not None}
-    if len(used) == 2 and sum(used.values()) >= 1.0:
+                            f"e.g. 0.1{also}")
+    if None not in (val_fraction, test_fraction) and val_fraction + test_fraction >= 1.0:
         raise UserError(
             f"data.val_fraction + data.test_fraction = {val_fraction} + {test_fraction} = "
             f"{val_fraction + test_fraction:g}: expected less than 1, so that some data is "
@@ -155,16 +165,17 @@ def split_counts(n: int, val_fraction: float | None, test_fraction: float | None
     """How many of `n` items go to (train, val, test).
 
     A held-out split gets ``round(n * fraction)`` items, at least 1; a fraction of None
-    gives 0 (that split comes from elsewhere). Refuses (`UserError`) a split that would
-    be empty, naming `where` (e.g. the folder) and what would be valid.
+    (the split comes from elsewhere) or a `test_fraction` of 0 (no test split) gives 0.
+    Refuses (`UserError`) a split that would be empty, naming `where` (e.g. the folder)
+    and what would be valid.
     """
     check_fractions(val_fraction, test_fraction)
-    n_val = 0 if val_fraction is None else max(1, round(n * val_fraction))
-    n_test = 0 if test_fraction is None else max(1, round(n * test_fraction))
+    n_val = 0 if not val_fraction else max(1, round(n * val_fraction))
+    n_test = 0 if not test_fraction else max(1, round(n * test_fraction))
     n_train = n - n_val - n_test
     if n_train < 1:
         held = [f"data.{k}_fraction={f} holds out {c}" for k, f, c in
-                (("val", val_fraction, n_val), ("test", test_fraction, n_test)) if f is not None]
+                (("val", val_fraction, n_val), ("test", test_fraction, n_test)) if c]
         need = 1 + (n_val > 0) + (n_test > 0)
         raise UserError(
             f"{where} has {n} {what}, too few for the splits: {' and '.join(held)}, leaving "
@@ -191,7 +202,7 @@ def split_indices(n: int, val_fraction: float | None, test_fraction: float | Non
     validation split comes out of the old training split instead (the training split
     shrinks by ``test_fraction``): splitting the old validation split in two would have
     kept the training data, but left two splits of half the size for choosing checkpoints
-    and for reporting (90 digits each), twice as noisy.
+    and for reporting (90 digits each), their figures noisier by a factor of about 1.4.
     """
     n_train, n_val, n_test = split_counts(n, val_fraction, test_fraction, what=what, where=where)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

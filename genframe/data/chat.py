@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-from genframe.data.base import DictDataset, GenerativeDataModule
+from genframe.data.base import (
+    SPLIT_WORDS,
+    SPLITS,
+    DictDataset,
+    GenerativeDataModule,
+    split_counts,
+)
 from genframe.errors import UserError
 
 log = logging.getLogger("genframe")
@@ -34,8 +40,12 @@ class ChatDataModule(GenerativeDataModule):
         vocab_size: BPE vocabulary size (ignored by "char").
         block_size: context length T; each row holds T + 1 tokens.
         batch_size: conversations per batch.
-        val_fraction: share of conversations held out (at least one).
-        seed: seed of the conversation split.
+        val_fraction: share of conversations held out for validation (at least one).
+        test_fraction: share of conversations held out for testing (at least one); 0 turns
+            the test split off (a few conversations to fine-tune on).
+        seed: seed of the conversation split: a shuffled order's first ``test_fraction``
+            are the test conversations, the next ``val_fraction`` the validation ones, the
+            rest the training ones (see `genframe.data.base.split_indices` for why).
         num_workers: DataLoader worker processes.
     """
 
@@ -50,6 +60,7 @@ class ChatDataModule(GenerativeDataModule):
         block_size: int = 256,
         batch_size: int = 8,
         val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -60,13 +71,14 @@ class ChatDataModule(GenerativeDataModule):
         if not path:
             raise UserError("data.path is not set; expected a chat JSONL file, e.g. "
                             "data.path=chats.jsonl")
-        check_text_args(tokenizer, block_size, batch_size, val_fraction)
+        check_text_args(tokenizer, block_size, batch_size, val_fraction, test_fraction)
         self.path = path
         self.template = ChatTemplate.from_mapping(template, where="data.template")
         self.tokenizer_kind = tokenizer
         self.bpe_vocab_size = vocab_size
         self.block_size = block_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.seed = seed
         self.tokenizer = None
         self.vocab_size: int | None = None
@@ -88,24 +100,25 @@ class ChatDataModule(GenerativeDataModule):
         from genframe.text.tokenize import build_tokenizer
 
         conversations = read_chat_jsonl(self.path)
-        if len(conversations) < 2:
-            raise UserError(f"data.path={self.path} holds {len(conversations)} conversation; "
-                            "need at least 2 (one for training, one for validation)")
+        _, n_val, n_test = split_counts(len(conversations), self.val_fraction,
+                                        self.test_fraction, what="conversations",
+                                        where=f"data.path={self.path}")
         order = list(range(len(conversations)))
         random.Random(self.seed).shuffle(order)
-        n_val = min(len(order) - 1, max(1, round(len(order) * self.val_fraction)))
-        val = [conversations[i] for i in sorted(order[:n_val])]
-        train = [conversations[i] for i in sorted(order[n_val:])]
+        picked = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val],
+                  "test": order[:n_test]}
+        split = {s: [conversations[i] for i in sorted(idx)] for s, idx in picked.items()}
         if self.tokenizer is None:
-            texts = [self.template.render(c) for c in train]
+            texts = [self.template.render(c) for c in split["train"]]
             self.tokenizer = build_tokenizer(self.tokenizer_kind, texts,
                                              vocab_size=self.bpe_vocab_size)
         self.vocab_size = self.tokenizer.vocab_size
         self.stats = {"conversations": len(conversations)}
-        self.train_set = self._rows(train, "train")
-        self.val_set = self._rows(val, "val")
-        log.info("chat data: %s tokenizer, vocab %d, %d train / %d val conversations",
-                 self.tokenizer.kind, self.vocab_size, len(self.train_set), len(self.val_set))
+        for s in SPLITS:
+            if split[s]:  # data.test_fraction=0 leaves test_set None
+                setattr(self, f"{s}_set", self._rows(split[s], s))
+        self.summarize_splits("conversations", detail=f"seed {self.seed}")
+        log.info("chat data: %s tokenizer, vocab %d", self.tokenizer.kind, self.vocab_size)
 
     def _rows(self, conversations: list, split: str) -> DictDataset:
         """Encode, truncate and pad `conversations` into a dataset of rows."""
@@ -126,7 +139,7 @@ class ChatDataModule(GenerativeDataModule):
             masks.append(mask + [0] * pad)
         self.stats[f"{split}_truncated"] = truncated
         self.stats[f"{split}_dropped"] = dropped
-        name = "training" if split == "train" else "validation"
+        name = SPLIT_WORDS[split]
         if truncated or dropped:
             log.warning("chat data: %d of %d %s conversations truncated to data.block_size + 1 = "
                         "%d tokens; %d dropped (no assistant token left to learn)",

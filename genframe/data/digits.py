@@ -20,7 +20,8 @@ class DigitsDataModule(GenerativeDataModule):
     Args:
         batch_size: images per batch.
         val_fraction: share of the images held out for validation (choosing checkpoints).
-        test_fraction: share of the images held out for testing (``genframe evaluate``).
+        test_fraction: share of the images held out for testing (``genframe evaluate``);
+            0 turns the test split off.
             With the defaults: 1,437 training, 180 validation and 180 test images; see
             `split_indices` for how the split is drawn.
         seed: seed of the train/validation/test split.
@@ -80,6 +81,8 @@ class DigitsDataModule(GenerativeDataModule):
         labels = torch.tensor(digits.target, dtype=torch.long)
         splits = split_indices(len(images), self.val_fraction, self.test_fraction, self.seed,
                                what="images", where="the digits data")
+        # data.test_fraction=0 (no test split) leaves test_set None.
         self.train_set, self.val_set, self.test_set = (
-            DictDataset({"image": images[idx], "label": labels[idx]}) for idx in splits)
+            DictDataset({"image": images[idx], "label": labels[idx]}) if len(idx) else None
+            for idx in splits)
         self.summarize_splits("images", detail=f"seed {self.seed}")

@@ -102,7 +102,7 @@ class ImageFolderDataModule(GenerativeDataModule):
         val_fraction: share of `root`'s images held out for validation (not used with
             `val_root`).
         test_fraction: share of `root`'s images held out for testing (not used with
-            `test_root`).
+            `test_root`); 0 turns the test split off.
         seed: seed of the split.
         num_workers: DataLoader worker processes.
     """
@@ -242,7 +242,8 @@ class ImageFolderDataModule(GenerativeDataModule):
             self.skipped += skipped
             if skipped:
                 named = ", ".join(f"{p.relative_to(folder)} ({r})" for p, r in skipped[:_MAX_NAMED])
-                more = f", and {len(skipped) - _MAX_NAMED} more" if len(skipped) > _MAX_NAMED else ""
+                more = (f", and {len(skipped) - _MAX_NAMED} more"
+                        if len(skipped) > _MAX_NAMED else "")
                 log.warning("image_folder: skipped %d of %d files under %s (unreadable): %s%s",
                             len(skipped), len(files), folder, named, more)
             if not arrays:
@@ -260,12 +261,14 @@ class ImageFolderDataModule(GenerativeDataModule):
         idx = split_indices(len(images), self.val_fraction, self.test_fraction, self.seed,
                             what="readable images", where=f"data.root {self.root}")
         for split, split_idx in zip(SPLITS, idx):
-            if split in decoded:  # from its own folder; the fraction gave no index
+            # From its own folder, or data.test_fraction=0: no index from the fraction.
+            if split in decoded or not len(split_idx):
                 continue
             decoded[split] = (images[split_idx],
                               labels[split_idx] if labels is not None else None)
-        for split in SPLITS:
-            setattr(self, f"{split}_set", _ImageDataset(*decoded[split], self.num_levels))
+        for split, (split_images, split_labels) in decoded.items():
+            setattr(self, f"{split}_set", _ImageDataset(split_images, split_labels,
+                                                        self.num_levels))
         where = ", ".join(f"{SPLIT_WORDS[s]} images from {p}" for s, p in self.split_roots.items())
         self.summarize_splits("images", detail=f"{where}; " * bool(where) + f"seed {self.seed}")
         log.info("image_folder: decoded %d images at %dx%d in %.1f s",

@@ -9,7 +9,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from genframe.data.base import GenerativeDataModule
+from genframe.data.base import (
+    SPLIT_WORDS,
+    SPLITS,
+    GenerativeDataModule,
+    check_fractions,
+    split_counts,
+)
 from genframe.errors import UserError
 
 log = logging.getLogger("genframe")
@@ -47,7 +53,8 @@ class TokenWindows(Dataset):
         return {"tokens": torch.from_numpy(window)}
 
 
-def check_text_args(tokenizer: str, block_size: int, batch_size: int, val_fraction: float) -> None:
+def check_text_args(tokenizer: str, block_size: int, batch_size: int, val_fraction: float,
+                    test_fraction: float) -> None:
     """Refuse (`UserError`) the text data settings no run could use."""
     from genframe.text.tokenize import TOKENIZERS, build_tokenizer
 
@@ -57,8 +64,7 @@ def check_text_args(tokenizer: str, block_size: int, batch_size: int, val_fracti
         raise UserError(f"data.block_size must be at least 1, got {block_size}")
     if batch_size < 1:
         raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+    check_fractions(val_fraction, test_fraction)
 
 
 def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
@@ -81,9 +87,18 @@ class TextDataModule(GenerativeDataModule):
         vocab_size: BPE vocabulary size (ignored by "char", whose size is the text's).
         block_size: context length T; batches hold T + 1 tokens (the model shifts them).
         batch_size: windows per batch.
-        val_fraction: share of the documents held out (of the token stream when there
-            is only one document).
+        val_fraction: share of the documents held out for validation (of the text when
+            there are fewer than 3 documents).
+        test_fraction: share of the documents held out for testing (``genframe
+            evaluate``), likewise; 0 turns the test split off.
         seed: seed of the document split.
+
+    Splits: with 3 documents or more, whole documents are split at random (seeded): a
+    shuffled order's first ``test_fraction`` are the test documents, the next
+    ``val_fraction`` the validation documents, the rest the training documents, so a
+    document never straddles two splits. With fewer, the text is cut by position: the
+    last ``test_fraction`` of its characters are the test text, the ``val_fraction``
+    before them the validation text. The tokenizer is trained on the training split only.
         pseudonymize: replace e-mail addresses, phone numbers, IPs, ... by placeholders.
         num_workers: DataLoader worker processes.
     """
@@ -100,12 +115,13 @@ class TextDataModule(GenerativeDataModule):
         block_size: int = 64,
         batch_size: int = 12,
         val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
         seed: int = 0,
         pseudonymize: bool = False,
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
-        check_text_args(tokenizer, block_size, batch_size, val_fraction)
+        check_text_args(tokenizer, block_size, batch_size, val_fraction, test_fraction)
         self.source = source
         self.path = path
         self.text_field = text_field
@@ -113,12 +129,14 @@ class TextDataModule(GenerativeDataModule):
         self.bpe_vocab_size = vocab_size
         self.block_size = block_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.seed = seed
         self.pseudonymize = pseudonymize
         self.tokenizer = None
         self.vocab_size: int | None = None
         self.cache_hits: dict[str, bool] = {}
         self.unigram_loss: float | None = None  # after setup: a context-free baseline
+        self.token_counts: dict[str, int] = {}  # after setup: tokens per split
 
     def _separator(self) -> int | None:
         """The id put between documents: <|endoftext|> for BPE, a newline for char."""
@@ -142,37 +160,56 @@ class TextDataModule(GenerativeDataModule):
             raise UserError(f"data.path={self.path}: the {self.source} source has no text "
                             "left after cleaning (all documents empty)")
         span = self.block_size + 1
-        if len(docs) >= 2:
-            order = list(range(len(docs)))
-            random.Random(self.seed).shuffle(order)
-            n_val = max(1, round(len(docs) * self.val_fraction))
-            val_docs = [docs[i] for i in sorted(order[:n_val])]
-            train_docs = [docs[i] for i in sorted(order[n_val:])]
-        else:
-            text = docs[0]
-            cut = int(len(text) * (1 - self.val_fraction))
-            train_docs, val_docs = [text[:cut]], [text[cut:]]
+        splits = self._split(docs)
         if self.tokenizer is None:
-            self.tokenizer = build_tokenizer(self.tokenizer_kind, train_docs,
+            self.tokenizer = build_tokenizer(self.tokenizer_kind, splits["train"],
                                              vocab_size=self.bpe_vocab_size)
         self.vocab_size = self.tokenizer.vocab_size
         sep = self._separator()
-        train_tokens, self.cache_hits["train"] = token_cache(train_docs, self.tokenizer,
-                                                             separator=sep)
-        val_tokens, self.cache_hits["val"] = token_cache(val_docs, self.tokenizer, separator=sep)
-        for name, toks in (("training", train_tokens), ("validation", val_tokens)):
-            if len(toks) < span:
+        tokens = {}
+        for split in [s for s in SPLITS if splits[s]]:  # data.test_fraction=0: no test split
+            tokens[split], self.cache_hits[split] = token_cache(splits[split], self.tokenizer,
+                                                                separator=sep)
+            if len(tokens[split]) < span:
                 raise UserError(
-                    f"the {name} split of data.path={self.path} ({self.source}) has "
-                    f"{len(toks)} tokens, fewer than data.block_size + 1 = {span}; "
-                    "use more text, a smaller block_size or another val_fraction")
-        self.train_set = TokenWindows(train_tokens, self.block_size, random_offsets=True)
-        self.val_set = TokenWindows(val_tokens, self.block_size, random_offsets=False)
-        self.unigram_loss = unigram_loss(train_tokens, val_tokens, self.vocab_size)
-        log.info("text data: %s tokenizer, vocab %d, %d train / %d val tokens (%d / %d docs); "
-                 "unigram baseline %.4f nats per validation token", self.tokenizer.kind,
-                 self.vocab_size, len(train_tokens), len(val_tokens), len(train_docs),
-                 len(val_docs), self.unigram_loss)
+                    f"the {SPLIT_WORDS[split]} split of data.path={self.path} ({self.source}) "
+                    f"has {len(tokens[split])} tokens, fewer than data.block_size + 1 = {span}; "
+                    f"use more text, a smaller block_size or another {split}_fraction")
+        # Training windows start at random offsets; validation and test windows are the
+        # same consecutive ones every time.
+        self.train_set = TokenWindows(tokens["train"], self.block_size, random_offsets=True)
+        self.val_set = TokenWindows(tokens["val"], self.block_size, random_offsets=False)
+        if "test" in tokens:
+            self.test_set = TokenWindows(tokens["test"], self.block_size, random_offsets=False)
+        self.unigram_loss = unigram_loss(tokens["train"], tokens["val"], self.vocab_size)
+        self.token_counts = {split: len(t) for split, t in tokens.items()}
+        unit = "documents" if len(docs) >= 3 else "pieces of one text"
+        self.summarize_splits(unit, {split: len(splits[split]) for split in tokens},
+                              detail=" / ".join(f"{n} {s}" for s, n in self.token_counts.items())
+                              + f" tokens, seed {self.seed}")
+        log.info("text data: %s tokenizer, vocab %d; unigram baseline %.4f nats per "
+                 "validation token", self.tokenizer.kind, self.vocab_size, self.unigram_loss)
+
+    def _split(self, docs: list[str]) -> dict[str, list[str]]:
+        """The documents of each split (see the class docstring)."""
+        if len(docs) >= 3:
+            n_train, n_val, n_test = split_counts(
+                len(docs), self.val_fraction, self.test_fraction, what="documents",
+                where=f"data.path={self.path} ({self.source})")
+            order = list(range(len(docs)))
+            random.Random(self.seed).shuffle(order)
+            # Test first: with equal fractions the test documents are the validation
+            # documents of genframe before test splits (see base.split_indices for why).
+            picked = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val],
+                      "test": order[:n_test]}
+            return {split: [docs[i] for i in sorted(idx)] for split, idx in picked.items()}
+        # One or two documents: cut the text by position, the test text last (as the
+        # validation text was before test splits).
+        text = "\n\n".join(docs)
+        test_cut = int(len(text) * (1 - self.test_fraction))
+        val_cut = int(len(text) * (1 - self.test_fraction - self.val_fraction))
+        return {"train": [text[:val_cut]], "val": [text[val_cut:test_cut]],
+                "test": [text[test_cut:]] if self.test_fraction else []}
 
     def use_tokenizer(self, tokenizer) -> None:
         """Tokenise with `tokenizer` (e.g. the model's, when fine-tuning) instead of
