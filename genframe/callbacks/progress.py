@@ -71,6 +71,7 @@ class ProgressLine(pl.Callback):
         self._start_step = 0
         self._last_printed = -1
         self._batches = 0
+        self._epoch = 0  # of the latest batch: after the last one Lightning counts one more
         self._items: int | None = 0  # None once a batch's size could not be read
 
     # -- Lightning hooks ------------------------------------------------------------------
@@ -87,6 +88,7 @@ class ProgressLine(pl.Callback):
         if not self._active:
             return
         self._batches += 1
+        self._epoch = trainer.current_epoch
         if self._items is not None:
             n = batch_size_of(batch)
             self._items = None if n is None else self._items + n
@@ -120,7 +122,7 @@ class ProgressLine(pl.Callback):
         done = step - self._start_step
         total = self._total_steps(trainer, pl_module)
 
-        where = f"epoch {trainer.current_epoch} | step {step}"
+        where = f"epoch {self._epoch} | step {step}"
         if total and not final:
             where += f"/{total} ({100 * step / total:.0f}%)"
         parts = ["[progress] " + ("done: " if final else "") + where]
@@ -167,9 +169,12 @@ def train_values(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The training values to show: ``train/*loss*`` keys (``train/loss`` first), else
     any ``train/*`` keys; a key logged per step and per epoch shows its latest step value."""
     values: dict[str, float] = {}
-    for key, value in metrics.items():
-        if not key.startswith("train/") or key.endswith("_epoch"):
-            continue
+    # A key logged per step and per epoch is there three times (`k`, `k_step`, `k_epoch`):
+    # the `_step` value, read last, is the latest.
+    keys = sorted((k for k in metrics if k.startswith("train/") and not k.endswith("_epoch")),
+                  key=lambda k: k.endswith("_step"))
+    for key in keys:
+        value = metrics[key]
         if torch.is_tensor(value):
             if value.numel() != 1:
                 continue
