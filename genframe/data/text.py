@@ -67,6 +67,13 @@ def check_text_args(tokenizer: str, block_size: int, batch_size: int, val_fracti
     check_fractions(val_fraction, test_fraction)
 
 
+def _more_for(split: str) -> str:
+    """How a user gives `split` more text."""
+    if split == "train":
+        return "smaller data.val_fraction and data.test_fraction"
+    return f"a larger data.{split}_fraction"
+
+
 def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats per token) on `val_tokens` of the training split's token
     frequencies (add-one smoothed): the loss of a model that ignores context, for scale."""
@@ -174,7 +181,7 @@ class TextDataModule(GenerativeDataModule):
                 raise UserError(
                     f"the {SPLIT_WORDS[split]} split of data.path={self.path} ({self.source}) "
                     f"has {len(tokens[split])} tokens, fewer than data.block_size + 1 = {span}; "
-                    f"use more text, a smaller block_size or another {split}_fraction")
+                    f"use more text, a smaller block_size or {_more_for(split)}")
         # Training windows start at random offsets; validation and test windows are the
         # same consecutive ones every time.
         self.train_set = TokenWindows(tokens["train"], self.block_size, random_offsets=True)

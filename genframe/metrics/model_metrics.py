@@ -34,9 +34,11 @@ def data_image_metrics(
         data: a set-up genframe data module with ``train_set`` and ``val_set``.
         extractor: ``"classifier"`` or ``"timm"`` (with `timm_model` and local `timm_weights`).
         k: neighbourhood size of precision/recall.
-        real: the real images: ``"val"`` (the validation split), ``"train"`` or ``"all"``
-            (both). More real images make the Fréchet distance less biased; FD on the
-            training images is the usual practice (as for CIFAR-10's FID).
+        real: the real images: ``"val"`` (the validation split), ``"train"``, ``"all"``
+            (both) or ``"test"`` (the test split, for `genframe evaluate`; ``"all"`` leaves
+            it out, so a training-time monitor never sees it). More real images make the
+            Fréchet distance less biased; FD on the training images is the usual practice
+            (as for CIFAR-10's FID).
         max_real: use at most this many real images.
     """
     data.setup("fit")
@@ -48,6 +50,8 @@ def data_image_metrics(
     feats = build_extractor(extractor, classifier=classifier, timm_model=timm_model,
                             timm_weights=timm_weights, image_size=timm_image_size)
     splits = {"val": [data.val_set], "train": [data.train_set], "all": [data.train_set, data.val_set]}
+    if getattr(data, "test_set", None) is not None:
+        splits["test"] = [data.test_set]
     if real not in splits:
         raise UserError(f"metrics.real={real}: expected one of {', '.join(splits)}")
     images = torch.cat([stack_dataset(s, ("image",))["image"] for s in splits[real]])[:max_real]

@@ -1,50 +1,99 @@
-"""`genframe evaluate`: a trained model's metrics on validation data."""
+"""`genframe evaluate`: a trained model's metrics on its data's test (or validation) split."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from genframe.errors import UserError
 from genframe.runs import atomic_write_json, start_run, update_run
 from genframe.tasks.build import build_trainer, trained_model_and_data
 from genframe.tasks.fit import report
 
+log = logging.getLogger("genframe")
+
+#: The splits `genframe evaluate` reports on (``split=...``); the first is the default.
+EVAL_SPLITS = ("test", "val")
+
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Validate ``run`` (or ``ckpt``) on its data (or ``data=...``).
+    """Run the model's validation step over one split of ``run``'s (or ``ckpt``'s) data
+    (or of ``data=...``) and report its metrics.
 
-    Writes ``metrics.json`` into the new run directory and appends a line to the
-    evaluated run's ``evaluations.jsonl``.
+    ``split=test`` (the default) uses the test split, which neither trained the model nor
+    chose its checkpoint; ``split=val`` the validation split that chose the checkpoint.
+    Keys carry the split's prefix (``test/loss``, ``test/fd``, ...; ``val/...``), the
+    image metrics' too. Writes ``metrics.json`` into the new run directory and appends a
+    line (with the split) to the evaluated run's ``evaluations.jsonl``.
     """
     import pytorch_lightning as pl
 
+    split = str(cfg.get("split", EVAL_SPLITS[0]))
+    if split not in EVAL_SPLITS:
+        raise UserError(f"split={split}: expected one of {', '.join(EVAL_SPLITS)} "
+                        "(test: held out from training and checkpoint choice)")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, run, weights, data, data_cfg = trained_model_and_data(cfg, "evaluate")
+    loader = data.dataloader(split)  # refuses data without this split before any output
+    if run is not None and cfg.get("data") is None:
+        _warn_if_trained_before_test_splits(run.path, data, data_cfg, split)
     out_dir = Path(cfg.paths.output_dir)
     start_run(out_dir, cfg, "evaluate", source={"run": str(run.path) if run else None,
                                                "weights": str(weights)}, data=data_cfg)
     trainer = build_trainer(cfg, model, train=False)
-    results = trainer.validate(model, datamodule=data, verbose=False)
-    metrics = {k: float(v) for k, v in sorted((results[0] if results else {}).items())}
-    if cfg.metrics.enabled and "image" in model.needs:
-        metrics.update(_image_metrics(cfg, model, data))
+    # The model's validation step logs val/...; over another split they are that split's.
+    results = trainer.validate(model, dataloaders=loader, verbose=False)
+    metrics = {_with_prefix(k, split): float(v)
+               for k, v in sorted((results[0] if results else {}).items())}
+    image_metrics = cfg.metrics.enabled and "image" in model.needs
+    if image_metrics:
+        metrics.update(_image_metrics(cfg, model, data, split))
     atomic_write_json(out_dir / "metrics.json", metrics)
     update_run(out_dir, status="completed")
     if run is not None:
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "evaluate_run": str(out_dir),
-                "data": data_cfg, "metrics": metrics}
+                "split": split, "data": data_cfg, "metrics": metrics}
+        if image_metrics:
+            line["real"] = str(cfg.metrics.real)
         with open(run.path / "evaluations.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
-    report(out_dir, metrics, f"metrics of {weights}:")
-    return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get("val/loss")}
+    report(out_dir, metrics, f"{split} metrics of {weights}:")
+    return {"run_dir": out_dir, "metrics": metrics, "split": split,
+            "objective": metrics.get(f"{split}/loss")}
 
 
-def _image_metrics(cfg: DictConfig, model, data) -> dict[str, float]:
-    """FD, precision/recall and class accuracy of generated images, keyed ``val/...``."""
+def _with_prefix(key: str, split: str) -> str:
+    """``val/loss`` -> ``test/loss`` for split=test; other keys stay as they are."""
+    return f"{split}/{key[len('val/'):]}" if key.startswith("val/") else key
+
+
+def _warn_if_trained_before_test_splits(run_path: Path, data, data_cfg: dict, split: str) -> None:
+    """A run whose data config has a val_fraction but no test_fraction was trained before
+    data modules had test splits; say where its splits now overlap its training data."""
+    test_fraction = getattr(data, "test_fraction", None)
+    val_fraction = data_cfg.get("val_fraction")
+    if "test_fraction" in data_cfg or val_fraction is None or not test_fraction:
+        return
+    # That run trained on all but the first val_fraction of the split permutation; today
+    # the first test_fraction are the test split and the next val_fraction the validation
+    # split (genframe.data.base.split_indices).
+    if split == "val" or test_fraction > val_fraction:
+        log.warning(
+            "%s was trained before data had a test split (its data config has no "
+            "test_fraction): part of today's %s split was in its training data, so these "
+            "%s/* figures are optimistic; split=test holds images it never trained on "
+            "while test_fraction (%s) <= its val_fraction (%s)",
+            run_path, split, split, test_fraction, val_fraction)
+
+
+def _image_metrics(cfg: DictConfig, model, data, split: str) -> dict[str, float]:
+    """FD, precision/recall and class accuracy of generated images against the
+    ``metrics.real`` images, keyed ``<split>/...``."""
     from genframe.metrics.model_metrics import data_image_metrics, model_image_metrics
     from genframe.tasks.generate import generation_options
 
@@ -55,7 +104,7 @@ def _image_metrics(cfg: DictConfig, model, data) -> dict[str, float]:
     )
     values = model_image_metrics(model, image_metrics, m.num_samples, batch_size=m.batch_size,
                                  seed=cfg.seed, **generation_options(cfg, model))
-    out = {f"val/{k}": v for k, v in values.items()}
+    out = {f"{split}/{k}": v for k, v in values.items()}
     out["metrics/num_samples"] = float(m.num_samples)
     out["metrics/num_real"] = float(image_metrics.num_real)
     if image_metrics.classifier is not None:
