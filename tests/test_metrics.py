@@ -6,9 +6,13 @@ Convention under test: extractors and metrics take images in [0, 1]; data batche
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -215,7 +219,7 @@ def test_timm_features_from_local_files(timm_weights):
 def test_timm_bad_files_are_user_errors(timm_weights, tmp_path):
     import timm
 
-    root, _ = timm_weights
+    root, reference = timm_weights
     with pytest.raises(UserError, match=r"metrics\.timm_weights=.*nope\.safetensors: no such file"):
         TimmFeatures(TIMM_MODEL, tmp_path / "nope.safetensors")
 
@@ -227,6 +231,14 @@ def test_timm_bad_files_are_user_errors(timm_weights, tmp_path):
     torch.save(timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict(), other)
     with pytest.raises(UserError, match=r"metrics\.timm_weights=.*vit\.pt: the weights do not fit.*missing"):
         TimmFeatures(TIMM_MODEL, other)
+
+    # Weights of the right architecture with a NaN: refused before anything is loaded.
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first].view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(UserError, match=r"metrics\.timm_weights=.*nan\.pt: non-finite values in \['" + first):
+        TimmFeatures(TIMM_MODEL, tmp_path / "nan.pt")
 
     # A pickle that would run code is refused, not unpickled.
     evil = tmp_path / "evil.bin"
@@ -289,11 +301,37 @@ def test_digits_classifier_trains_once_and_is_accurate(digits_classifier):
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    import genframe.cache
+
+    assert cache_dir is genframe.cache.cache_dir  # one cache folder, re-exported here
     monkeypatch.setenv("GENFRAME_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
+    assert cache_dir("tokens") == tmp_path / "c" / "tokens"
     monkeypatch.delenv("GENFRAME_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "genframe"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "genframe"
+
+
+def test_the_token_cache_does_not_import_the_metrics(tmp_path):
+    """The text token cache and the metrics share genframe.cache, not each other."""
+    import genframe.text.cache as text_cache
+
+    tree = ast.parse(open(text_cache.__file__, encoding="utf-8").read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "genframe.cache" in imported
+    assert not any(m and m.startswith("genframe.metrics") for m in imported), imported
+
+    # And at run time: its default folder is genframe's cache folder, metrics untouched.
+    code = ("import sys, genframe.text.cache as c; print(c.default_cache_dir()); "
+            "print('genframe.metrics' in sys.modules)")
+    env = {**os.environ, "GENFRAME_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(tmp_path / "tokens"), "False"]
 
 
 def test_other_data_or_a_damaged_entry_trains_again(tmp_path):
@@ -330,10 +368,11 @@ def test_training_is_seeded_and_leaves_the_global_rng_alone():
 def test_fd_separates_real_digits_from_noise(digits, digits_classifier):
     _, clf, _, _ = digits_classifier
     ext = build_extractor("classifier", classifier=clf)
-    images = to_unit_range(stack_dataset(digits.train_set)["image"])  # (1617, 1, 8, 8)
+    images = to_unit_range(stack_dataset(digits.train_set)["image"])  # (N, 1, 8, 8)
+    n = len(images) // 2  # two disjoint halves, whatever the split leaves for training
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    half_a, half_b = images[perm[:800]], images[perm[800:1600]]
-    noise = torch.rand(800, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    half_a, half_b = images[perm[:n]], images[perm[n:2 * n]]
+    noise = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
     real_vs_real = image_quality(half_a, half_b, ext)
     real_vs_noise = image_quality(half_a, noise, ext)
@@ -343,8 +382,10 @@ def test_fd_separates_real_digits_from_noise(digits, digits_classifier):
     assert real_vs_noise["fd"] > 20 * real_vs_real["fd"]
     assert real_vs_real["precision"] > 0.8 and real_vs_real["recall"] > 0.8
     # Not 0: noise lands in a small region of feature space that the k-NN balls of a few
-    # ambiguous real digits reach (seen: 0.14 / 0.24).
-    assert real_vs_noise["precision"] < 0.35 and real_vs_noise["recall"] < 0.4
+    # ambiguous real digits reach (seen: precision 0.14 to 0.41 and recall 0.2 to 0.3, by
+    # the classifier's training split), but far below real digits.
+    assert real_vs_noise["precision"] < 0.5 * real_vs_real["precision"]
+    assert real_vs_noise["recall"] < 0.5 * real_vs_real["recall"]
 
     # ImageMetrics keeps the real features and gives the same numbers.
     metrics = ImageMetrics(half_a, ext)
