@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from genframe.tasks.build import build_sampler
+
 
 def build_model(run: str | None):
     if run:
@@ -39,14 +41,14 @@ def main() -> None:
     timesteps = model.hparams.timesteps
     cases = [("ddim-10", {"name": "ddim", "steps": 10}), ("ddim-25", {"name": "ddim", "steps": 25}),
              ("ddim-50", {"name": "ddim", "steps": 50}), (f"ddpm-{timesteps}", {"name": "ddpm"})]
-    model.generate(4, seed=0, sampler={"name": "ddim", "steps": 2})  # warm-up
+    model.generate(4, seed=0, sampler=build_sampler({"name": "ddim", "steps": 2}))  # warm-up
     rows = []
     for label, sampler in cases:
         steps = sampler.get("steps", timesteps)
         best = float("inf")
         for _ in range(args.repeat if steps < 100 else 1):
             start = time.perf_counter()
-            model.generate(args.num_samples, seed=0, sampler=sampler)
+            model.generate(args.num_samples, seed=0, sampler=build_sampler(sampler))
             best = min(best, time.perf_counter() - start)
         rows.append((label, steps, best))
     print(f"{'sampler':<10} {'steps':>6} {'seconds':>9} {'images/s':>9} {'ms/step':>8}")

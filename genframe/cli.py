@@ -21,6 +21,12 @@ OPEN_KEYS = ("sampling.", "condition.", "template.vars.", "finetune.hparams.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    from genframe.errors import GenframeDeprecationWarning
+
+    # Python hides DeprecationWarnings outside __main__; plugin authors should see these.
+    warnings.simplefilter("default", GenframeDeprecationWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

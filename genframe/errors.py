@@ -36,6 +36,10 @@ class Interrupted(GenframeError):
     exit_code = 130
 
 
+class GenframeDeprecationWarning(DeprecationWarning):
+    """A plugin uses an interface genframe will drop (the CLI shows it once per place)."""
+
+
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The choices that look most like `word` (for 'did you mean' hints)."""
     choices = [str(c) for c in choices]

@@ -9,11 +9,19 @@ A plugin is a module (or object) with functions marked ``@hookimpl`` and listed 
 Each hook receives a ``register`` callback; call it once per thing you add. Keep the
 plugin module light (no torch import at top level): give targets as ``"module:Class"``
 strings and genframe imports them only when a task needs them, so the CLI stays fast.
+
+The plugin module declares the plugin API it was written for, ``GENFRAME_PLUGIN_API = 1``
+(`PLUGIN_API_VERSION`); `genframe plugins` reports a plugin that declares another
+version, or none.
 """
 
 from __future__ import annotations
 
 import pluggy
+
+#: The plugin API this genframe provides (the hooks below and the `GenerativeModule`
+#: contract). It changes when a plugin written for the old one would break.
+PLUGIN_API_VERSION = 1
 
 hookspec = pluggy.HookspecMarker("genframe")
 hookimpl = pluggy.HookimplMarker("genframe")

@@ -11,19 +11,12 @@ from typing import Any, ClassVar
 import pytorch_lightning as pl
 import torch
 
+from genframe.errors import GenframeDeprecationWarning
 from genframe.samples import Samples
 from genframe.spec import ModelSpec
 
-#: The plugin API this genframe provides. A plugin module declares the version it was
-#: written for as ``GENFRAME_PLUGIN_API = 1``; `genframe plugins` reports a mismatch.
-PLUGIN_API_VERSION = 1
-
 # Parameters of `sample()` that are not sampling options.
 _SAMPLE_ARGS = ("self", "num_samples", "condition", "generator")
-
-
-class GenframeDeprecationWarning(DeprecationWarning):
-    """A plugin uses an interface genframe will drop (shown by the CLI, once per place)."""
 
 
 class GenerativeModule(pl.LightningModule):

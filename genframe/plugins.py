@@ -57,11 +57,28 @@ class Registration:
 
 @dataclass
 class PluginInfo:
+    """A loaded plugin: where it came from, the plugin API it declares, what it added."""
+
     name: str
     module: str
     distribution: str
     version: str
     registered: list[str] = field(default_factory=list)
+    #: ``GENFRAME_PLUGIN_API`` of the plugin module (None: not declared).
+    api: Any = None
+
+    @property
+    def api_problem(self) -> str | None:
+        """Why the plugin may not work with this genframe, or None when it declares the
+        plugin API this genframe provides."""
+        if self.api == hookspecs.PLUGIN_API_VERSION:
+            return None
+        if self.api is None:
+            return (f"declares no plugin API version (add GENFRAME_PLUGIN_API = "
+                    f"{hookspecs.PLUGIN_API_VERSION} to {self.module} once it follows the "
+                    "current plugin guide)")
+        return (f"written for plugin API {self.api!r}; this genframe provides "
+                f"{hookspecs.PLUGIN_API_VERSION} (see the README's plugin guide)")
 
 
 @dataclass
@@ -167,7 +184,8 @@ def build_registry(extra_plugins: list[tuple[str, Any]] = ()) -> Registry:
     for core in (core_data, core_samplers):
         name = core.__name__.removesuffix(".builtin")
         loaded.append((name, core))
-        registry.plugins[name] = PluginInfo(name, core.__name__, "genframe", __version__)
+        registry.plugins[name] = PluginInfo(name, core.__name__, "genframe", __version__,
+                                            api=hookspecs.PLUGIN_API_VERSION)
     for ep in _selected_entry_points():
         try:
             obj = ep.load()
@@ -180,10 +198,12 @@ def build_registry(extra_plugins: list[tuple[str, Any]] = ()) -> Registry:
         registry.plugins[ep.name] = PluginInfo(
             ep.name, ep.value,
             dist.metadata["Name"] if dist else "?", dist.version if dist else "?",
+            api=getattr(obj, "GENFRAME_PLUGIN_API", None),
         )
         loaded.append((ep.name, obj))
     for name, obj in extra_plugins:
-        registry.plugins[name] = PluginInfo(name, getattr(obj, "__name__", repr(obj)), "(in-process)", "")
+        registry.plugins[name] = PluginInfo(name, getattr(obj, "__name__", repr(obj)), "(in-process)", "",
+                                            api=getattr(obj, "GENFRAME_PLUGIN_API", None))
         loaded.append((name, obj))
 
     collector = _Collector(registry)

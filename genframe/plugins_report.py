@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from genframe.hookspecs import PLUGIN_API_VERSION
 from genframe.plugins import ALLOW_ENV, AUTOLOAD_ENV, get_registry
 
 
 def plugins_as_dicts() -> list[dict]:
     return [
         {"plugin": p.name, "module": p.module, "distribution": p.distribution,
-         "version": p.version, "registered": list(p.registered)}
+         "version": p.version, "registered": list(p.registered), "plugin_api": p.api,
+         "problem": p.api_problem}
         for p in get_registry().plugins.values()
     ]
 
@@ -25,15 +27,21 @@ def print_plugins(as_json: bool = False) -> None:
 
     registry = get_registry()
     table = Table(title="genframe plugins", show_lines=False)
-    for col in ("plugin", "distribution", "version", "registered"):
+    for col in ("plugin", "distribution", "version", "API", "registered"):
         table.add_column(col)
     for info in registry.plugins.values():
         regs = [r for r in info.registered if not r.startswith("configs=")]
         confs = [r.removeprefix("configs=") for r in info.registered if r.startswith("configs=")]
         text = ", ".join(regs) + (f"\nconfigs: {', '.join(confs)}" if confs else "")
-        table.add_row(info.name, info.distribution, info.version, text or "(nothing)")
+        api = "?" if info.api is None else str(info.api)
+        api = api if info.api_problem is None else f"[yellow]{api}[/yellow]"
+        table.add_row(info.name, info.distribution, info.version, api, text or "(nothing)")
     console = Console()
     console.print(table)
+    for info in registry.plugins.values():
+        if info.api_problem is not None:
+            console.print(f"[yellow]warning:[/yellow] plugin '{info.name}' {info.api_problem}")
     console.print(
-        f"[dim]{ALLOW_ENV}=a,b loads only a and b; {AUTOLOAD_ENV}=1 loads no entry-point plugin.[/dim]"
+        f"[dim]plugin API of this genframe: {PLUGIN_API_VERSION}. {ALLOW_ENV}=a,b loads only "
+        f"a and b; {AUTOLOAD_ENV}=1 loads no entry-point plugin.[/dim]"
     )

@@ -9,6 +9,7 @@ the model (`build_from_spec`), and `load_model` does so from a run directory.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,26 @@ def instantiate_model(name: str, kwargs: Mapping[str, Any], *, where: str = "mod
     Raises:
         UserError: unknown name, unknown or mistyped argument, a value the model refuses.
     """
-    cls = get_registry().model(name).load()
+    registration = get_registry().model(name)
+    _warn_api_problem(registration.plugin)
+    cls = registration.load()
     kwargs = renamed_arguments(cls, kwargs, where=where, migrate=migrate)
     kwargs = check_kwargs(cls, kwargs, where=where, source=source)
     model = cls(**kwargs)
     model.model_spec = ModelSpec(name=name, kwargs=kwargs)
     return model
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_api_problem(plugin: str) -> None:
+    """Say once per process when a model's plugin was written for another plugin API."""
+    info = get_registry().plugins.get(plugin)
+    problem = info.api_problem if info is not None else None
+    if problem and plugin not in _WARNED:
+        _WARNED.add(plugin)
+        logging.getLogger("genframe").warning("plugin '%s' %s", plugin, problem)
 
 
 def renamed_arguments(cls: type, kwargs: Mapping[str, Any], *, where: str,

@@ -53,7 +53,7 @@ FAST_TRAINING = [
     "trainer.enable_progress_bar=false",
     "num_samples=4",
 ]
-FAST = [*FAST_TRAINING, "model.latent_dim=2", "model.channels=[8,16]"]
+FAST = [*FAST_TRAINING, "model.latent_dim=2", "model.block_out_channels=[8,16]"]
 
 
 @pytest.fixture

@@ -173,11 +173,24 @@ def test_chat_data_module_rows_masks_and_split(chats):
     batch = next(iter(data.train_dataloader()))
     assert batch["tokens"].shape == batch["loss_mask"].shape == (4, 49)
     assert batch["tokens"].dtype == torch.long
+    # Each row is a conversation rendered by hand with the default template, one token a
+    # character, cut to 49 tokens; its mask is 1 exactly on each reply and its "<end>\n".
+    formats = {"system": "<system> {}\n", "user": "<user> {}\n", "assistant": "<assistant> {}<end>\n"}
+    expected = {}
+    for c in CONVERSATIONS:
+        text, target = "", []
+        for m in c["messages"]:
+            before, after = formats[m["role"]].split("{}")
+            reply = int(m["role"] == "assistant")
+            text += before + m["content"] + after
+            target += [0] * len(before) + [reply] * len(m["content"] + after)
+        expected[text[:49]] = target[:49]
     for row, mask in zip(batch["tokens"], batch["loss_mask"]):
-        text = data.tokenizer.decode(row[mask == 1].tolist())
-        assert text.endswith("<end>\n") or len(row[mask == 1]) > 0
         n = int((row != 0).sum())  # padding is id 0 with mask 0
         assert (row[n:] == 0).all() and (mask[n:] == 0).all()
+        text = data.tokenizer.decode(row[:n].tolist())
+        assert text in expected, text
+        assert mask[:n].tolist() == expected[text], text
     # Validation never shares a conversation with training.
     train_rows = {tuple(r.tolist()) for r in data.train_set.columns["tokens"]}
     assert not train_rows & {tuple(r.tolist()) for r in data.val_set.columns["tokens"]}
@@ -353,7 +366,7 @@ class FakeModel:
 
 
 def make_session(model, **kw):
-    from genframe.tasks.chat import ChatSession
+    from genframe.text.chat_session import ChatSession
 
     args = {"generate": model.generate, "count_tokens": len, "template": ChatTemplate(),
             "block_size": 120, "max_new_tokens": 20, "seed": 5, **kw}
@@ -386,7 +399,7 @@ def test_chat_session_trims_history_resets_and_records():
 
 
 def test_stop_filter_never_shows_a_stop_string():
-    from genframe.tasks.chat import StopFilter, cut_at_stop
+    from genframe.text.chat_session import StopFilter, cut_at_stop
 
     f = StopFilter(["<end>"])
     shown = "".join(f.feed(p) for p in ["Hel", "lo <", "en", "d>\n<user> more"])
@@ -399,7 +412,7 @@ def test_stop_filter_never_shows_a_stop_string():
 
 
 def test_streamed_reply_is_printed_without_the_stop_string(capsys):
-    from genframe.tasks.chat import _printer
+    from genframe.terminal import reply_printer as _printer
 
     model = FakeModel("Hi there<end>\n<user> ignore")
     session = make_session(model)
@@ -529,7 +542,30 @@ def test_chat_task_with_a_prompt_template_and_a_finetune_on_its_transcript(
     out = finetune(compose_task("finetune", f"run={chat_run}", "data=chat",
                                 f"data.path={transcript}", "data.block_size=64",
                                 *[o for o in TINY_TRANSFORMER if not o.startswith("model")]))
-    assert out["metrics"]["val/loss"] > 0
+    # val/loss is the fine-tuned weights' loss on a held-out conversation of the transcript.
+    # Recompute it by hand for each conversation read from the file: the default template,
+    # each piece encoded with the model's own tokenizer, replies and their "<end>\n" as the
+    # only targets, cut to data.block_size + 1 = 65 tokens. It must match one of them.
+    import torch.nn.functional as F
+
+    model = out["model"].eval()
+    formats = {"system": "<system> {}\n", "user": "<user> {}\n", "assistant": "<assistant> {}<end>\n"}
+    losses = []
+    for line in transcript.read_text().splitlines():
+        ids, mask = [], []
+        for m in json.loads(line)["messages"]:
+            before, after = formats[m["role"]].split("{}")
+            reply = int(m["role"] == "assistant")
+            for text, target in ((before, 0), (m["content"], reply), (after, reply)):
+                piece = model.tokenizer.encode(text)
+                ids, mask = ids + piece, mask + [target] * len(piece)
+        ids, mask = torch.tensor(ids[:65]), torch.tensor(mask[:65], dtype=torch.float64)
+        with torch.no_grad():
+            nll = F.cross_entropy(model(ids[None, :-1])[0].double(), ids[1:], reduction="none")
+        losses.append(float((nll * mask[1:]).sum() / mask[1:].sum()))
+    assert len(losses) == 2
+    val_loss = out["metrics"]["val/loss"]
+    assert sum(loss == pytest.approx(val_loss, rel=1e-5) for loss in losses) == 1, (val_loss, losses)
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "openpty"), reason="needs a pseudo-terminal")

@@ -13,10 +13,12 @@ from genframe.errors import UserError
 from genframe.layers import SelfAttention2d, timestep_embedding
 from genframe.samplers.ddim import DDIMSampler
 from genframe.samplers.ddpm import DDPMSampler
+from genframe.spec import ModelSpec
+from genframe.tasks.build import build_sampler
 from genframe.samples import Samples
 
 TINY = dict(
-    image_size=8, num_classes=10, channels=[8, 16], blocks_per_level=1,
+    image_size=8, num_classes=10, block_out_channels=[8, 16], blocks_per_level=1,
     attention_resolutions=[4], num_heads=2, timesteps=50, default_sampler_steps=5,
 )
 
@@ -226,7 +228,7 @@ def test_generate_shape_range_conditions_and_metadata():
     assert [c["label"] for c in s.conditions] == [i % 10 for i in range(12)]
     assert s.metadata["seed"] == 5 and s.metadata["guidance"] == 1.0
     assert s.metadata["sampler"] == {"name": "ddim", "steps": 5, "eta": 0.0}
-    s = m.generate(3, condition={"label": 7}, seed=5, guidance=2.0, sampler={"name": "ddpm"})
+    s = m.generate(3, condition={"label": 7}, seed=5, guidance=2.0, sampler=build_sampler({"name": "ddpm"}))
     assert [c["label"] for c in s.conditions] == [7, 7, 7]
     assert s.metadata["sampler"] == {"name": "ddpm"} and s.metadata["guidance"] == 2.0
     u = tiny(num_classes=0, in_channels=3, image_size=7, attention_resolutions=[])
@@ -238,7 +240,7 @@ def test_generate_shape_range_conditions_and_metadata():
 def test_same_seed_same_images_any_sampler():
     m = tiny()
     train_steps(m, m.example_batch(8), 3)
-    for sampler in (None, {"name": "ddim", "steps": 10, "eta": 1.0}, "ddpm", DDIMSampler(steps=4)):
+    for sampler in (None, DDIMSampler(steps=10, eta=1.0), DDPMSampler(), DDIMSampler(steps=4)):
         a = m.generate(3, seed=11, sampler=sampler, guidance=2.0).images
         b = m.generate(3, seed=11, sampler=sampler, guidance=2.0).images
         assert torch.equal(a, b), sampler
@@ -292,13 +294,16 @@ def test_condition_on_an_unconditional_model_is_a_user_error():
 def test_bad_sampler_choices_are_user_errors():
     m = tiny()
     with pytest.raises(UserError, match="no sampler named 'dim'.*'ddim'"):
-        m.generate(2, sampler={"name": "dim"})
+        build_sampler({"name": "dim"})
     with pytest.raises(UserError, match="sampler.step: unknown key.*steps"):
-        m.generate(2, sampler={"name": "ddim", "step": 10})
+        build_sampler({"name": "ddim", "step": 10})
+    # The model takes a built sampler, never a config to look up (the tasks build it).
+    with pytest.raises(UserError, match="expected a genframe.samplers.Sampler.*sampler=ddim"):
+        m.generate(2, sampler={"name": "ddim", "steps": 10})
     with pytest.raises(UserError, match="sampler.steps must be between 1 and 50"):
-        m.generate(2, sampler={"name": "ddim", "steps": 51})
+        m.generate(2, sampler=build_sampler({"name": "ddim", "steps": 51}))
     with pytest.raises(UserError, match=r"sampler.eta must be in \[0, 1\]"):
-        m.generate(2, sampler={"name": "ddim", "eta": 2.0})
+        m.generate(2, sampler=build_sampler({"name": "ddim", "eta": 2.0}))
     with pytest.raises(UserError, match="sampler=ddim sampler.steps=10"):
         m.generate(2, steps=10)
     with pytest.raises(UserError, match="sampling.temperature: not an option"):
@@ -308,8 +313,8 @@ def test_bad_sampler_choices_are_user_errors():
 def test_ddim_with_all_steps_and_eta1_matches_ddpm_on_the_model():
     m = tiny()
     train_steps(m, m.example_batch(8), 3)
-    a = m.generate(3, seed=2, sampler="ddpm", guidance=2.0).images
-    b = m.generate(3, seed=2, sampler={"name": "ddim", "steps": 50, "eta": 1.0}, guidance=2.0).images
+    a = m.generate(3, seed=2, sampler=build_sampler("ddpm"), guidance=2.0).images
+    b = m.generate(3, seed=2, sampler=build_sampler({"name": "ddim", "steps": 50, "eta": 1.0}), guidance=2.0).images
     assert torch.allclose(a, b, atol=1e-4)
     assert DDPMSampler().num_model_calls(m.schedule) == 50
 
@@ -318,9 +323,9 @@ def test_safetensors_round_trip_keeps_the_ema(tmp_path):
     from genframe.weights import build_from_spec, read_weights, save_weights
 
     m = tiny(ema_decay=0.9)
-    m.genframe_spec = {"name": "diffusion", "kwargs": dict(TINY, ema_decay=0.9)}
+    m.model_spec = ModelSpec(name="diffusion", kwargs=dict(TINY, ema_decay=0.9))
     train_steps(m, m.example_batch(8), 5)
-    path = save_weights(m, tmp_path / "model.safetensors", m.genframe_spec)
+    path = save_weights(m, tmp_path / "model.safetensors")
     spec, state = read_weights(path)
     assert any(k.startswith("ema_unet.") for k in state)
     rebuilt = build_from_spec(spec, state).eval()
@@ -334,11 +339,11 @@ def test_yaml_config_builds_the_model(compose_task):
     """Every key of model/diffusion.yaml is a checked constructor argument."""
     from genframe.tasks.build import build_model
 
-    cfg = compose_task("train", "model=diffusion", "model.channels=[8,16]")
+    cfg = compose_task("train", "model=diffusion", "model.block_out_channels=[8,16]")
     m = build_model(cfg.model)
     assert isinstance(m, Diffusion)
     assert m.num_classes == cfg.data.num_classes == 10
-    assert m.hparams.channels == [8, 16]
+    assert m.hparams.block_out_channels == [8, 16]
 
 
 @pytest.mark.slow
@@ -362,7 +367,7 @@ def test_default_diffusion_draws_the_requested_digits(compose_task):
     requested = [k for k in range(10) for _ in range(20)]
     for guidance, bar in ((1.0, 0.85), (2.0, 0.9)):
         s = model.generate(len(requested), condition={"label": requested}, seed=0,
-                           sampler={"name": "ddim", "steps": 50}, guidance=guidance)
+                           sampler=build_sampler({"name": "ddim", "steps": 50}), guidance=guidance)
         predicted = svc.predict((s.images.flatten(1) * 16).numpy())
         accuracy = float((predicted == np.array(requested)).mean())
         assert accuracy >= bar, (guidance, accuracy)

@@ -34,5 +34,5 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(compose_task):
     info = json.load(open(f"{run_dir}/run.json"))
     assert info["status"] == "diverged"
     spec, state = read_weights(f"{run_dir}/checkpoints/last.ckpt")
-    assert spec["name"] == "nan_vae"
+    assert spec.name == "nan_vae"
     assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())

@@ -80,7 +80,7 @@ def test_unknown_command(cli):
 
 
 def test_unparsable_override(cli):
-    assert_user_error(cli("train", "model.channels=[8,"), "cannot parse")
+    assert_user_error(cli("train", "model.block_out_channels=[8,"), "cannot parse")
 
 
 def test_debug_flag_shows_the_traceback(cli):

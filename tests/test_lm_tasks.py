@@ -42,8 +42,8 @@ def test_the_tokenizer_is_saved_with_the_run_and_in_the_weights(lm_run):
     tok = load_tokenizer(run)
     assert tok.kind == "char" and tok.vocab_size == len(set(TEXT)) + 1  # + <unk>
     spec, _ = read_weights(run / "model.safetensors")
-    assert spec["kwargs"]["vocab_size"] == tok.vocab_size  # filled in from the data
-    assert spec["tokenizer"]["vocab"] == tok.itos
+    assert spec.kwargs["vocab_size"] == tok.vocab_size  # filled in from the data
+    assert spec.tokenizer["vocab"] == tok.itos
     info = json.loads((run / "run.json").read_text())
     assert "tokenizer" not in info["model"]  # run.json names it; tokenizer.json holds it
     assert "val/bpc" in lm_run["metrics"] and "val/ppl" in lm_run["metrics"]
@@ -143,8 +143,8 @@ def test_finetune_on_new_text_keeps_the_models_tokenizer(lm_run, compose_task, t
     base = load_tokenizer(lm_run["run_dir"])
     assert load_tokenizer(result["run_dir"]).itos == base.itos
     spec, _ = read_weights(result["run_dir"] / "model.safetensors")
-    assert spec["kwargs"]["warmup_steps"] == 2
-    assert spec["kwargs"]["vocab_size"] == base.vocab_size
+    assert spec.kwargs["warmup_steps"] == 2
+    assert spec.kwargs["vocab_size"] == base.vocab_size
     # The new text was tokenised with the model's ids: its unseen characters became <unk>.
     from genframe.tasks.build import trained_model_and_data
 
@@ -255,7 +255,7 @@ def test_prompt_ids_generate_like_the_same_prompt_text(lm_run):
 
 def test_chat_sends_bpe_prompts_encoded_piece_by_piece_as_in_training():
     from genframe.samples import Samples
-    from genframe.tasks.chat import ChatSession
+    from genframe.text.chat_session import ChatSession
     from genframe.text import build_tokenizer
     from genframe.text.chat import ChatTemplate
 

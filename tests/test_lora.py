@@ -71,7 +71,7 @@ def test_only_adapter_weights_train_and_fraction_is_reported():
     assert summary["total_parameters"] == sum(p.numel() for p in m.parameters())
     assert 0 < summary["trainable_fraction"] < 0.2
     assert summary["trainable_fraction"] == summary["trainable_parameters"] / summary["total_parameters"]
-    assert m.genframe_spec["lora"] == {"r": 2, "alpha": 4.0, "dropout": 0.0,
+    assert m.model_spec.lora == {"r": 2, "alpha": 4.0, "dropout": 0.0,
                                        "target_modules": summary["target_modules"]}
 
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -114,11 +114,11 @@ def test_adapter_file_round_trip(tmp_path):
     fresh = _vae()
     fresh.load_state_dict(base)
     summary = load_adapter(fresh, path)
-    assert has_lora(fresh) and summary["target_modules"] == m.genframe_spec["lora"]["target_modules"]
+    assert has_lora(fresh) and summary["target_modules"] == m.model_spec.lora["target_modules"]
     assert torch.equal(_outputs(fresh), _outputs(m))
 
     # Not an adapter, an adapter for other layers, and an adapter used as model weights.
-    save_weights(_vae(), tmp_path / "model.safetensors", _vae().genframe_spec)
+    save_weights(_vae(), tmp_path / "model.safetensors")
     with pytest.raises(UserError, match="not a genframe LoRA adapter"):
         load_adapter(_vae(), tmp_path / "model.safetensors")
     with pytest.raises(UserError, match="a LoRA adapter file"):
@@ -143,7 +143,7 @@ def test_merge_gives_the_same_outputs_and_plain_keys():
     adapted = _outputs(m)
     assert not torch.allclose(adapted, _outputs(_vae()))  # the adapters do change the model
     merge_lora(m)
-    assert not has_lora(m) and "lora" not in m.genframe_spec and not hasattr(m, "peft_config")
+    assert not has_lora(m) and m.model_spec.lora is None and not hasattr(m, "peft_config")
     assert all(p.requires_grad for p in m.parameters())  # trainable again, as before LoRA
     assert set(m.state_dict()) == plain_keys
     assert torch.allclose(_outputs(m), adapted, atol=1e-5)
@@ -156,9 +156,9 @@ def test_build_from_spec_rebuilds_a_lora_model(tmp_path):
     m = _vae()
     apply_lora(m, r=2, alpha=4, target_modules=VAE_TARGETS)
     _perturb(m)
-    save_weights(m, tmp_path / "model.safetensors", m.genframe_spec)
+    save_weights(m, tmp_path / "model.safetensors")
     rebuilt, _, _ = load_model(ckpt=str(tmp_path / "model.safetensors"))
-    assert has_lora(rebuilt) and rebuilt.genframe_spec["lora"] == m.genframe_spec["lora"]
+    assert has_lora(rebuilt) and rebuilt.model_spec.lora == m.model_spec.lora
     assert torch.equal(_outputs(rebuilt.eval()), _outputs(m))
 
 
@@ -227,10 +227,10 @@ def test_finetune_lora_writes_adapters_and_records_parameters(trained, lora_run,
     assert 0 < params["trainable_fraction"] < 0.2
     assert params["trainable_parameters"] == info["lora"]["trainable_parameters"]
     spec, state = read_weights(run / "model.safetensors")
-    assert spec["lora"] == info["model"]["lora"]
+    assert spec.lora == info["model"]["lora"]
     assert any(k.endswith("base_layer.weight") for k in state)
     config, base, adapter = read_adapter(run / "adapter.safetensors")
-    assert config == spec["lora"] and "lora" not in base and base["name"] == "vae"
+    assert config == spec.lora and "lora" not in base and base["name"] == "vae"
     assert set(adapter) == {k.replace(".default", "") for k in state if "lora_" in k}
     # Only adapters trained: every base weight equals the starting run's.
     _, before = read_weights(trained["run_dir"] / "model.safetensors")
@@ -257,7 +257,7 @@ def test_generate_and_export_from_a_lora_run(lora_run, compose_task):
     merged = export(compose_task("export", f"run={run}", "merge=true"))
     out = merged["run_dir"]
     spec, state = read_weights(out / "model.safetensors")
-    assert "lora" not in spec and not any("lora_" in k or "base_layer" in k for k in state)
+    assert spec.lora is None and not any("lora_" in k or "base_layer" in k for k in state)
     info = json.loads((out / "run.json").read_text())
     assert info["task"] == "export" and info["source"]["run"] == str(run) and info["merged_adapters"]
     from_export = generate(compose_task("generate", f"ckpt={out / 'model.safetensors'}", "num_samples=3",
@@ -274,7 +274,7 @@ def test_finetune_lora_merge_writes_a_plain_model(trained, compose_task):
     run = result["run_dir"]
     spec, state = read_weights(run / "model.safetensors")
     _, plain = read_weights(trained["run_dir"] / "model.safetensors")
-    assert "lora" not in spec and set(state) == set(plain)
+    assert spec.lora is None and set(state) == set(plain)
     assert (run / "adapter.safetensors").exists()
     info = json.loads((run / "run.json").read_text())
     assert info["merged_adapters"] and "lora" not in info["model"]
@@ -286,7 +286,7 @@ def test_full_finetune_of_a_lora_run_merges_first(lora_run, compose_task):
 
     result = finetune(compose_task("finetune", f"run={lora_run['run_dir']}", *NOT_MODEL))
     spec, state = read_weights(result["run_dir"] / "model.safetensors")
-    assert "lora" not in spec and not any("lora_" in k for k in state)
+    assert spec.lora is None and not any("lora_" in k for k in state)
     info = json.loads((result["run_dir"] / "run.json").read_text())
     assert info["merged_adapters_of_start"] and info["parameters"]["trainable_fraction"] == 1.0
 
@@ -379,7 +379,7 @@ def test_lora_finetune_generate_export_on_a_tiny_transformer(cli, compose_task, 
 
     ok("export", f"run={lora}", "merge=true", f"out={out}")
     spec, state = read_weights(out / "model.safetensors")
-    assert "lora" not in spec and spec["tokenizer"] and (out / "tokenizer.json").exists()
+    assert spec.lora is None and spec.tokenizer and (out / "tokenizer.json").exists()
     assert not any("lora_" in k or "base_layer" in k for k in state)
     exported = generate(compose_task("generate", f"ckpt={out / 'model.safetensors'}", *sample))
     assert exported["samples"][0].texts == direct.texts

@@ -92,7 +92,10 @@ def test_finetune_freezes_by_pattern_and_records_its_start(trained, compose_task
     assert any(not torch.equal(before[k], after[k]) for k in dec)
     info = json.loads((result["run_dir"] / "run.json").read_text())
     assert info["started_from"]["run"] == str(trained["run_dir"])
-    assert info["frozen_parameters"] > 0
+    # Counted in tensors: every parameter (not buffer) of the encoder, and only those.
+    encoder = [n for n, _ in result["model"].named_parameters() if n.startswith("encoder.")]
+    assert len(encoder) < len(list(result["model"].parameters()))
+    assert info["frozen_parameters"] == len(encoder)
     assert info["model"]["kwargs"]["lr"] == 0.01
 
 
@@ -226,7 +229,7 @@ def test_diffusion_trains_on_an_rgb_image_folder_of_odd_size(compose_task, tmp_p
 
     folder = _image_folder(tmp_path / "rgb", "RGB")
     result = train(compose_task("train", "model=diffusion", "data=image_folder", f"data.root={folder}",
-                                "data.image_size=11", "data.batch_size=4", "model.channels=[8,16]",
+                                "data.image_size=11", "data.batch_size=4", "model.block_out_channels=[8,16]",
                                 "model.timesteps=20", "model.default_sampler_steps=4", *FAST_TRAINING))
     assert result["samples"].images.shape[1:] == (3, 11, 11)
     gen = generate(compose_task("generate", f"run={result['run_dir']}", "num_samples=2",

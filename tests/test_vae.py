@@ -12,7 +12,7 @@ from genframe.layers import ConvDecoder, ConvEncoder, downsampled_sizes
 from genframe.samples import Samples
 from genframe_plugins.vae.model import VAE, discretized_gaussian_log_prob, quantize
 
-TINY = dict(image_size=8, num_levels=17, latent_dim=4, channels=[8, 16])
+TINY = dict(image_size=8, num_levels=17, latent_dim=4, block_out_channels=[8, 16])
 
 
 def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +184,7 @@ def test_rebuilds_from_hparams():
     clone = VAE(**model.hparams)
     clone.load_state_dict(model.state_dict())
     assert clone.hparams == model.hparams
-    assert isinstance(model.hparams["channels"], list)
+    assert isinstance(model.hparams["block_out_channels"], list)
 
 
 def test_needs_and_condition_keys():
@@ -199,7 +199,7 @@ def test_needs_and_condition_keys():
     [
         ({"likelihood": "gausian"}, "model.likelihood"),
         ({"latent_dim": 0}, "model.latent_dim"),
-        ({"channels": []}, "model.channels"),
+        ({"block_out_channels": []}, "model.block_out_channels"),
         ({"num_levels": 1}, "model.num_levels"),
         ({"lr": 0.0}, "model.lr"),
     ],
@@ -221,7 +221,11 @@ def test_likelihood_error_lists_choices():
 @pytest.mark.parametrize("likelihood", ["discretized_gaussian", "gaussian", "bernoulli"])
 @pytest.mark.parametrize("mean", [True, False])
 def test_generate_shape_range_and_seed(likelihood, mean):
-    model = VAE(**{**TINY, "image_size": 7, "in_channels": 3}, likelihood=likelihood)
+    from genframe.weights import instantiate_model
+
+    # Built as genframe builds it, so the metadata names the registered model.
+    model = instantiate_model("vae", {**TINY, "image_size": 7, "in_channels": 3,
+                                      "likelihood": likelihood})
     samples = model.generate(5, seed=7, mean=mean, temperature=0.8)
     assert isinstance(samples, Samples)
     assert samples.images.shape == (5, 3, 7, 7)

@@ -93,13 +93,13 @@ def learning_rate_changes(model, lr: Any) -> dict[str, float]:
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise UserError(f"finetune.lr must be a positive number, got {lr!r}")
-    spec = model.model_spec
-    keys = [k for k in getattr(model, "learning_rate_keys", ("lr",)) if k in spec.kwargs]
+    declared = list(getattr(model, "learning_rate_keys", ("lr",)))
+    keys = [k for k in declared if k in model.hparams]  # constructor arguments, defaults too
     if not keys:
         raise UserError(
-            f"finetune.lr: model '{spec.name}' has no learning-rate argument (it declares "
-            f"{list(getattr(model, 'learning_rate_keys', ()))}; its arguments: "
-            f"{valid_list(spec.kwargs)}); set its own argument with finetune.hparams.<name>=..."
+            f"finetune.lr: model '{model.registered_name}' has no learning-rate argument (it "
+            f"declares {declared}; its arguments: {valid_list(model.hparams)}); set its own "
+            "argument with finetune.hparams.<name>=..."
         )
     return {k: float(lr) for k in keys}
 
@@ -113,7 +113,7 @@ def with_hparams(model, changes: dict[str, Any]):
     from genframe.weights import build_from_spec
 
     spec = model.model_spec
-    kwargs = spec.kwargs
+    kwargs = list(model.hparams)  # every constructor argument, defaults included
     for key in changes:
         if key not in kwargs:
             raise UserError(

@@ -35,6 +35,21 @@ class Resumed:
     lineage: dict[str, Any] = field(default_factory=dict)
 
 
+def _migrated(stored: DictConfig) -> DictConfig:
+    """A stored config with the model's old argument names (``renamed_arguments``) renamed,
+    so runs saved before a rename resume."""
+    from genframe.plugins import get_registry
+
+    model = stored.get("model")
+    if model is None or model.get("name") not in get_registry().models:
+        return stored
+    cls = get_registry().model(model.name).load()
+    for old, new in (getattr(cls, "renamed_arguments", None) or {}).items():
+        if old in model and new not in model:
+            model[new] = model.pop(old)
+    return stored
+
+
 def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resumed:
     """Read ``cfg.resume`` (a run directory) and build the config that continues it.
 
@@ -58,7 +73,7 @@ def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resum
     last = run.checkpoint("last")
     if last is None:
         raise UserError(f"resume={cfg.resume}: the run has no checkpoints/last.ckpt to resume from")
-    stored = run.config
+    stored = _migrated(run.config)
     if overrides is None:
         try:
             overrides = list(HydraConfig.get().overrides.task)

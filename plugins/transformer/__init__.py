@@ -10,6 +10,8 @@ from pathlib import Path
 
 from genframe.hookspecs import hookimpl
 
+GENFRAME_PLUGIN_API = 1  # the plugin API this plugin is written for
+
 TARGET = "genframe_plugins.transformer.model:Transformer"
 
 # A preset that trains a step on CPU in milliseconds (the contract test uses it).

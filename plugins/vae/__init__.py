@@ -8,6 +8,8 @@ from pathlib import Path
 
 from genframe.hookspecs import hookimpl
 
+GENFRAME_PLUGIN_API = 1  # the plugin API this plugin is written for
+
 
 @hookimpl
 def genframe_register_models(register):

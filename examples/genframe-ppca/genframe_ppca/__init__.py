@@ -9,6 +9,8 @@ from pathlib import Path
 
 from genframe import hookimpl
 
+GENFRAME_PLUGIN_API = 1  # the plugin API this plugin is written for
+
 __version__ = "0.1.0"
 
 
