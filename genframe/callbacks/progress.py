@@ -81,6 +81,7 @@ class ProgressLine(pl.Callback):
         self._active = trainer.is_global_zero and self._wanted()
         self._start_time = time.monotonic()
         self._start_step = trainer.global_step
+        self._epoch = trainer.current_epoch
         self._last_printed = trainer.global_step  # a resumed run prints from its next multiple
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
