@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import math
 
-from genframe.config import config_groups
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from genframe.config import conf_dir, config_groups
 from tests.conftest import FAST, FAST_TRAINING
 
 GROUPS = config_groups()
@@ -27,7 +32,26 @@ def test_experiment_runs(experiment, compose_task):
     if "sample_metrics" in str(compose("train", [f"experiment={experiment}"]).get("callbacks")):
         overrides.append("callbacks.sample_metrics.num_samples=20")
     result = train(compose_task("train", f"experiment={experiment}", *overrides))
-    assert result["metrics"]["val/loss"] > 0
+    # The same run with no training step scores the untrained weights.
+    untrained = train(compose_task("train", f"experiment={experiment}", *overrides,
+                                   "trainer.max_epochs=0", "num_samples=0"))
+    # The run used the model and data the experiment's YAML pins (read here, not composed)...
+    pinned = {}
+    for entry in OmegaConf.load(conf_dir() / "experiment" / f"{experiment}.yaml").defaults:
+        for key, choice in (entry.items() if isinstance(entry, DictConfig) else ()):
+            pinned[key.removeprefix("override").strip().strip("/")] = choice
+    info = json.loads((result["run_dir"] / "run.json").read_text())
+    assert info["status"] == "completed"
+    assert (info["model"]["name"], info["data"]["name"]) == (pinned["model"], pinned["data"]), info
+    # ... and trained: its parameters moved away from the same seed's untrained ones (not
+    # buffers: BatchNorm statistics move without training; not val/loss: a VAE's or GAN's
+    # draws noise), and val/loss is finite.
+    start = dict(untrained["model"].named_parameters())
+    end = dict(result["model"].named_parameters())
+    assert start.keys() == end.keys()
+    assert any(not torch.equal(start[k], end[k]) for k in start), "no parameter changed in training"
+    before, after = untrained["metrics"]["val/loss"], result["metrics"]["val/loss"]
+    assert math.isfinite(before) and math.isfinite(after), (before, after)
 
 
 def _override(value) -> str:

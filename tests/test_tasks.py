@@ -36,7 +36,7 @@ def test_train_writes_a_complete_run_directory(trained):
     last = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == info["steps"] and last["epoch"] == info["epochs"] - 1
     metrics = json.loads((run / "metrics.json").read_text())
-    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert metrics == trained["metrics"] and torch.isfinite(torch.tensor(metrics["val/loss"]))
     manifest = [json.loads(line) for line in (run / "samples/manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 4 and manifest[0]["seed"] == 0 and manifest[0]["model"] == "vae"
 
