@@ -181,6 +181,8 @@ def instantiate_group(node: Any, group: str) -> list[Any]:
             objects.append(instantiate(entry))
         except Exception as exc:  # instantiate wraps the class's own TypeError
             cause = exc.__cause__ or exc
+            if isinstance(cause, UserError):  # the class named the key itself
+                raise cause from exc
             raise UserError(f"{group}.{key}: cannot build {entry['_target_']}: {cause}") from exc
     return objects
 
