@@ -3,6 +3,7 @@
 
 from genframe.callbacks.finite_loss import FiniteLossGuard
 from genframe.callbacks.progress import ProgressLine
+from genframe.callbacks.sample_grid import SampleGrid
 from genframe.callbacks.sample_quality import SampleQuality
 
-__all__ = ["FiniteLossGuard", "ProgressLine", "SampleQuality"]
+__all__ = ["FiniteLossGuard", "ProgressLine", "SampleGrid", "SampleQuality"]

@@ -23,10 +23,13 @@ def genframe_register_models(register):
             latent_dim=8,
             g_channels=[8, 16],
             d_channels=[8, 16],
-            sample_every_n_epochs=1,
+            # No sample grids: a test's Trainer without a run directory would write them
+            # into the current directory.
+            sample_every_n_epochs=0,
         ),
         description="Generative adversarial network, DCGAN-style (Radford et al. 2016), "
-        "BCE or hinge loss, spectral norm, projection-discriminator conditioning",
+        "BCE or hinge loss, spectral norm, projection-discriminator conditioning, "
+        "minibatch std, R1, DiffAugment, EMA",
     )
 
 

@@ -4,10 +4,10 @@ Goodfellow et al. 2014 (https://arxiv.org/abs/1406.2661) with the DCGAN recipe o
 et al. 2016 (https://arxiv.org/abs/1511.06434): a generator G maps noise z ~ N(0, I) to an
 image through upsampling convolutions with BatchNorm and a tanh output; a discriminator D
 maps an image to a logit through strided convolutions with LeakyReLU; both are trained
-with Adam(betas=(0.5, 0.999)) in alternating steps (Lightning manual optimisation):
+with Adam in alternating steps (Lightning manual optimisation, two optimisers):
 
-- D step: real images vs generated ones (detached from G), the generator frozen;
-- G step: fool D (non-saturating loss for ``bce``, -D(G(z)) for ``hinge``), D frozen.
+- D step: real images vs generated ones (detached from G), only D's parameters toggled;
+- G step: fool D (non-saturating loss for ``bce``, -D(G(z)) for ``hinge``), only G's.
 
 Losses (``loss``): ``bce`` is the original objective with the non-saturating generator
 loss, ``hinge`` the one of Lim & Ye 2017 / Miyato et al. 2018 (SNGAN). ``spectral_norm``
@@ -18,207 +18,53 @@ With ``num_classes > 0`` the model is a conditional GAN: the generator sees a le
 embedding concatenated to z, and the discriminator is a projection discriminator (Miyato
 & Koyama 2018, https://arxiv.org/abs/1802.05637): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
 
-The networks (`Generator`, `Discriminator`), the objective (`d_loss_fn`/`g_loss_fn`) and
-the two optimisation steps (`d_step`, `g_step`) are separate pieces.
+Against mode collapse (a generator that covers only part of the data):
+``d_minibatch_std`` (a minibatch standard-deviation map in D, Karras et al. 2018),
+``r1_gamma`` (the R1 gradient penalty on real images, Mescheder et al. 2018), ``augment``
+(DiffAugment, Zhao et al. 2020) and ``ema_decay`` (images drawn from an exponential moving
+average of G's weights, Yazıcı et al. 2019).
+
+The pieces live apart: the networks in `network.py`, the objective in `losses.py`, the
+augmentation in `augment.py`; this file holds the LightningModule (the two optimisation
+steps, validation, generation). Fixed-noise sample grids are written during training by
+the generic `genframe.callbacks.SampleGrid`, which the model adds itself
+(`configure_callbacks`) when ``sample_every_n_epochs > 0``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
-from contextlib import contextmanager
 from numbers import Integral
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from genframe.errors import UserError, argument_check, did_you_mean, valid_list
-from genframe.layers import Upsample, downsampled_sizes, group_norm
 from genframe.module import GenerativeModule
 from genframe.samples import Samples
+from genframe_plugins.gan.augment import AUGMENTS, diff_augment
+from genframe_plugins.gan.losses import (
+    LOSSES,
+    d_loss_fn,
+    g_loss_fn,
+    mean_pairwise_distance,
+    r1_penalty,
+)
+from genframe_plugins.gan.network import Discriminator, Generator
+
+__all__ = ["GAN", "Generator", "Discriminator", "d_loss_fn", "g_loss_fn"]
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("bce", "hinge")
 G_NORMS = ("batch", "group")
 SAMPLING_OPTIONS = ("truncation",)
 MONITOR_SAMPLES = 64  # fixed-noise batch of the sample grid and the collapse check
 MONITOR_SEED = 0
 MAX_TRUNCATION_ROUNDS = 1000
-
-
-# -- networks ---------------------------------------------------------------------------
-
-
-class Generator(nn.Module):
-    """DCGAN-style generator: z (+ label embedding) -> linear -> low-res map -> upsampling
-    convs -> tanh image of any size.
-
-    Args:
-        out_channels: image channels.
-        image_size: output side; any size (the levels follow `downsampled_sizes`, and each
-            upsampling lands on the exact size of the level above, as in `ConvDecoder`).
-        latent_dim: size of z.
-        channels: widths per level, highest resolution first (each level after the first
-            halves the spatial size, so the linear layer feeds the last, smallest level).
-        num_classes: > 0 adds a label embedding (latent_dim wide) concatenated to z.
-        norm: ``"batch"`` (DCGAN) or ``"group"`` (batch-size independent).
-    """
-
-    def __init__(self, out_channels: int, image_size: int, latent_dim: int, channels: list[int],
-                 num_classes: int = 0, norm: str = "batch") -> None:
-        super().__init__()
-        self.sizes = downsampled_sizes(image_size, len(channels) - 1)
-        self.in_shape = (channels[-1], *self.sizes[-1])
-        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        in_dim = latent_dim * (2 if num_classes else 1)
-        make_norm = (lambda c: nn.BatchNorm2d(c)) if norm == "batch" else group_norm
-        self.fc = nn.Linear(in_dim, math.prod(self.in_shape))
-        self.norm_in = make_norm(channels[-1])
-        self.ups = nn.ModuleList()
-        self.blocks = nn.ModuleList()
-        # Lowest level first: a conv block, then for each level above: upsample + conv block.
-        self.blocks.append(nn.Sequential(
-            nn.Conv2d(channels[-1], channels[-1], 3, padding=1), make_norm(channels[-1]), nn.ReLU(),
-        ))
-        for c_in, c_out in zip(channels[::-1][:-1], channels[::-1][1:]):
-            self.ups.append(Upsample(c_in, c_out))
-            self.blocks.append(nn.Sequential(
-                make_norm(c_out), nn.ReLU(),
-                nn.Conv2d(c_out, c_out, 3, padding=1), make_norm(c_out), nn.ReLU(),
-            ))
-        self.head = nn.Conv2d(channels[0], out_channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        # z: (B, D), label: (B,) -> (B, C, H, W) in [-1, 1]
-        if self.embed is not None:
-            if label is None:
-                raise UserError("this GAN is conditional (num_classes > 0) and needs labels")
-            z = torch.cat([z, self.embed(label.long().view(-1))], dim=1)  # (B, 2D)
-        h = self.fc(z).view(z.shape[0], *self.in_shape)  # (B, C_last, h, w)
-        h = F.relu(self.norm_in(h))
-        h = self.blocks[0](h)
-        for i, (up, block) in enumerate(zip(self.ups, self.blocks[1:])):
-            h = block(up(h, self.sizes[len(self.sizes) - 2 - i]))
-        return torch.tanh(self.head(h))
-
-
-def _sn(module: nn.Module, enabled: bool) -> nn.Module:
-    return nn.utils.parametrizations.spectral_norm(module) if enabled else module
-
-
-class Discriminator(nn.Module):
-    """Strided-conv (or timm-trunk) discriminator with an optional projection head.
-
-    Features phi(x): a 3x3 conv at full resolution then one stride-2 3x3 conv per further
-    level (sizes rounded up, so any image size works), each followed by LeakyReLU(0.2),
-    sum-pooled over space (as in SNGAN). With `backbone` a timm model
-    (``timm.create_model(name, pretrained=False, num_classes=0, in_chans=C)``) gives
-    phi(x) instead; `backbone_weights` is a local file (safetensors or a torch state dict)
-    loaded into it. Logit: linear(phi) (+ <embed(y), phi> with labels, Miyato & Koyama 2018).
-    Spectral norm (`spectral_norm`) covers the convs, the linear head and the embedding;
-    it does not reach into a timm trunk.
-    """
-
-    def __init__(self, in_channels: int, image_size: int, channels: list[int], num_classes: int = 0,
-                 spectral_norm: bool = True, backbone: str | None = None,
-                 backbone_weights: str | None = None) -> None:
-        super().__init__()
-        if backbone:
-            self.trunk = _timm_trunk(backbone, in_channels, backbone_weights)
-            feat_dim = int(self.trunk.num_features)
-            self.pool = False
-        else:
-            layers: list[nn.Module] = [
-                _sn(nn.Conv2d(in_channels, channels[0], 3, padding=1), spectral_norm),
-                nn.LeakyReLU(0.2),
-            ]
-            for c_in, c_out in zip(channels[:-1], channels[1:]):
-                layers += [_sn(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), spectral_norm),
-                           nn.LeakyReLU(0.2)]
-            self.trunk = nn.Sequential(*layers)
-            feat_dim = channels[-1]
-            self.pool = True
-        self.head = _sn(nn.Linear(feat_dim, 1), spectral_norm)
-        self.embed = _sn(nn.Embedding(num_classes, feat_dim), spectral_norm) if num_classes else None
-
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, C, H, W), label: (B,) -> logits (B,)
-        h = self.trunk(x)
-        phi = h.sum(dim=(2, 3)) if self.pool else h  # (B, F)
-        out = self.head(phi).squeeze(1)  # (B,)
-        if self.embed is not None:
-            if label is None:
-                raise UserError("this GAN is conditional (num_classes > 0) and needs batch['label']")
-            out = out + (self.embed(label.long().view(-1)) * phi).sum(dim=1)
-        return out
-
-
-def _timm_trunk(name: str, in_channels: int, weights: str | None) -> nn.Module:
-    import timm
-
-    if not timm.is_model(name):
-        raise UserError(
-            f"model.d_backbone: '{name}' is not a timm model.{did_you_mean(name, timm.list_models())}"
-        )
-    trunk = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
-    if weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise UserError(f"model.d_backbone_weights: no such file: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-        own = trunk.state_dict()
-        # Drop a classifier head and anything that does not fit (e.g. a 3-channel stem).
-        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        if not state:
-            raise UserError(
-                f"model.d_backbone_weights: {path} holds no weights that fit the timm model '{name}'"
-            )
-        trunk.load_state_dict(state, strict=False)
-    return trunk
-
-
-# -- objective --------------------------------------------------------------------------
-
-
-def d_loss_fn(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Discriminator loss on logits of real and generated images."""
-    real_logits, fake_logits = real_logits.float(), fake_logits.float()
-    if kind == "hinge":
-        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-    # BCE: -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))).
-    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-
-
-def g_loss_fn(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Generator loss: non-saturating -log sigmoid(D(G(z))) for BCE, -D(G(z)) for hinge."""
-    fake_logits = fake_logits.float()
-    if kind == "hinge":
-        return -fake_logits.mean()
-    return F.softplus(-fake_logits).mean()
-
-
-def mean_pairwise_distance(x: torch.Tensor) -> torch.Tensor:
-    """Mean Euclidean distance between distinct rows of x (N, ...) flattened."""
-    flat = x.flatten(1).float()
-    n = flat.shape[0]
-    if n < 2:
-        return torch.zeros((), device=x.device)
-    d = torch.cdist(flat, flat)  # (N, N)
-    return d.sum() / (n * (n - 1))
-
-
-# -- the model --------------------------------------------------------------------------
 
 
 class GAN(GenerativeModule):
@@ -237,23 +83,37 @@ class GAN(GenerativeModule):
         g_norm: ``"batch"`` (BatchNorm, DCGAN) or ``"group"`` (GroupNorm) in the generator.
         loss: ``"bce"`` (non-saturating) or ``"hinge"``.
         spectral_norm: spectral normalisation on the discriminator's layers.
+        d_minibatch_std: a minibatch standard-deviation map before D's last conv
+            (convolutional D only).
+        r1_gamma: weight of the R1 penalty gamma / 2 * E||grad D(x_real)||^2 in D's
+            loss; 0 = none.
+        augment: DiffAugment transforms applied to every image D sees, any of
+            ``color``, ``translation``, ``cutout``; empty = none.
+        ema_decay: generate with an exponential moving average of G's weights with this
+            decay (warmed up as min(decay, (1 + t) / (10 + t)) over G steps t); 0 = the
+            trained G itself.
         d_backbone: a timm model name to use as the discriminator's feature trunk instead
             of the strided convs (created with ``pretrained=False``); None = convs.
-        d_backbone_weights: a local weights file for `d_backbone` (never downloaded).
-        lr_g: Adam learning rate of the generator (betas (0.5, 0.999)).
-        lr_d: Adam learning rate of the discriminator (betas (0.5, 0.999)).
+        d_backbone_weights: a local weights file for `d_backbone` (never downloaded),
+            loaded strictly; an RGB stem is adapted to the data's channels.
+        lr_g: Adam learning rate of the generator.
+        lr_d: Adam learning rate of the discriminator.
+        betas: Adam's (beta1, beta2) for both networks; DCGAN uses (0.5, 0.999).
         d_steps_per_g_step: discriminator steps (one per batch) per generator step.
-        sample_every_n_epochs: save ``samples/epoch_XXX.png`` (a grid from a fixed noise
-            batch) in the run directory every N validation epochs; 0 = never.
+        sample_every_n_epochs: write a fixed-noise sample grid (PNGs, ``grid.png``,
+            ``manifest.jsonl``) to ``samples/epoch_XXX/`` of the run directory every N
+            training epochs (`genframe.callbacks.SampleGrid`); 0 = never.
         collapse_threshold: warn of mode collapse when the mean pairwise distance of
             fixed-noise samples falls below this fraction of that of real images.
 
     Logs ``train/loss`` (= ``train/g_loss``), ``train/d_loss``, ``train/d_acc_real``,
-    ``train/d_acc_fake``; ``val/loss`` (the generator loss against the current
-    discriminator on fixed noise: a *relative* number, since D changes, not a measure of
-    quality to compare across runs), ``val/d_loss``, ``val/d_acc_real``, ``val/d_acc_fake``
-    and ``val/diversity`` (sample / real mean pairwise distance).
+    ``train/d_acc_fake`` (and ``train/r1``); ``val/loss`` (the generator loss against the
+    current discriminator on fixed noise: a *relative* number, since D changes, not a
+    measure of quality to compare across runs), ``val/d_loss``, ``val/d_acc_real``,
+    ``val/d_acc_fake`` and ``val/diversity`` (sample / real mean pairwise distance).
     """
+
+    learning_rate_keys = ("lr_g", "lr_d")  # what finetune.lr sets
 
     def __init__(
         self,
@@ -266,10 +126,15 @@ class GAN(GenerativeModule):
         g_norm: Literal["batch", "group"] = "batch",
         loss: Literal["bce", "hinge"] = "bce",
         spectral_norm: bool = True,
+        d_minibatch_std: bool = False,
+        r1_gamma: float = 0.0,
+        augment: list[str] = (),  # type: ignore[assignment]
+        ema_decay: float = 0.0,
         d_backbone: str | None = None,
         d_backbone_weights: str | None = None,
         lr_g: float = 2e-4,
         lr_d: float = 2e-4,
+        betas: list[float] = (0.5, 0.999),  # type: ignore[assignment]
         d_steps_per_g_step: int = 1,
         sample_every_n_epochs: int = 5,
         collapse_threshold: float = 0.1,
@@ -277,6 +142,8 @@ class GAN(GenerativeModule):
         super().__init__()
         g_channels = [int(c) for c in g_channels]
         d_channels = [int(c) for c in d_channels]
+        augment = augment if isinstance(augment, str) else list(augment)
+        betas = betas if isinstance(betas, str) else list(betas)
         _validate(locals())
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -286,15 +153,22 @@ class GAN(GenerativeModule):
         self.num_classes = num_classes
         self.latent_dim = latent_dim
         self.loss_kind = loss
+        self.augment = augment
         self.set_class_conditional(num_classes)
 
         self.generator = Generator(in_channels, image_size, latent_dim, g_channels,
                                    num_classes=num_classes, norm=g_norm)
         self.discriminator = Discriminator(
             in_channels, image_size, d_channels, num_classes=num_classes,
-            spectral_norm=spectral_norm, backbone=d_backbone, backbone_weights=d_backbone_weights,
+            spectral_norm=spectral_norm, minibatch_std=d_minibatch_std,
+            backbone=d_backbone, backbone_weights=d_backbone_weights,
         )
-        self._standalone_opts: list[torch.optim.Optimizer] | None = None
+        # The averaged generator is a buffer-like copy: in the state dict (so checkpoints
+        # and weights files keep it), never optimised.
+        self.generator_ema: Generator | None = None
+        if ema_decay > 0:
+            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self._g_steps = 0
         self._val_real: torch.Tensor | None = None
 
     # -- networks -----------------------------------------------------------------------
@@ -302,6 +176,18 @@ class GAN(GenerativeModule):
     def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         """Generator output for noise z (B, latent_dim): (B, C, H, W) in [-1, 1]."""
         return self.generator(z, label)
+
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The generator `generate()` draws from: the EMA copy when there is one."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
+    def discriminate(self, x: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+        """D's logits (B,) for images x (B, C, H, W), after the DiffAugment transforms in
+        training (the same policy for real and generated images, as the paper requires)."""
+        if self.augment and self.training:
+            x = diff_augment(x, self.augment)
+        return self.discriminator(x, label)
 
     def _batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = batch["image"]
@@ -317,84 +203,84 @@ class GAN(GenerativeModule):
     # -- optimisation -------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        betas = (0.5, 0.999)  # DCGAN
+        betas = tuple(self.hparams.betas)
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr_g, betas=betas)
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr_d, betas=betas)
         return [opt_g, opt_d]
 
-    def _opts(self) -> tuple[Any, Any]:
-        """(opt_g, opt_d): the Trainer's, or our own when stepping outside a Trainer."""
-        if self._trainer is not None:
-            opt_g, opt_d = self.optimizers()
-            return opt_g, opt_d
-        if self._standalone_opts is None:
-            self._standalone_opts = self.configure_optimizers()
-        return tuple(self._standalone_opts)  # type: ignore[return-value]
+    def configure_callbacks(self) -> list[Any]:
+        """The fixed-noise sample grid, every `sample_every_n_epochs` training epochs."""
+        every = self.hparams.sample_every_n_epochs
+        if not every:
+            return []
+        from genframe.callbacks import SampleGrid
 
-    @contextmanager
-    def _training_only(self, opt: Any, net: nn.Module):
-        """Gradients flow only into `net` (the parameters of `opt`) inside the block."""
-        if self._trainer is not None:
-            self.toggle_optimizer(opt)
-            try:
-                yield
-            finally:
-                self.untoggle_optimizer(opt)
-            return
-        own = {id(p) for p in net.parameters()}
-        saved = {p: p.requires_grad for p in self.parameters()}
-        for p in self.parameters():
-            if id(p) not in own:
-                p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p, flag in saved.items():
-                p.requires_grad_(flag)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self._trainer is not None:
-            self.manual_backward(loss)
-        else:
-            loss.backward()
+        return [SampleGrid(every, num_samples=MONITOR_SAMPLES, seed=MONITOR_SEED)]
 
     def d_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One discriminator update on real images vs generated ones (G frozen)."""
-        _, opt_d = self._opts()
+        """One discriminator update on real images vs generated ones; only D's parameters
+        are toggled for gradients (Lightning's `toggled_optimizer`)."""
+        _, opt_d = self.optimizers()
         x, label = self._batch(batch)
-        with self._training_only(opt_d, self.discriminator):
+        with self.toggled_optimizer(opt_d):
             with torch.no_grad():
                 fake = self.generator(self._noise(x.shape[0]), label)
-            real_logits = self.discriminator(x, label)
-            fake_logits = self.discriminator(fake.detach(), label)
+            real_logits = self.discriminate(x, label)
+            fake_logits = self.discriminate(fake, label)
             d_loss = d_loss_fn(self.loss_kind, real_logits, fake_logits)
+            loss = d_loss
+            out = {"d_loss": d_loss.detach()}
+            if self.hparams.r1_gamma > 0:
+                r1 = r1_penalty(lambda t: self.discriminate(t, label), x)
+                loss = loss + self.hparams.r1_gamma / 2 * r1
+                out["r1"] = r1.detach()
             opt_d.zero_grad(set_to_none=True)
-            self._backward(d_loss)
+            self.manual_backward(loss)
             opt_d.step()
-        return {
-            "d_loss": d_loss.detach(),
-            "d_acc_real": (real_logits.detach() > 0).float().mean(),
-            "d_acc_fake": (fake_logits.detach() < 0).float().mean(),
-        }
+        out["d_acc_real"] = (real_logits.detach() > 0).float().mean()
+        out["d_acc_fake"] = (fake_logits.detach() < 0).float().mean()
+        return out
 
     def g_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        """One generator update to fool the discriminator (D frozen); returns the G loss."""
-        opt_g, _ = self._opts()
+        """One generator update to fool the discriminator (only G's parameters toggled);
+        returns the G loss."""
+        opt_g, _ = self.optimizers()
         x, label = self._batch(batch)
-        with self._training_only(opt_g, self.generator):
+        with self.toggled_optimizer(opt_g):
             fake = self.generator(self._noise(x.shape[0]), label)
-            g_loss = g_loss_fn(self.loss_kind, self.discriminator(fake, label))
+            g_loss = g_loss_fn(self.loss_kind, self.discriminate(fake, label))
             opt_g.zero_grad(set_to_none=True)
-            self._backward(g_loss)
+            self.manual_backward(g_loss)
             opt_g.step()
+        self._g_steps += 1
+        self._update_ema()
         return g_loss.detach()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.generator_ema is None:
+            return
+        # Warm-up as in TensorFlow's ExponentialMovingAverage(num_updates): early averages
+        # do not drag the random initial weights along for thousands of steps.
+        t = self._g_steps
+        decay = min(self.hparams.ema_decay, (1 + t) / (10 + t))
+        for ema, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            ema.lerp_(p.detach(), 1 - decay)
+        for ema, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            ema.copy_(b)  # BatchNorm statistics follow the trained generator
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["gan_g_steps"] = self._g_steps  # the EMA warm-up goes on after a resume
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._g_steps = int(checkpoint.get("gan_g_steps", 0))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """A D step on every batch and a G step every `d_steps_per_g_step` batches.
 
         Returns the generator loss (the discriminator loss on batches without a G step) so
-        genframe's FiniteLossGuard stops a diverged run; outside a Trainer (plain calls, as
-        in the contract check) it returns None: both steps have already been taken.
+        genframe's FiniteLossGuard stops a diverged run.
         """
         n = batch["image"].shape[0]
         d = self.d_step(batch)
@@ -402,13 +288,15 @@ class GAN(GenerativeModule):
         self.log("train/d_loss", d["d_loss"], prog_bar=True, **kw)
         self.log("train/d_acc_real", d["d_acc_real"], **kw)
         self.log("train/d_acc_fake", d["d_acc_fake"], **kw)
+        if "r1" in d:
+            self.log("train/r1", d["r1"], **kw)
         out = d["d_loss"]
         if (batch_idx + 1) % self.hparams.d_steps_per_g_step == 0:
             g_loss = self.g_step(batch)
             self.log("train/g_loss", g_loss, **kw)
             self.log("train/loss", g_loss, prog_bar=True, **kw)
             out = g_loss
-        return out if self._trainer is not None else None
+        return out
 
     # -- validation and training health -------------------------------------------------
 
@@ -432,50 +320,26 @@ class GAN(GenerativeModule):
         return g_loss
 
     def on_validation_epoch_end(self) -> None:
+        """Log ``val/diversity`` of the fixed-noise batch (the one the sample grid shows)
+        and warn of mode collapse when it falls below `collapse_threshold`."""
         if self._trainer is None or self.trainer.sanity_checking:
             return
-        samples = self.generate(MONITOR_SAMPLES, seed=MONITOR_SEED)
-        images = samples.images.to(self.device)  # (N, C, H, W) in [0, 1]
-        if self._val_real is not None and len(self._val_real) >= 2:
-            real = (self._val_real.float() + 1) / 2
-            ratio = float(mean_pairwise_distance(images) / mean_pairwise_distance(real).clamp_min(1e-8))
-            self.log("val/diversity", ratio, sync_dist=True)
-            if ratio < self.hparams.collapse_threshold:
-                msg = (
-                    f"possible mode collapse: at epoch {self.current_epoch} samples from different "
-                    f"noise are near-identical (mean pairwise distance {ratio:.3f} of the real "
-                    f"images', below model.collapse_threshold={self.hparams.collapse_threshold})"
-                )
-                warnings.warn(msg, stacklevel=1)
-                log.warning(msg)
-        every = self.hparams.sample_every_n_epochs
-        if every and (self.current_epoch + 1) % every == 0 and self.trainer.is_global_zero:
-            path = self.save_sample_grid(samples, Path(self.trainer.default_root_dir))
-            log.info("epoch %d: fixed-noise sample grid saved to %s", self.current_epoch, path)
-
-    def save_sample_grid(self, samples: Samples, root: Path) -> Path:
-        """Write `samples` as ``root/samples/epoch_XXX.png``; returns the path."""
-        from PIL import Image
-        from torchvision.utils import make_grid
-
-        folder = root / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        x = samples.images.detach().float().clamp(0, 1).cpu()
-        grid = make_grid(x, nrow=max(1, math.ceil(math.sqrt(len(x)))), padding=1, pad_value=1.0)
-        arr = (grid * 255).round().byte()
-        img = Image.fromarray(arr[0].numpy(), mode="L") if self.in_channels == 1 else (
-            Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB"))
-        scale = max(1, 256 // max(img.size))
-        if scale > 1:
-            img = img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST)
-        path = folder / f"epoch_{self.current_epoch:03d}.png"
-        tmp = path.with_suffix(".png.tmp")
-        img.save(tmp, format="PNG")
-        tmp.replace(path)
-        return path
+        if self._val_real is None or len(self._val_real) < 2:
+            return
+        images = self.generate(MONITOR_SAMPLES, seed=MONITOR_SEED).images.to(self.device)  # [0, 1]
+        real = (self._val_real.float() + 1) / 2
+        ratio = float(mean_pairwise_distance(images) / mean_pairwise_distance(real).clamp_min(1e-8))
+        self.log("val/diversity", ratio, sync_dist=True)
+        if ratio < self.hparams.collapse_threshold:
+            msg = (
+                f"possible mode collapse: at epoch {self.current_epoch} samples from different "
+                f"noise are near-identical (mean pairwise distance {ratio:.3f} of the real "
+                f"images', below model.collapse_threshold={self.hparams.collapse_threshold})"
+            )
+            warnings.warn(msg, stacklevel=1)
+            log.warning(msg)
 
     # -- generation ---------------------------------------------------------------------
-
 
     def sample_noise(self, n: int, generator: torch.Generator, truncation: float | None = None
                      ) -> torch.Tensor:
@@ -500,7 +364,8 @@ class GAN(GenerativeModule):
         truncation: float | None = None,
         **sampling: Any,
     ) -> Samples:
-        """Generate `num_samples` images with the generator (in eval mode).
+        """Generate `num_samples` images with the generator (in eval mode; the EMA
+        generator when `ema_decay` > 0).
 
         Args:
             num_samples: how many images.
@@ -526,7 +391,7 @@ class GAN(GenerativeModule):
         try:
             with torch.no_grad():
                 z = self.sample_noise(num_samples, gen, None if truncation is None else float(truncation))
-                x = self.generator(z, labels)  # (N, C, H, W) in [-1, 1]
+                x = self.sampling_generator(z, labels)  # (N, C, H, W) in [-1, 1]
         finally:
             self.train(was_training)
         images = ((x.float() + 1) / 2).clamp(0, 1)
@@ -561,6 +426,22 @@ def _validate(args: dict[str, Any]) -> None:
                 f"{did_you_mean(str(args[key]), allowed)}"
             )
     need(isinstance(args["spectral_norm"], bool), "spectral_norm", "true or false")
+    need(isinstance(args["d_minibatch_std"], bool), "d_minibatch_std", "true or false")
+    if args["d_minibatch_std"] and args["d_backbone"]:
+        raise UserError("model.d_minibatch_std works on the convolutional discriminator only; "
+                        "set it to false with model.d_backbone")
+    need(is_num(args["r1_gamma"]) and args["r1_gamma"] >= 0, "r1_gamma", "a number >= 0 (0 = none)")
+    need(isinstance(args["augment"], list), "augment",
+         f"a list of transforms (any of {valid_list(AUGMENTS)}), e.g. [translation]; [] = none")
+    for name in args["augment"]:
+        if name not in AUGMENTS:
+            raise UserError(
+                f"model.augment: unknown transform {name!r}; expected a list of "
+                f"{valid_list(AUGMENTS)}.{did_you_mean(str(name), AUGMENTS)}"
+            )
+    need(len(set(args["augment"])) == len(args["augment"]), "augment", "a list without repeats")
+    need(is_num(args["ema_decay"]) and 0 <= args["ema_decay"] < 1, "ema_decay",
+         "in [0, 1) (0 = no averaging)")
     need(args["d_backbone"] is None or (isinstance(args["d_backbone"], str) and args["d_backbone"]),
          "d_backbone", "a timm model name or null")
     if args["d_backbone_weights"] is not None and not args["d_backbone"]:
@@ -568,6 +449,8 @@ def _validate(args: dict[str, Any]) -> None:
                         "name the timm model the weights belong to")
     for key in ("lr_g", "lr_d"):
         need(is_num(args[key]) and args[key] > 0, key, "a number > 0")
+    need(isinstance(args["betas"], list) and len(args["betas"]) == 2 and all(is_num(b) and 0 <= b < 1 for b in args["betas"]),
+         "betas", "two numbers in [0, 1), e.g. [0.5, 0.999]")
     need(is_int(args["d_steps_per_g_step"]) and args["d_steps_per_g_step"] >= 1,
          "d_steps_per_g_step", "an integer >= 1")
     need(is_int(args["sample_every_n_epochs"]) and args["sample_every_n_epochs"] >= 0,
