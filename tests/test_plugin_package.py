@@ -13,83 +13,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import site
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import FAST_TRAINING as FAST
+from tests.plugin_env import PluginEnv, ok
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "genframe-ppca"
 DIST = "genframe-ppca"
 
 
-
-
-class PluginEnv:
-    """A throwaway venv layered over this one, with the example's source copied beside it."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.source = root / DIST
-        # Build artefacts (build/, *.egg-info) land next to the sources: keep them out
-        # of the repository by building from a copy.
-        shutil.copytree(EXAMPLE, self.source, ignore=shutil.ignore_patterns(
-            "build", "*.egg-info", "__pycache__", ".pytest_cache"))
-        venv = root / "venv"
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-        self.python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
-        purelib = Path(self._check([str(self.python), "-c",
-                                    "import sysconfig; print(sysconfig.get_path('purelib'))"]).strip())
-        # The bridge: the new venv also reads this environment's site-packages (after its
-        # own), .pth files included, so genframe's editable install, torch and pip load
-        # there while anything pip installs goes into the new venv only.
-        parents = "; ".join(f"site.addsitedir({d!r})" for d in site.getsitepackages())
-        (purelib / "_genframe_parent_env.pth").write_text(f"import site; {parents}\n")
-        self.installed = False
-
-    def _check(self, cmd: list[str], **kw) -> str:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
-        assert result.returncode == 0, (cmd, result.stdout[-3000:], result.stderr[-3000:])
-        return result.stdout
-
-    def pip(self, *args: str) -> str:
-        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
-        return self._check([str(self.python), "-m", "pip", *args], env=env, cwd=self.root)
-
-    def install(self) -> None:
-        if not self.installed:
-            # Offline: no index, no dependency resolution, setuptools from this env.
-            self.pip("install", "--no-deps", "--no-build-isolation", "--no-index", str(self.source))
-            self.installed = True
-
-    def uninstall(self) -> None:
-        if self.installed:
-            self.installed = False
-            self.pip("uninstall", "-y", DIST)
-
-    def run(self, *args: str, env: dict | None = None, timeout: int = 300,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
-        """Run ``python ARGS`` with the venv's interpreter; runs land under root/outputs."""
-        full_env = {**os.environ, "GENFRAME_OUTPUT_ROOT": str(self.root / "outputs"),
-                    "COLUMNS": "200", **(env or {})}  # a wide `genframe plugins` table
-        for key in ("HYDRA_FULL_ERROR", "GENFRAME_PLUGINS", "GENFRAME_DISABLE_PLUGIN_AUTOLOAD"):
-            if key not in (env or {}):
-                full_env.pop(key, None)
-        return subprocess.run([str(self.python), *args], cwd=cwd or self.root,
-                              env=full_env, capture_output=True, text=True, timeout=timeout)
-
-    def genframe(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        return self.run("-m", "genframe", *args, **kw)
-
-
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory):
-    env = PluginEnv(tmp_path_factory.mktemp("ppca-plugin"))
+    env = PluginEnv(tmp_path_factory.mktemp("ppca-plugin"), EXAMPLE, DIST)
     try:
         yield env
     finally:  # even after a failure: never leave the plugin installed
@@ -100,11 +38,6 @@ def plugin_env(tmp_path_factory):
 def installed(plugin_env):
     plugin_env.install()
     return plugin_env
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, (result.returncode, result.stdout[-3000:], result.stderr[-3000:])
-    return result
 
 
 def ppca_row(plugins_output: str) -> str | None:
@@ -125,7 +58,7 @@ def test_genframe_plugins_lists_the_installed_package(installed):
     row = ppca_row(ok(installed.genframe("plugins")).stdout)
     assert row is not None, "ppca is missing from `genframe plugins`"
     cells = [c.strip() for c in row.strip("│| ").split("│")]
-    assert cells[:4] == ["ppca", DIST, "0.1.0", "model=ppca"], cells
+    assert cells[:5] == ["ppca", DIST, "0.1.0", "1", "model=ppca"], cells  # "1": plugin API
 
 
 def test_train_model_ppca_writes_a_run(installed):

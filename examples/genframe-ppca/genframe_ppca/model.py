@@ -24,19 +24,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from genframe import GenerativeModule, Samples, UserError
-
-SAMPLING_OPTIONS = ("noise",)
+from genframe import GenerativeModule, Samples
+from genframe.errors import argument_check
 
 
 class PPCA(GenerativeModule):
-    """Probabilistic PCA of images in [-1, 1], trained by maximum likelihood with Adam.
+    """Probabilistic PCA of images in [-1, 1], trained by maximum likelihood.
 
     Args:
         in_channels: image channels (``data.channels``).
         image_size: image side in pixels (``data.image_size``).
         latent_dim: k, the number of columns of W (principal directions).
-        lr: Adam learning rate.
+        lr: learning rate of genframe's default optimiser (AdamW, no weight decay), which
+            this model uses as it is.
 
     Logs ``train/loss`` and ``val/loss`` (-log p(x), nats per image) and ``val/bpd``
     (the same in bits per dimension). Note that p is a density over the continuous
@@ -55,14 +55,11 @@ class PPCA(GenerativeModule):
         lr: float = 1e-2,
     ) -> None:
         super().__init__()
-        for key, value, ok in (
-            ("in_channels", in_channels, in_channels >= 1),
-            ("image_size", image_size, image_size >= 1),
-            ("latent_dim", latent_dim, latent_dim >= 1),
-            ("lr", lr, lr > 0),
-        ):
-            if not ok:
-                raise UserError(f"model.{key} must be positive, got {value!r}")
+        need = argument_check(locals())
+        need(in_channels >= 1, "in_channels", "at least 1")
+        need(image_size >= 1, "image_size", "at least 1")
+        need(latent_dim >= 1, "latent_dim", "at least 1")
+        need(lr > 0, "lr", "positive")
         self.save_hyperparameters()
         self.in_channels = in_channels
         self.image_size = image_size
@@ -111,51 +108,30 @@ class PPCA(GenerativeModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-
     # -- generation -------------------------------------------------------------------
 
-    def generate(
+    def sample(
         self,
         num_samples: int,
         *,
-        condition: dict[str, Any] | None = None,
-        seed: int | None = None,
+        condition: dict[str, Any],
+        generator: torch.Generator,
         noise: bool = False,
-        **sampling: Any,
     ) -> Samples:
         """Draw z ~ N(0, I) and return W z + mu as images in [0, 1].
 
         Args:
             num_samples: how many images.
-            condition: must be empty (PPCA is unconditional).
-            seed: the same seed gives the same images.
-            noise: add sigma * eps, i.e. return a draw from the full density rather than
-                the noise-free mean of p(x | z).
+            condition: always empty (PPCA is unconditional; genframe refuses any key).
+            generator: the seeded generator every random number comes from.
+            noise: (``sampling.noise=true``) add sigma * eps, i.e. return a draw from the
+                full density rather than the noise-free mean of p(x | z).
         """
-        if sampling:
-            raise UserError(
-                f"sampling: unknown option(s) {', '.join(sorted(sampling))} for ppca; "
-                f"valid options are {', '.join(SAMPLING_OPTIONS)}"
-            )
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
-        self.check_condition(condition)
-        gen, seed = self.make_generator(seed)
-        with torch.no_grad():
-            z = torch.randn(num_samples, self.latent_dim, generator=gen, device=self.device)
-            x = z @ self.W.T + self.mu  # (N, D)
-            if noise:
-                eps = torch.randn(x.shape, generator=gen, device=self.device)
-                x = x + torch.exp(self.log_sigma) * eps
-            shape = (num_samples, self.in_channels, self.image_size, self.image_size)
-            images = ((x.view(shape) + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1]
-        metadata = {"model": "ppca", "seed": seed, "noise": bool(noise)}
-        return Samples(images=images.float().cpu(), metadata=metadata)
-
-    def example_batch(self, batch_size: int = 4) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(0)
-        shape = (batch_size, self.in_channels, self.image_size, self.image_size)
-        image = torch.rand(shape, generator=gen) * 2 - 1  # uniform in [-1, 1]
-        return {"image": image.to(self.device)}
+        z = torch.randn(num_samples, self.latent_dim, generator=generator, device=self.device)
+        x = z @ self.W.T + self.mu  # (N, D)
+        if noise:
+            eps = torch.randn(x.shape, generator=generator, device=self.device)
+            x = x + torch.exp(self.log_sigma) * eps
+        shape = (num_samples, self.in_channels, self.image_size, self.image_size)
+        images = ((x.view(shape) + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        return Samples(images=images.float(), metadata={"noise": bool(noise)})

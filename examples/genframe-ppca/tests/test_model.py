@@ -93,13 +93,15 @@ def test_generate_shapes_range_and_noise_option():
     for s in (plain, noisy):
         assert 0 <= float(s.images.min()) and float(s.images.max()) <= 1
     assert not torch.equal(plain.images, noisy.images)
-    assert plain.metadata == {"model": "ppca", "seed": 1, "noise": False}
+    # genframe records the seed and the model's name (its class name when built by hand).
+    assert plain.metadata == {"model": "PPCA", "seed": 1, "noise": False}
     assert noisy.metadata["noise"] is True
 
 
 def test_generate_rejects_unknown_options_and_conditions():
     m = _random_ppca(-1.0)
-    with pytest.raises(UserError, match="unknown option.*temperature.*noise"):
+    assert m.sampling_options() == ["noise"]
+    with pytest.raises(UserError, match="sampling.temperature.*Valid options: noise"):
         m.generate(2, temperature=0.5)
     with pytest.raises(UserError, match="unconditional"):
         m.generate(2, condition={"label": 3})
