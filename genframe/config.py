@@ -113,7 +113,8 @@ _MISSING = inspect.Parameter.empty
 
 
 def check_kwargs(
-    target: Callable, kwargs: Mapping[str, Any], *, where: str, source: Callable[[str], str] | None = None
+    target: Callable, kwargs: Mapping[str, Any], *, where: str, source: Callable[[str], str] | None = None,
+    ignore: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Check `kwargs` against `target`'s signature; return them as a plain dict.
 
@@ -122,10 +123,12 @@ def check_kwargs(
         kwargs: the (resolved, plain) config values.
         where: the config path of the node, e.g. ``"model"``; used in messages.
         source: maps a key to where it was set ("the command line", "model/vae.yaml").
+        ignore: parameters that are not config keys (neither valid keys nor required).
     """
     fn = target.__init__ if inspect.isclass(target) else target
     sig = inspect.signature(fn)
-    params = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL,)}
+    params = {n: p for n, p in sig.parameters.items()
+              if n != "self" and n not in ignore and p.kind not in (p.VAR_POSITIONAL,)}
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
     named = {n: p for n, p in params.items() if p.kind != p.VAR_KEYWORD}
     try:

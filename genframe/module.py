@@ -141,8 +141,10 @@ class GenerativeModule(pl.LightningModule):
             num_samples: how many samples (already checked: a positive integer).
             condition: the checked condition (a dict, empty when none was given).
             generator: a seeded ``torch.Generator`` on the model's device.
-            **options: declare each sampling option as a keyword argument with its default
-                (``temperature: float = 1.0``); `generate` refuses any other name.
+            **options: declare each sampling option as a keyword argument with a type hint
+                and its default (``temperature: float = 1.0``); `generate` refuses any
+                other name and values that do not fit the hint. (A ``**options`` catch-all
+                in an override receives the other names, for the model to check.)
 
         Returns:
             `Samples`: images float N×C×H×W in [0, 1], or N texts, with the conditions
@@ -260,21 +262,35 @@ class GenerativeModule(pl.LightningModule):
         return condition
 
     def check_sampling(self, sampling: dict[str, Any], allowed: Any = None) -> None:
-        """Refuse sampling options the model does not know (a `UserError`).
+        """Refuse sampling options the model does not know, or of the wrong type.
 
         Args:
             sampling: option name -> value, as given to `generate`.
-            allowed: the valid names (any collection of str); default: `sampling_options`.
+            allowed: the valid names (any collection of str). Default: the keyword
+                arguments of `sample` (`sampling_options`), whose type hints the values
+                must fit; a `sample` that also takes ``**options`` gets the other names
+                and checks them itself.
+
+        Raises:
+            UserError: ``sampling.<name>: not an option of model '<name>'`` with the
+                closest valid names, or ``sampling.<name>: expected ...`` for a value of
+                the wrong type.
         """
+        from genframe.config import check_kwargs
         from genframe.errors import UserError, did_you_mean, valid_list
 
-        allowed = self.sampling_options() if allowed is None else list(allowed)
+        declared = allowed is None
+        allowed = self.sampling_options() if declared else list(allowed)
+        open_ended = declared and type(self).sample is not GenerativeModule.sample and any(
+            p.kind == p.VAR_KEYWORD for p in inspect.signature(self.sample).parameters.values())
         for key in sampling:
-            if key not in allowed:
+            if key not in allowed and not open_ended:
                 raise UserError(
                     f"sampling.{key}: not an option of model '{self.registered_name}'."
                     f"{did_you_mean(key, allowed)} Valid options: {valid_list(allowed)}"
                 )
+        if declared:
+            check_kwargs(self.sample, sampling, where="sampling", ignore=_SAMPLE_ARGS)
 
     def set_class_conditional(self, num_classes: int) -> None:
         """For an image model that is class-conditional when ``num_classes > 0``: it then

@@ -60,6 +60,21 @@ def test_generate_refuses_unknown_options_and_conditions():
     with pytest.raises(UserError, match="unconditional"):
         Dots().generate(2, condition={"label": 1})
     assert Dots().sampling_options() == ["scale"]
+    with pytest.raises(UserError, match=r"sampling.scale: expected a number, got 'big'"):
+        Dots().generate(2, scale="big")
+
+
+def test_a_sample_with_a_catch_all_gets_the_other_options():
+    class Open(Dots):
+        def sample(self, num_samples, *, condition, generator, scale: float = 0.1, **extra):
+            samples = super().sample(num_samples, condition=condition, generator=generator,
+                                     scale=scale)
+            samples.metadata["extra"] = extra
+            return samples
+
+    assert Open().generate(1, seed=0, style="x").metadata["extra"] == {"style": "x"}
+    with pytest.raises(UserError, match="sampling.scale: expected a number"):
+        Open().generate(1, scale=[1])
 
 
 def test_the_registered_name_is_recorded_for_an_alias():
