@@ -12,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from genframe_plugins.gan.augment import diff_augment
-from genframe_plugins.gan.losses import d_loss_fn, g_loss_fn, r1_penalty
+from genframe_plugins.gan.losses import d_loss_fn, g_loss_fn, mode_seeking_ratio, r1_penalty
 from genframe_plugins.gan.model import GAN
 from genframe_plugins.gan.network import MinibatchStdDev
 from omegaconf import OmegaConf
@@ -48,8 +48,9 @@ def _changed(before: list[torch.Tensor], net: torch.nn.Module) -> list[bool]:
 
 
 def _trainer(tmp_path: Path, **kw) -> pl.Trainer:
-    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, default_root_dir=str(tmp_path))
+    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False,
+                default_root_dir=str(tmp_path))
     return pl.Trainer(**{**args, **kw})
 
 
@@ -66,7 +67,8 @@ def _fit(trainer: pl.Trainer, model: pl.LightningModule, batches: list[dict]) ->
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(num_classes=0, spectral_norm=False, loss="hinge"),
-    dict(d_minibatch_std=True, r1_gamma=1.0, augment=["color", "translation", "cutout"], ema_decay=0.9),
+    dict(d_minibatch_std=True, r1_gamma=1.0, augment=["color", "translation", "cutout"],
+         ema_decay=0.9, mode_seeking=1.0),
 ])
 def test_each_step_changes_only_its_own_network(tmp_path, kw):
     """Inside a Trainer (the only optimisation path) the D step moves only D and the G
@@ -75,7 +77,9 @@ def test_each_step_changes_only_its_own_network(tmp_path, kw):
     batch = m.example_batch(8)
     record: dict[str, list] = {"d": [], "g": []}
     d_step, g_step = m.d_step, m.g_step
-    nets = lambda: [n for n in (m.generator, m.discriminator, m.generator_ema) if n is not None]  # noqa: E731
+
+    def nets():
+        return [n for n in (m.generator, m.discriminator, m.generator_ema) if n is not None]
 
     def spy(step, key):
         def run(b):
@@ -104,6 +108,7 @@ def test_each_step_changes_only_its_own_network(tmp_path, kw):
         assert torch.isfinite(trainer.callback_metrics[key]), key
     if kw.get("r1_gamma"):
         assert float(trainer.callback_metrics["train/r1"]) > 0
+        assert float(trainer.callback_metrics["train/mode_seeking"]) > 0
 
 
 def test_d_steps_per_g_step(tmp_path):
@@ -127,8 +132,8 @@ def test_ema_generator_is_what_generate_draws_from(tmp_path):
     m = tiny(ema_decay=0.5)
     _fit(_trainer(tmp_path, max_steps=6, limit_val_batches=0), m, [m.example_batch(8)])
     assert m._g_steps == 3
-    diff = [not torch.equal(a, b) for a, b in zip(m.generator.parameters(), m.generator_ema.parameters())]
-    assert any(diff), "the EMA generator equals the trained one after 3 steps"
+    pairs = zip(m.generator.parameters(), m.generator_ema.parameters())
+    assert any(not torch.equal(a, b) for a, b in pairs), "EMA generator = trained one"
     s = m.generate(4, seed=3)
     z = m.sample_noise(4, torch.Generator().manual_seed(3))
     m.eval()
@@ -165,6 +170,29 @@ def test_r1_penalty_is_the_squared_gradient_norm():
     assert torch.allclose(penalty, expected, rtol=1e-5)
     penalty.backward()  # create_graph: the penalty trains D
     assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_mode_seeking_ratio():
+    z = torch.randn(6, 4)
+    same = torch.ones(6, 1, 2, 2)
+    assert float(mode_seeking_ratio(same, z)) == 0.0  # collapsed: every noise, one image
+    fake = torch.zeros(6, 1, 2, 2)
+    fake[3:] = 0.5  # pairs (0, 3), (1, 4), (2, 5) differ by 0.5 per pixel
+    expected = (0.5 / (z[:3] - z[3:]).abs().mean(dim=1)).mean()
+    assert torch.allclose(mode_seeking_ratio(fake, z), expected)
+
+
+def test_mode_seeking_pairs_share_their_label(tmp_path):
+    m = tiny(mode_seeking=1.0)
+    seen = []
+    forward = m.generator.forward
+    m.generator.forward = lambda z, label=None: (seen.append(label), forward(z, label))[1]
+    batch = m.example_batch(7)
+    _fit(_trainer(tmp_path, max_steps=2, limit_val_batches=0), m, [batch])
+    # The D step draws 7 fakes for the batch's labels; the G step 3 pairs of labels.
+    d_labels, g_labels = seen[0], seen[1]
+    assert torch.equal(d_labels, batch["label"])
+    assert torch.equal(g_labels, batch["label"][:3].repeat(2))
 
 
 def test_minibatch_stddev():
@@ -224,7 +252,8 @@ def test_conditional_labels():
     m = tiny()
     s = m.generate(3, seed=0, condition={"label": 3})
     assert [c["label"] for c in s.conditions] == [3, 3, 3]
-    assert [c["label"] for c in m.generate(2, seed=0, condition={"label": [1, 9]}).conditions] == [1, 9]
+    two = m.generate(2, seed=0, condition={"label": [1, 9]})
+    assert [c["label"] for c in two.conditions] == [1, 9]
     with pytest.raises(UserError, match=r"0\.\.9"):
         m.generate(2, seed=0, condition={"label": 10})
     with pytest.raises(UserError, match="2 labels for 3"):
@@ -243,7 +272,7 @@ def test_conditional_labels():
     ("d_backbone_weights", "/x.safetensors"),
     ("d_minibatch_std", "yes"), ("r1_gamma", -1.0), ("r1_gamma", float("nan")),
     ("augment", ["flip"]), ("augment", "translation"), ("augment", ["color", "color"]),
-    ("ema_decay", 1.0), ("ema_decay", -0.1), ("betas", [0.5]), ("betas", [0.5, 1.0]),
+    ("ema_decay", 1.0), ("ema_decay", -0.1), ("mode_seeking", -1.0), ("betas", [0.5]), ("betas", [0.5, 1.0]),
 ])
 def test_constructor_validation_names_the_key(key, value):
     with pytest.raises(UserError, match=f"model.{key}"):
@@ -311,7 +340,8 @@ def test_timm_trunk_refuses_weights_that_do_not_fit(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     other = tmp_path / "efficientnet.safetensors"
     save_file(_timm_state("test_efficientnet"), str(other))
-    with pytest.raises(UserError, match=r"model\.d_backbone_weights: the weights do not fit timm model 'test_resnet'"):
+    refused = r"model\.d_backbone_weights: the weights do not fit timm model 'test_resnet'"
+    with pytest.raises(UserError, match=refused):
         tiny(d_backbone="test_resnet", d_backbone_weights=str(other))
     # One layer missing is refused too, not half-loaded.
     state = _timm_state("test_resnet")
@@ -349,7 +379,8 @@ def test_gan_writes_fixed_noise_grids_through_the_sample_writer(tmp_path):
     for epoch in ("epoch_001", "epoch_003"):
         files = sorted(p.name for p in (folder / epoch).iterdir())
         assert files == [f"{i:06d}.png" for i in range(64)] + ["grid.png", "manifest.jsonl"]
-        manifest = [json.loads(x) for x in (folder / epoch / "manifest.jsonl").read_text().splitlines()]
+        lines = (folder / epoch / "manifest.jsonl").read_text().splitlines()
+        manifest = [json.loads(x) for x in lines]
         assert len(manifest) == 64
         assert {r["seed"] for r in manifest} == {0} and {r["model"] for r in manifest} == {"GAN"}
         assert [r["condition"]["label"] for r in manifest[:12]] == [*range(10), 0, 1]
@@ -397,7 +428,8 @@ def test_sample_grid_callback_works_for_any_image_model(tmp_path):
         assert img.mode == "RGB" and max(img.size) >= 256  # scaled up to be legible
     with Image.open(grid.written[1] / "000002.png") as img:
         assert img.size == (5, 5)
-    for bad in (dict(every_n_epochs=0), dict(every_n_epochs=1, num_samples=0), dict(every_n_epochs=True)):
+    for bad in (dict(every_n_epochs=0), dict(every_n_epochs=1, num_samples=0),
+                dict(every_n_epochs=True), dict(every_n_epochs=1, seed=-1)):
         with pytest.raises(UserError, match="SampleGrid"):
             SampleGrid(**bad)
 

@@ -31,8 +31,9 @@ class SampleGrid(pl.Callback):
     """
 
     def __init__(self, every_n_epochs: int, num_samples: int = 64, seed: int = 0) -> None:
-        for key, value, low in (("every_n_epochs", every_n_epochs, 1), ("num_samples", num_samples, 1),
-                                ("seed", seed, 0)):
+        checks = (("every_n_epochs", every_n_epochs, 1), ("num_samples", num_samples, 1),
+                  ("seed", seed, 0))
+        for key, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UserError(f"SampleGrid.{key} must be an integer >= {low}, got {value!r}")
         self.every_n_epochs = every_n_epochs

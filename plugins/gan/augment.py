@@ -18,7 +18,8 @@ AUGMENTS = ("color", "translation", "cutout")
 
 
 def diff_augment(x: torch.Tensor, policy: list[str] | tuple[str, ...]) -> torch.Tensor:
-    """Apply each transform in `policy` (names from `AUGMENTS`) to images (B, C, H, W) in [-1, 1]."""
+    """Apply each transform in `policy` (names from `AUGMENTS`) to images (B, C, H, W)
+    in [-1, 1]."""
     for name in policy:
         x = _TRANSFORMS[name](x)
     return x

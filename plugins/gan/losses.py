@@ -27,7 +27,8 @@ def g_loss_fn(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-fake_logits).mean()
 
 
-def r1_penalty(discriminate: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+def r1_penalty(discriminate: Callable[[torch.Tensor], torch.Tensor],
+               real: torch.Tensor) -> torch.Tensor:
     """E[||grad_x D(x)||^2] on real images x (Mescheder et al. 2018,
     https://arxiv.org/abs/1801.04406): penalising D's slope on the data keeps it from
     pushing the generator's samples around the real points (the loss adds gamma / 2 times
@@ -36,6 +37,18 @@ def r1_penalty(discriminate: Callable[[torch.Tensor], torch.Tensor], real: torch
     logits = discriminate(x)
     (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
     return grad.float().pow(2).flatten(1).sum(dim=1).mean()
+
+
+def mode_seeking_ratio(fake: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """How far apart two images of the same condition are for how far apart their noise
+    is: mean |G(z1) - G(z2)| / mean |z1 - z2| over the pairs (first half, second half) of
+    the batch (Mao et al. 2019, MSGAN, https://arxiv.org/abs/1903.05628). A generator
+    that maps different noise to the same image (mode collapse within a class) has a
+    ratio near 0; the generator's loss adds lambda / (ratio + 1e-5)."""
+    half = fake.shape[0] // 2
+    image_gap = (fake[:half] - fake[half:2 * half]).abs().flatten(1).float().mean(dim=1)  # (B/2,)
+    noise_gap = (z[:half] - z[half:2 * half]).abs().float().mean(dim=1)  # (B/2,)
+    return (image_gap / noise_gap).mean()
 
 
 def mean_pairwise_distance(x: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ from genframe_plugins.gan.losses import (
     d_loss_fn,
     g_loss_fn,
     mean_pairwise_distance,
+    mode_seeking_ratio,
     r1_penalty,
 )
 from genframe_plugins.gan.network import Discriminator, Generator
@@ -92,6 +93,9 @@ class GAN(GenerativeModule):
         ema_decay: generate with an exponential moving average of G's weights with this
             decay (warmed up as min(decay, (1 + t) / (10 + t)) over G steps t); 0 = the
             trained G itself.
+        mode_seeking: weight lambda of the mode-seeking term lambda / (ratio + 1e-5) in
+            G's loss, ratio = image distance / noise distance of pairs drawn for the same
+            label (MSGAN); 0 = none.
         d_backbone: a timm model name to use as the discriminator's feature trunk instead
             of the strided convs (created with ``pretrained=False``); None = convs.
         d_backbone_weights: a local weights file for `d_backbone` (never downloaded),
@@ -107,10 +111,11 @@ class GAN(GenerativeModule):
             fixed-noise samples falls below this fraction of that of real images.
 
     Logs ``train/loss`` (= ``train/g_loss``), ``train/d_loss``, ``train/d_acc_real``,
-    ``train/d_acc_fake`` (and ``train/r1``); ``val/loss`` (the generator loss against the
-    current discriminator on fixed noise: a *relative* number, since D changes, not a
-    measure of quality to compare across runs), ``val/d_loss``, ``val/d_acc_real``,
-    ``val/d_acc_fake`` and ``val/diversity`` (sample / real mean pairwise distance).
+    ``train/d_acc_fake`` (and ``train/r1``, ``train/mode_seeking`` when those are on);
+    ``val/loss`` (the generator loss against the current discriminator on fixed noise: a
+    *relative* number, since D changes, not a measure of quality to compare across runs),
+    ``val/d_loss``, ``val/d_acc_real``, ``val/d_acc_fake`` and ``val/diversity`` (sample /
+    real mean pairwise distance).
     """
 
     learning_rate_keys = ("lr_g", "lr_d")  # what finetune.lr sets
@@ -130,6 +135,7 @@ class GAN(GenerativeModule):
         r1_gamma: float = 0.0,
         augment: list[str] = (),  # type: ignore[assignment]
         ema_decay: float = 0.0,
+        mode_seeking: float = 0.0,
         d_backbone: str | None = None,
         d_backbone_weights: str | None = None,
         lr_g: float = 2e-4,
@@ -241,20 +247,34 @@ class GAN(GenerativeModule):
         out["d_acc_fake"] = (fake_logits.detach() < 0).float().mean()
         return out
 
-    def g_step(self, batch: dict[str, Any]) -> torch.Tensor:
+    def g_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One generator update to fool the discriminator (only G's parameters toggled);
-        returns the G loss."""
+        returns the G loss (and the mode-seeking ratio)."""
         opt_g, _ = self.optimizers()
         x, label = self._batch(batch)
+        n = x.shape[0]
+        out = {}
         with self.toggled_optimizer(opt_g):
-            fake = self.generator(self._noise(x.shape[0]), label)
+            if self.hparams.mode_seeking > 0 and n >= 2:
+                # Pairs share their condition: the batch's first half of labels, twice.
+                half = n // 2
+                label = None if label is None else label[:half].repeat(2)
+                n = 2 * half
+            z = self._noise(n)
+            fake = self.generator(z, label)
             g_loss = g_loss_fn(self.loss_kind, self.discriminate(fake, label))
+            loss = g_loss
+            if self.hparams.mode_seeking > 0 and n >= 2:
+                ratio = mode_seeking_ratio(fake, z)
+                loss = loss + self.hparams.mode_seeking / (ratio + 1e-5)
+                out["mode_seeking"] = ratio.detach()
             opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(g_loss)
+            self.manual_backward(loss)
             opt_g.step()
         self._g_steps += 1
         self._update_ema()
-        return g_loss.detach()
+        out["g_loss"] = g_loss.detach()
+        return out
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -292,10 +312,12 @@ class GAN(GenerativeModule):
             self.log("train/r1", d["r1"], **kw)
         out = d["d_loss"]
         if (batch_idx + 1) % self.hparams.d_steps_per_g_step == 0:
-            g_loss = self.g_step(batch)
-            self.log("train/g_loss", g_loss, **kw)
-            self.log("train/loss", g_loss, prog_bar=True, **kw)
-            out = g_loss
+            g = self.g_step(batch)
+            self.log("train/g_loss", g["g_loss"], **kw)
+            self.log("train/loss", g["g_loss"], prog_bar=True, **kw)
+            if "mode_seeking" in g:
+                self.log("train/mode_seeking", g["mode_seeking"], **kw)
+            out = g["g_loss"]
         return out
 
     # -- validation and training health -------------------------------------------------
@@ -442,6 +464,8 @@ def _validate(args: dict[str, Any]) -> None:
     need(len(set(args["augment"])) == len(args["augment"]), "augment", "a list without repeats")
     need(is_num(args["ema_decay"]) and 0 <= args["ema_decay"] < 1, "ema_decay",
          "in [0, 1) (0 = no averaging)")
+    need(is_num(args["mode_seeking"]) and args["mode_seeking"] >= 0, "mode_seeking",
+         "a number >= 0 (0 = none)")
     need(args["d_backbone"] is None or (isinstance(args["d_backbone"], str) and args["d_backbone"]),
          "d_backbone", "a timm model name or null")
     if args["d_backbone_weights"] is not None and not args["d_backbone"]:
@@ -449,7 +473,8 @@ def _validate(args: dict[str, Any]) -> None:
                         "name the timm model the weights belong to")
     for key in ("lr_g", "lr_d"):
         need(is_num(args[key]) and args[key] > 0, key, "a number > 0")
-    need(isinstance(args["betas"], list) and len(args["betas"]) == 2 and all(is_num(b) and 0 <= b < 1 for b in args["betas"]),
+    betas = args["betas"]
+    need(isinstance(betas, list) and len(betas) == 2 and all(is_num(b) and 0 <= b < 1 for b in betas),
          "betas", "two numbers in [0, 1), e.g. [0.5, 0.999]")
     need(is_int(args["d_steps_per_g_step"]) and args["d_steps_per_g_step"] >= 1,
          "d_steps_per_g_step", "an integer >= 1")
