@@ -122,12 +122,13 @@ def test_unknown_sampler_suggests_the_closest(cli, tmp_path):
 def test_sampler_steps_out_of_range(tmp_path, compose_task):
     """A sampler argument the sampler refuses (steps above the training timesteps)."""
     from genframe.errors import UserError
+    from genframe.tasks.build import build_sampler
     from genframe.testing import build_tiny
 
     model = build_tiny("diffusion").eval()  # tiny preset: 50 training timesteps
     with pytest.raises(UserError, match="sampler.steps must be between 1 and 50"):
-        model.generate(2, seed=0, sampler={"name": "ddim", "steps": 80})
+        model.generate(2, seed=0, sampler=build_sampler({"name": "ddim", "steps": 80}))
     with pytest.raises(UserError, match="sampler.eta must be in"):
-        model.generate(2, seed=0, sampler={"name": "ddim", "eta": 2.0})
+        build_sampler({"name": "ddim", "eta": 2.0})
     with pytest.raises(UserError, match="guidance"):
         model.generate(2, seed=0, guidance=-1.0)
