@@ -70,9 +70,10 @@ def test_bad_fractions_are_refused(val, test, match):
 
 def test_a_split_that_would_be_empty_is_refused():
     assert split_counts(3, 0.1, 0.1) == (1, 1, 1)
-    with pytest.raises(UserError, match=r"the data has 2 items, too few for the splits: "
+    with pytest.raises(UserError, match=r"the data: too few items \(2\) for the splits: "
                        r"data.val_fraction=0.1 holds out 1 and data.test_fraction=0.1 holds "
-                       r"out 1, leaving 0 for training; expected at least 3 items"):
+                       r"out 1, leaving 0 for training; expected smaller fractions or more "
+                       r"items \(at least 3\), or data.test_fraction=0 for no test split"):
         split_counts(2, 0.1, 0.1)
     assert split_counts(2, 0.1, 0) == (1, 1, 0)  # without a test split two items do
 
@@ -288,7 +289,7 @@ def test_image_folder_too_few_images_for_three_splits(tmp_path):
 
     _img(tmp_path / "a.png", 0)
     _img(tmp_path / "b.png", 9)
-    with pytest.raises(UserError, match=r"data.root .* has 2 image files, too few for the splits"):
+    with pytest.raises(UserError, match=r"data.root .*: too few image files \(2\) for the splits"):
         ImageFolderDataModule(root=str(tmp_path))
     dm = ImageFolderDataModule(root=str(tmp_path), test_fraction=0, image_size=4)  # 1 + 1
     dm.setup()
@@ -353,7 +354,7 @@ def test_text_too_few_documents_or_tokens_are_refused(tmp_path):
     _docs_jsonl(tmp_path / "d.jsonl", 3)
     dm = TextDataModule(source="jsonl", path=str(tmp_path / "d.jsonl"), block_size=8,
                         val_fraction=0.5, test_fraction=0.4)  # round(1.5) + round(1.2) = 3
-    with pytest.raises(UserError, match=r"has 3 documents, too few for the splits"):
+    with pytest.raises(UserError, match=r"too few documents \(3\) for the splits"):
         dm.setup()
     (tmp_path / "one.txt").write_text("abcdefghij" * 100)  # 1000 characters
     with pytest.raises(UserError, match=r"the test split of data.path=.* has 10 tokens, fewer "
@@ -384,7 +385,7 @@ def test_chat_splits_conversations_disjoint_and_seeded(tmp_path):
     again.setup()
     other.setup()
     assert rows_of(again, "test") == parts[2] and rows_of(other, "test") != parts[2]
-    with pytest.raises(UserError, match=r"has 2 conversations, too few for the splits"):
+    with pytest.raises(UserError, match=r"too few conversations \(2\) for the splits"):
         ChatDataModule(path=str(_two(tmp_path, rows))).setup()
     two = ChatDataModule(path=str(_two(tmp_path, rows)), test_fraction=0)  # fine-tune on two
     two.setup()

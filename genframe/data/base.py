@@ -177,10 +177,11 @@ def split_counts(n: int, val_fraction: float | None, test_fraction: float | None
         held = [f"data.{k}_fraction={f} holds out {c}" for k, f, c in
                 (("val", val_fraction, n_val), ("test", test_fraction, n_test)) if c]
         need = 1 + (n_val > 0) + (n_test > 0)
+        no_test = ", or data.test_fraction=0 for no test split" if n_test else ""
         raise UserError(
-            f"{where} has {n} {what}, too few for the splits: {' and '.join(held)}, leaving "
-            f"{max(n_train, 0)} for training; expected at least {need} {what} with at least "
-            f"one in every split (more data, or smaller fractions)")
+            f"{where}: too few {what} ({n}) for the splits: {' and '.join(held)}, leaving "
+            f"{max(n_train, 0)} for training; expected smaller fractions or more {what} (at "
+            f"least {need}){no_test}")
     return n_train, n_val, n_test
 
 
