@@ -267,6 +267,17 @@ def test_image_folder_refuses_unknown_classes_and_loose_images_in_split_roots(tm
     assert dm.split_sizes["test"] == 6 and dm.test_set.labels is None
 
 
+def test_the_cli_refuses_an_unknown_class_in_test_root(cli, tmp_path):
+    _classes(tmp_path / "train", ["cat", "dog"], 0)
+    _classes(tmp_path / "test", ["cow"], 255)
+    result = cli("train", "data=image_folder", f"data.root={tmp_path / 'train'}",
+                 f"data.test_root={tmp_path / 'test'}", "trainer.max_epochs=1")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "data.test_root: class folder(s) cow under" in last and "(cat, dog)" in last
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("case", ["missing", "inside_root", "same"])
 def test_image_folder_bad_split_roots_name_their_key(tmp_path, case):
     from genframe.data.image_folder import ImageFolderDataModule
