@@ -168,7 +168,7 @@ def test_chat_data_module_rows_masks_and_split(chats):
     data.setup("fit")
     assert data.provides == {"tokens", "loss_mask"}
     assert data.vocab_size == data.tokenizer.vocab_size and data.block_size == 48
-    assert len(data.train_set) + len(data.val_set) == len(CONVERSATIONS)
+    assert len(data.train_set) + len(data.val_set) + len(data.test_set) == len(CONVERSATIONS)
     assert len(data.val_set) >= 1
     batch = next(iter(data.train_dataloader()))
     assert batch["tokens"].shape == batch["loss_mask"].shape == (4, 49)
@@ -209,7 +209,7 @@ def test_chat_data_truncates_and_drops_with_counts(tmp_path, caplog):
         conv(("user", "only a question")),                                   # dropped
     ] * 2
     path = write_jsonl(tmp_path / "c.jsonl", rows)
-    data = ChatDataModule(path=str(path), block_size=40, val_fraction=0.25)
+    data = ChatDataModule(path=str(path), block_size=40, val_fraction=0.25, test_fraction=0)
     with caplog.at_level(logging.WARNING, logger="genframe"):
         data.setup()
     s = data.stats
@@ -249,14 +249,14 @@ def test_chat_data_errors(tmp_path, chats):
     with pytest.raises(UserError, match="data.template.usr: unknown key"):
         ChatDataModule(path=str(chats), template={"usr": "{content}"})
     one = write_jsonl(tmp_path / "one.jsonl", CONVERSATIONS[:1])
-    with pytest.raises(UserError, match="need at least 2"):
+    with pytest.raises(UserError, match=r"too few conversations \(1\) for the splits"):
         ChatDataModule(path=str(one)).setup()
     bad = write_jsonl(tmp_path / "bad.jsonl", [CONVERSATIONS[0], '{"messages": [{"role": "me"}]}'])
     with pytest.raises(UserError, match="bad.jsonl, line 2, message 0: unknown role 'me'"):
         ChatDataModule(path=str(bad)).setup()
     no_answers = write_jsonl(tmp_path / "q.jsonl", [conv(("user", "a")), conv(("user", "b"))])
     with pytest.raises(UserError, match="none of the 1 training conversations has an assistant token"):
-        ChatDataModule(path=str(no_answers), val_fraction=0.5).setup()
+        ChatDataModule(path=str(no_answers), val_fraction=0.5, test_fraction=0).setup()
 
 
 def test_data_chat_config_builds_through_the_registry(chats):
@@ -541,6 +541,7 @@ def test_chat_task_with_a_prompt_template_and_a_finetune_on_its_transcript(
     transcript = result["run_dir"] / "transcript.jsonl"
     out = finetune(compose_task("finetune", f"run={chat_run}", "data=chat",
                                 f"data.path={transcript}", "data.block_size=64",
+                                "data.test_fraction=0",
                                 *[o for o in TINY_TRANSFORMER if not o.startswith("model")]))
     # val/loss is the fine-tuned weights' loss on a held-out conversation of the transcript.
     # Recompute it by hand for each conversation read from the file: the default template,

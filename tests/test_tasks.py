@@ -65,8 +65,10 @@ def test_generate_from_checkpoint_file(trained, compose_task):
 def test_evaluate_matches_training_validation(trained, compose_task):
     from genframe.tasks.evaluate import evaluate
 
-    result = evaluate(compose_task("evaluate", f"run={trained['run_dir']}", "trainer.limit_val_batches=1"))
-    again = evaluate(compose_task("evaluate", f"run={trained['run_dir']}", "trainer.limit_val_batches=1"))
+    result = evaluate(compose_task("evaluate", f"run={trained['run_dir']}", "split=val",
+                                   "trainer.limit_val_batches=1"))
+    again = evaluate(compose_task("evaluate", f"run={trained['run_dir']}", "split=val",
+                                  "trainer.limit_val_batches=1"))
     assert json.loads((result["run_dir"] / "metrics.json").read_text()) == result["metrics"]
     assert again["metrics"] == result["metrics"]  # seeded: the ELBO's z samples repeat
     # Same weights and validation batch as the training run's last validation; only the
@@ -219,7 +221,7 @@ def test_evaluate_reports_image_metrics(trained, compose_task):
 
     result = evaluate(compose_task("evaluate", f"run={trained['run_dir']}", "metrics.num_samples=60"))
     m = result["metrics"]
-    assert m["val/fd"] > 0 and 0 <= m["val/precision"] <= 1 and 0 <= m["val/recall"] <= 1
+    assert m["test/fd"] > 0 and 0 <= m["test/precision"] <= 1 and 0 <= m["test/recall"] <= 1
     assert m["metrics/classifier_val_accuracy"] > 0.9
 
 

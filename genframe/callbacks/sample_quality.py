@@ -17,7 +17,8 @@ class SampleQuality(pl.Callback):
         extractor: ``classifier`` (trained on the data's labels, cached) or ``timm``.
         timm_model, timm_weights, timm_image_size: for ``extractor=timm`` (local weights).
         k: neighbourhood size of precision/recall.
-        real: the real images to compare with: ``all``, ``train`` or ``val``.
+        real: the real images to compare with: ``all`` (train + val), ``train`` or
+            ``val``; never ``test`` (the test split must not choose the checkpoint).
         seed: seed of the generated images (the same every time, so epochs compare).
     """
 
@@ -25,6 +26,13 @@ class SampleQuality(pl.Callback):
                  extractor: str = "classifier", timm_model: str | None = None,
                  timm_weights: str | None = None, timm_image_size: int | None = None,
                  k: int = 3, real: str = "all", seed: int = 0) -> None:
+        if real == "test":
+            from genframe.errors import UserError
+
+            raise UserError(
+                "callbacks.sample_metrics.real=test: metrics measured during training pick "
+                "the best checkpoint, so they must not see the test images; use all, train "
+                "or val (genframe evaluate reports against the test split)")
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.batch_size = batch_size

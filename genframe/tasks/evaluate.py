@@ -11,9 +11,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from genframe.errors import UserError
-from genframe.runs import atomic_write_json, start_run, update_run
+from genframe.files import atomic_write_json
+from genframe.runs import start_run, update_run
 from genframe.tasks.build import build_trainer, trained_model_and_data
-from genframe.tasks.fit import report
+from genframe.tasks.common import generation_options, report, source_record
 
 log = logging.getLogger("genframe")
 
@@ -43,9 +44,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if run is not None and cfg.get("data") is None:
         _warn_if_trained_before_test_splits(run.path, data, data_cfg, split)
     out_dir = Path(cfg.paths.output_dir)
-    start_run(out_dir, cfg, "evaluate", source={"run": str(run.path) if run else None,
-                                               "weights": str(weights)}, data=data_cfg)
     trainer = build_trainer(cfg, model, train=False)
+    start_run(out_dir, cfg, "evaluate", device=trainer.strategy.root_device,
+              source=source_record(run, weights), data=data_cfg)
     # The model's validation step logs val/...; over another split they are that split's.
     results = trainer.validate(model, dataloaders=loader, verbose=False)
     metrics = {_with_prefix(k, split): float(v)
@@ -95,7 +96,6 @@ def _image_metrics(cfg: DictConfig, model, data, split: str) -> dict[str, float]
     """FD, precision/recall and class accuracy of generated images against the
     ``metrics.real`` images, keyed ``<split>/...``."""
     from genframe.metrics.model_metrics import data_image_metrics, model_image_metrics
-    from genframe.tasks.generate import generation_options
 
     m = cfg.metrics
     image_metrics = data_image_metrics(
