@@ -252,7 +252,7 @@ class GenerativeModule(pl.LightningModule):
         if unknown:
             if not self.condition_keys:
                 raise UserError(
-                    f"condition: {type(self).__name__} is unconditional; it cannot use "
+                    f"condition: model '{self.registered_name}' is unconditional; it cannot use "
                     f"{', '.join(sorted(unknown))}"
                 )
             raise UserError(

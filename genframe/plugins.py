@@ -73,6 +73,9 @@ class PluginInfo:
         plugin API this genframe provides."""
         if self.api == hookspecs.PLUGIN_API_VERSION:
             return None
+        if isinstance(self.api, bool) or not isinstance(self.api, int) and self.api is not None:
+            return (f"declares GENFRAME_PLUGIN_API = {self.api!r} ({type(self.api).__name__}); "
+                    f"expected the integer {hookspecs.PLUGIN_API_VERSION}")
         if self.api is None:
             return (f"declares no plugin API version (add GENFRAME_PLUGIN_API = "
                     f"{hookspecs.PLUGIN_API_VERSION} to {self.module} once it follows the "

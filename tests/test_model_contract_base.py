@@ -212,3 +212,37 @@ def test_contract_check_catches_a_model_that_records_nothing(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(AssertionError, match="changed no parameter"):
             check_model_contract(Frozen, tiny={"image_size": 4}, tmp_path=tmp_path)
+
+
+def test_plugins_report_a_model_yaml_whose_name_does_not_match(tmp_path, capsys):
+    conf = tmp_path / "conf" / "model"
+    conf.mkdir(parents=True)
+    (conf / "dots.yaml").write_text("name: dotz\nimage_size: 4\n")
+    (conf / "other.yaml").write_text("name: other\n")
+
+    class Plugin:
+        GENFRAME_PLUGIN_API = "1"
+
+        @staticmethod
+        @hookimpl
+        def genframe_register_models(register):
+            register("dots", Dots)
+
+        @staticmethod
+        @hookimpl
+        def genframe_register_configs(register):
+            register(tmp_path / "conf")
+
+    plugins.add_plugin("dotsplugin", Plugin)
+    try:
+        from genframe.plugins_report import config_problems, print_plugins
+
+        problems = config_problems("dotsplugin")
+        assert any("dots.yaml: name: 'dotz' differs from the file name 'dots'" in p for p in problems)
+        assert any("other.yaml: name: 'other' is no registered model" in p for p in problems)
+        assert config_problems("vae") == []
+        assert "expected the integer" in plugins.get_registry().plugins["dotsplugin"].api_problem
+        print_plugins()
+        assert "differs from the file name" in capsys.readouterr().out
+    finally:
+        plugins.remove_plugin("dotsplugin")

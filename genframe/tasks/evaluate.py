@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from genframe.errors import UserError
 from genframe.files import atomic_write_json
 from genframe.runs import start_run, update_run
-from genframe.tasks.build import build_trainer, trained_model_and_data
+from genframe.tasks.build import build_trainer, to_plain, trained_model_and_data
 from genframe.tasks.common import generation_options, report, source_record
 
 log = logging.getLogger("genframe")
@@ -58,7 +58,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     update_run(out_dir, status="completed")
     if run is not None:
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "evaluate_run": str(out_dir),
-                "split": split, "data": data_cfg, "metrics": metrics}
+                "split": split, "data": data_cfg, "metrics": metrics,
+                "sampling": to_plain(cfg.get("sampling")) or {}}
         if image_metrics:
             line["real"] = str(cfg.metrics.real)
         with open(run.path / "evaluations.jsonl", "a", encoding="utf-8") as f:

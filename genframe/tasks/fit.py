@@ -59,7 +59,8 @@ def fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None = None) -> 
     if getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(out_dir)
     try:
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        # weights_only: resuming never unpickles code (Lightning would default to False).
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     except TrainingDiverged:
         update_run(out_dir, status="diverged")
         raise
