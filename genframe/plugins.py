@@ -48,10 +48,10 @@ class Registration:
         try:
             module = importlib.import_module(module_name)
             return getattr(module, attr)
-        except (ImportError, AttributeError) as exc:
+        except Exception as exc:  # ImportError, AttributeError, a SyntaxError in the plugin
             raise UserError(
                 f"{self.kind} '{self.name}' from plugin '{self.plugin}' cannot be loaded: "
-                f"{self.target} ({exc})"
+                f"{self.target} ({type(exc).__name__}: {exc})"
             ) from exc
 
 

@@ -68,3 +68,22 @@ def test_cli_with_autoload_off_has_no_vae(cli):
     result = cli("train", "--cfg", "job", env={plugins.AUTOLOAD_ENV: "1"})
     assert result.returncode == 2
     assert "model=vae" in result.stderr
+
+
+def test_a_plugin_module_that_does_not_import_names_the_plugin(tmp_path, monkeypatch):
+    (tmp_path / "broken_model_mod.py").write_text("def oops(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Broken:
+        @staticmethod
+        @hookimpl
+        def genframe_register_models(register):
+            register("broken", "broken_model_mod:Model")
+
+    plugins.add_plugin("brokenplugin", Broken)
+    try:
+        with pytest.raises(UserError, match=r"model 'broken' from plugin 'brokenplugin' cannot "
+                                            r"be loaded: broken_model_mod:Model \(SyntaxError"):
+            plugins.get_registry().model("broken").load()
+    finally:
+        plugins.remove_plugin("brokenplugin")
