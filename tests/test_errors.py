@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from genframe.hookspecs import hookimpl
@@ -132,3 +134,11 @@ def test_sampler_steps_out_of_range(tmp_path, compose_task):
         build_sampler({"name": "ddim", "eta": 2.0})
     with pytest.raises(UserError, match="guidance"):
         model.generate(2, seed=0, guidance=-1.0)
+
+
+def test_a_single_value_where_keys_are_expected(cli):
+    run = Path(__file__).parent / "data" / "runs_before_format_1" / "vae"
+    assert_user_error(cli("generate", f"run={run}", "condition=3"),
+                      "condition=3: expected keys under condition, e.g. condition.label=3")
+    assert_user_error(cli("generate", f"run={run}", "sampling=0.5"),
+                      "sampling=0.5: expected keys under sampling")

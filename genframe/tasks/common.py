@@ -37,7 +37,7 @@ def generation_options(cfg: DictConfig, model) -> dict[str, Any]:
     Raises:
         UserError: ``sampler``/``guidance`` given to a model that takes neither.
     """
-    options = to_plain(cfg.get("sampling") or {})
+    options = mapping_of(cfg, "sampling", "sampling.temperature=0.8")
     accepted = set(model.sampling_options()) if hasattr(model, "sampling_options") \
         else set(inspect.signature(model.generate).parameters)
     for key in ("sampler", "guidance"):
@@ -50,6 +50,20 @@ def generation_options(cfg: DictConfig, model) -> dict[str, Any]:
                             "(only diffusion-style models do)")
         options[key] = build_sampler(value) if key == "sampler" else value
     return options
+
+
+def mapping_of(cfg: DictConfig, key: str, example: str) -> dict[str, Any]:
+    """``cfg[key]`` as a plain dict ({} when unset).
+
+    Raises:
+        UserError: the key holds a single value (``condition=3``) instead of keys.
+    """
+    value = to_plain(cfg.get(key))
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{key}={value!r}: expected keys under {key}, e.g. {example}")
+    return dict(value)
 
 
 def source_record(run, weights: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from genframe.files import atomic_write_json
 from genframe.runs import start_run, update_run
 from genframe.sample_writer import write_samples
 from genframe.tasks.build import to_plain
-from genframe.tasks.common import generation_options, resolve_device, source_record
+from genframe.tasks.common import generation_options, mapping_of, resolve_device, source_record
 from genframe.terminal import SampleStreamPrinter
 from genframe.weights import load_model
 
@@ -40,7 +40,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"), cfg.get("adapter"))
     model.to(device).eval()
     name = model.registered_name
-    condition = {k: v for k, v in to_plain(cfg.condition).items() if v is not None}
+    condition = {k: v for k, v in mapping_of(cfg, "condition", "condition.label=3").items()
+                 if v is not None}
     prompts = prompts_of(cfg)
     if prompts is not None:
         if "prompt" not in getattr(model, "condition_keys", ()):
