@@ -148,7 +148,7 @@ def time_generate(model, batch: int, new: int, use_cache: bool):
     out = model.generate(batch, condition={"prompt": PROMPTS[:batch]}, seed=0,
                          max_new_tokens=new, temperature=0.0, use_cache=use_cache)
     seconds = time.perf_counter() - start
-    return sum(out.metadata["tokens_generated"]) / seconds, out.texts
+    return sum(out.per_sample["tokens_generated"]) / seconds, out.texts
 
 
 def params(model) -> str:
