@@ -19,10 +19,11 @@ embedding concatenated to z, and the discriminator is a projection discriminator
 & Koyama 2018, https://arxiv.org/abs/1802.05637): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
 
 Against mode collapse (a generator that covers only part of the data):
-``d_minibatch_std`` (a minibatch standard-deviation map in D, Karras et al. 2018),
-``r1_gamma`` (the R1 gradient penalty on real images, Mescheder et al. 2018), ``augment``
-(DiffAugment, Zhao et al. 2020) and ``ema_decay`` (images drawn from an exponential moving
-average of G's weights, Yazıcı et al. 2019).
+``mode_seeking`` (MSGAN's term, Mao et al. 2019: two noise vectors for the same label
+must give different images), ``d_minibatch_std`` (a minibatch standard-deviation map in
+D, Karras et al. 2018), ``r1_gamma`` (the R1 gradient penalty on real images, Mescheder
+et al. 2018), ``augment`` (DiffAugment, Zhao et al. 2020) and ``ema_decay`` (images drawn
+from an exponential moving average of G's weights, Yazıcı et al. 2019).
 
 The pieces live apart: the networks in `network.py`, the objective in `losses.py`, the
 augmentation in `augment.py`; this file holds the LightningModule (the two optimisation
@@ -62,7 +63,6 @@ __all__ = ["GAN", "Generator", "Discriminator", "d_loss_fn", "g_loss_fn"]
 log = logging.getLogger(__name__)
 
 G_NORMS = ("batch", "group")
-SAMPLING_OPTIONS = ("truncation",)
 MONITOR_SAMPLES = 64  # fixed-noise batch of the sample grid and the collapse check
 MONITOR_SEED = 0
 MAX_TRUNCATION_ROUNDS = 1000
@@ -377,49 +377,33 @@ class GAN(GenerativeModule):
             z = torch.where(out, self._noise(n, generator), z)
         return z.clamp(-truncation, truncation)  # only binds for absurdly small t
 
-    def generate(
+    def sample(
         self,
         num_samples: int,
         *,
-        condition: dict[str, Any] | None = None,
-        seed: int | None = None,
+        condition: dict[str, Any],
+        generator: torch.Generator,
         truncation: float | None = None,
-        **sampling: Any,
     ) -> Samples:
-        """Generate `num_samples` images with the generator (in eval mode; the EMA
-        generator when `ema_decay` > 0).
+        """Make `num_samples` images with the generator (the EMA generator when
+        `ema_decay` > 0).
 
         Args:
             num_samples: how many images.
             condition: ``{"label": k}`` (or a list of N labels) for a conditional model;
                 without it a conditional model cycles through the classes.
-            seed: the same seed gives the same images.
+            generator: the seeded generator the noise is drawn from.
             truncation: redraw noise entries with |z| > truncation (> 0): less varied,
                 more typical samples. None: plain N(0, I).
         """
-        self.check_sampling(sampling, SAMPLING_OPTIONS)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise UserError(f"num_samples must be a positive integer, got {num_samples!r}")
-        if truncation is not None and (
-            isinstance(truncation, bool) or not isinstance(truncation, (int, float))
-            or not math.isfinite(truncation) or truncation <= 0
-        ):
+        if truncation is not None and (not math.isfinite(truncation) or truncation <= 0):
             raise UserError(f"truncation must be a number > 0 (or null for none), got {truncation!r}")
-        condition = self.check_condition(condition)
         labels, conditions = self.labels_for(num_samples, condition, self.num_classes)
-        gen, seed = self.make_generator(seed)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                z = self.sample_noise(num_samples, gen, None if truncation is None else float(truncation))
-                x = self.sampling_generator(z, labels)  # (N, C, H, W) in [-1, 1]
-        finally:
-            self.train(was_training)
+        z = self.sample_noise(num_samples, generator, None if truncation is None else float(truncation))
+        x = self.sampling_generator(z, labels)  # (N, C, H, W) in [-1, 1]
         images = ((x.float() + 1) / 2).clamp(0, 1)
-        metadata = {"model": "gan", "seed": seed,
-                    "truncation": None if truncation is None else float(truncation)}
-        return Samples(images=images.cpu(), conditions=conditions, metadata=metadata)
+        metadata = {"truncation": None if truncation is None else float(truncation)}
+        return Samples(images=images, conditions=conditions, metadata=metadata)
 
 
 def _validate(args: dict[str, Any]) -> None:

@@ -93,8 +93,11 @@ class MinibatchStdDev(nn.Module):
         while b % g:
             g -= 1
         y = x.float().view(g, b // g, c, h, w)  # group members are strided, as in ProGAN
-        std = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()  # (B/g, C, H, W)
-        std = std.mean(dim=(1, 2, 3)).view(b // g, 1, 1, 1).repeat(g, 1, h, w)  # (B, 1, H, W)
+        # Written out rather than with Tensor.var, whose backward is ~6x slower here on CPU.
+        y = y - y.mean(dim=0, keepdim=True)
+        std = (y.square().mean(dim=0) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B/g,)
+        # Sample i is in group i % (B/g): repeat the B/g values g times.
+        std = std.repeat(g).view(b, 1, 1, 1).expand(b, 1, h, w)  # (B, 1, H, W)
         return torch.cat([x, std.to(x.dtype)], dim=1)
 
 
@@ -104,7 +107,7 @@ class Discriminator(nn.Module):
     Features phi(x): a 3x3 conv at full resolution then one stride-2 3x3 conv per further
     level (sizes rounded up, so any image size works), each followed by LeakyReLU(0.2),
     sum-pooled over space (as in SNGAN). `minibatch_std` appends a minibatch-standard-
-    deviation map to the last level, followed by one more 3x3 conv (ProGAN). With
+    deviation map to the last level, followed by one more (1x1) conv (ProGAN). With
     `backbone` a timm model (``timm.create_model(name, pretrained=False, num_classes=0,
     in_chans=C)``) gives phi(x) instead; `backbone_weights` is a local file loaded
     strictly into it (see `timm_trunk`). Logit: linear(phi) (+ <embed(y), phi> with
@@ -129,8 +132,10 @@ class Discriminator(nn.Module):
                 layers += [_sn(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), spectral_norm),
                            nn.LeakyReLU(0.2)]
             if minibatch_std:
+                # ProGAN follows the statistic with a 3x3 conv; a 1x1 conv also lets every
+                # feature use it, at a ninth of the cost (1.45x -> ~1.1x a plain D's step).
                 layers += [MinibatchStdDev(),
-                           _sn(nn.Conv2d(channels[-1] + 1, channels[-1], 3, padding=1), spectral_norm),
+                           _sn(nn.Conv2d(channels[-1] + 1, channels[-1], 1), spectral_norm),
                            nn.LeakyReLU(0.2)]
             self.trunk = nn.Sequential(*layers)
             feat_dim = channels[-1]
