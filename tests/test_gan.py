@@ -66,6 +66,7 @@ def _fit(trainer: pl.Trainer, model: pl.LightningModule, batches: list[dict]) ->
 
 @pytest.mark.parametrize("kw", [
     dict(),
+    dict(d_minibatch_std=False, ema_decay=0.0, mode_seeking=0.0),  # plain DCGAN
     dict(num_classes=0, spectral_norm=False, loss="hinge"),
     dict(d_minibatch_std=True, r1_gamma=1.0, augment=["color", "translation", "cutout"],
          ema_decay=0.9, mode_seeking=1.0),
@@ -144,7 +145,7 @@ def test_ema_generator_is_what_generate_draws_from(tmp_path):
     assert not torch.allclose(s.images, from_g.clamp(0, 1))
     # The averaged weights are part of the state (checkpoints and weights files keep them).
     assert any(k.startswith("generator_ema.") for k in m.state_dict())
-    assert not any(k.startswith("generator_ema.") for k in tiny().state_dict())
+    assert not any(k.startswith("generator_ema.") for k in tiny(ema_decay=0.0).state_dict())
 
 
 # -- objective and regularisers -----------------------------------------------------------
@@ -279,9 +280,16 @@ def test_constructor_validation_names_the_key(key, value):
         tiny(**{key: value})
 
 
-def test_minibatch_std_needs_the_conv_discriminator():
-    with pytest.raises(UserError, match="model.d_minibatch_std"):
-        tiny(d_minibatch_std=True, d_backbone="test_resnet")
+def test_minibatch_std_with_a_timm_trunk(monkeypatch):
+    """With a timm trunk the statistic is one more input of D's linear head."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d = tiny(d_backbone="test_resnet").discriminator
+    assert d.vector_std is not None
+    assert d.head.in_features == d.trunk.num_features + 1
+    assert tiny(d_backbone="test_resnet", d_minibatch_std=False).discriminator.head.in_features \
+        == d.trunk.num_features
+    x = torch.rand(4, 1, 8, 8)
+    assert d(x, torch.arange(4)).shape == (4,)
 
 
 def test_yaml_lists_every_constructor_argument_with_its_default():

@@ -84,8 +84,8 @@ class GAN(GenerativeModule):
         g_norm: ``"batch"`` (BatchNorm, DCGAN) or ``"group"`` (GroupNorm) in the generator.
         loss: ``"bce"`` (non-saturating) or ``"hinge"``.
         spectral_norm: spectral normalisation on the discriminator's layers.
-        d_minibatch_std: a minibatch standard-deviation map before D's last conv
-            (convolutional D only).
+        d_minibatch_std: a minibatch standard-deviation map before D's last conv (with
+            `d_backbone`: one more feature for D's linear head).
         r1_gamma: weight of the R1 penalty gamma / 2 * E||grad D(x_real)||^2 in D's
             loss; 0 = none.
         augment: DiffAugment transforms applied to every image D sees, any of
@@ -131,11 +131,11 @@ class GAN(GenerativeModule):
         g_norm: Literal["batch", "group"] = "batch",
         loss: Literal["bce", "hinge"] = "bce",
         spectral_norm: bool = True,
-        d_minibatch_std: bool = False,
+        d_minibatch_std: bool = True,
         r1_gamma: float = 0.0,
         augment: list[str] = (),  # type: ignore[assignment]
-        ema_decay: float = 0.0,
-        mode_seeking: float = 0.0,
+        ema_decay: float = 0.999,
+        mode_seeking: float = 0.01,
         d_backbone: str | None = None,
         d_backbone_weights: str | None = None,
         lr_g: float = 2e-4,
@@ -433,9 +433,6 @@ def _validate(args: dict[str, Any]) -> None:
             )
     need(isinstance(args["spectral_norm"], bool), "spectral_norm", "true or false")
     need(isinstance(args["d_minibatch_std"], bool), "d_minibatch_std", "true or false")
-    if args["d_minibatch_std"] and args["d_backbone"]:
-        raise UserError("model.d_minibatch_std works on the convolutional discriminator only; "
-                        "set it to false with model.d_backbone")
     need(is_num(args["r1_gamma"]) and args["r1_gamma"] >= 0, "r1_gamma", "a number >= 0 (0 = none)")
     need(isinstance(args["augment"], list), "augment",
          f"a list of transforms (any of {valid_list(AUGMENTS)}), e.g. [translation]; [] = none")

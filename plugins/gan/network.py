@@ -110,7 +110,8 @@ class Discriminator(nn.Module):
     deviation map to the last level, followed by one more (1x1) conv (ProGAN). With
     `backbone` a timm model (``timm.create_model(name, pretrained=False, num_classes=0,
     in_chans=C)``) gives phi(x) instead; `backbone_weights` is a local file loaded
-    strictly into it (see `timm_trunk`). Logit: linear(phi) (+ <embed(y), phi> with
+    strictly into it (see `timm_trunk`); `minibatch_std` then appends the statistic to
+    the features the linear head sees. Logit: linear(phi) (+ <embed(y), phi> with
     labels, Miyato & Koyama 2018). Spectral norm (`spectral_norm`) covers the convs, the
     linear head and the embedding; it does not reach into a timm trunk.
     """
@@ -119,10 +120,13 @@ class Discriminator(nn.Module):
                  spectral_norm: bool = True, minibatch_std: bool = False, backbone: str | None = None,
                  backbone_weights: str | None = None) -> None:
         super().__init__()
+        self.vector_std: MinibatchStdDev | None = None
         if backbone:
             self.trunk = timm_trunk(backbone, in_channels, backbone_weights)
             feat_dim = int(self.trunk.num_features)
             self.pool = False
+            if minibatch_std:  # the trunk's pooled features get the statistic instead
+                self.vector_std = MinibatchStdDev()
         else:
             layers: list[nn.Module] = [
                 _sn(nn.Conv2d(in_channels, channels[0], 3, padding=1), spectral_norm),
@@ -140,14 +144,17 @@ class Discriminator(nn.Module):
             self.trunk = nn.Sequential(*layers)
             feat_dim = channels[-1]
             self.pool = True
-        self.head = _sn(nn.Linear(feat_dim, 1), spectral_norm)
+        self.head = _sn(nn.Linear(feat_dim + (self.vector_std is not None), 1), spectral_norm)
         self.embed = _sn(nn.Embedding(num_classes, feat_dim), spectral_norm) if num_classes else None
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, C, H, W), label: (B,) -> logits (B,)
         h = self.trunk(x)
         phi = h.sum(dim=(2, 3)) if self.pool else h  # (B, F)
-        out = self.head(phi).squeeze(1)  # (B,)
+        head_in = phi
+        if self.vector_std is not None:
+            head_in = self.vector_std(phi[:, :, None, None]).flatten(1)  # (B, F + 1)
+        out = self.head(head_in).squeeze(1)  # (B,)
         if self.embed is not None:
             if label is None:
                 raise UserError("this GAN is conditional (num_classes > 0) and needs batch['label']")
