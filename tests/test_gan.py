@@ -395,8 +395,23 @@ def test_gan_writes_fixed_noise_grids_through_the_sample_writer(tmp_path):
         grids[epoch] = (folder / epoch / "grid.png").read_bytes()
     assert grids["epoch_001"] != grids["epoch_003"]  # same noise, trained further
     assert not list(folder.glob("*.png")) and not list(folder.glob(".*"))  # no loose files
+    # A validate after the fit keeps the fit's grid callback (no Lightning "override").
+    grid_callbacks = [c for c in trainer.callbacks if isinstance(c, SampleGrid)]
+    assert len(grid_callbacks) == 1 and grid_callbacks[0].written[-1] == folder / "epoch_003"
+    trainer.validate(m, dataloaders=DataLoader(batches, batch_size=None), verbose=False)
+    assert [c for c in trainer.callbacks if isinstance(c, SampleGrid)] == grid_callbacks
     # sample_every_n_epochs=0: no callback, no folder.
     assert tiny(sample_every_n_epochs=0).configure_callbacks() == []
+
+
+def test_a_sample_grid_from_the_config_wins_over_the_models(tmp_path):
+    m = tiny(sample_every_n_epochs=2)
+    mine = SampleGrid(every_n_epochs=1, num_samples=3, seed=5)
+    _fit(_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[mine]), m,
+         [m.example_batch(4)])
+    assert mine.written == [tmp_path / "samples" / "epoch_000"]
+    lines = (mine.written[0] / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(x)["seed"] for x in lines] == [5, 5, 5]
 
 
 class _Blobs(GenerativeModule):

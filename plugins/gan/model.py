@@ -215,12 +215,17 @@ class GAN(GenerativeModule):
         return [opt_g, opt_d]
 
     def configure_callbacks(self) -> list[Any]:
-        """The fixed-noise sample grid, every `sample_every_n_epochs` training epochs."""
+        """The fixed-noise sample grid, every `sample_every_n_epochs` training epochs,
+        unless the trainer already has a `SampleGrid` (one from the callbacks config wins;
+        and a `validate` after `fit` finds the one attached for the fit)."""
         every = self.hparams.sample_every_n_epochs
         if not every:
             return []
         from genframe.callbacks import SampleGrid
 
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, SampleGrid) for c in trainer.callbacks):
+            return []
         return [SampleGrid(every, num_samples=MONITOR_SAMPLES, seed=MONITOR_SEED)]
 
     def d_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
