@@ -47,6 +47,7 @@ class GenerativeModule(pl.LightningModule):
             ``finetune.lr`` sets every one of them (the GAN: ``("lr_g", "lr_d")``).
         renamed_arguments: old constructor-argument name -> new name, so that runs saved
             before a rename still load (``{"channels": "block_out_channels"}``).
+        added_arguments: arguments added later -> their value in runs saved before.
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"image"})
@@ -54,6 +55,9 @@ class GenerativeModule(pl.LightningModule):
     uses_tokenizer: ClassVar[bool] = False
     learning_rate_keys: ClassVar[tuple[str, ...]] = ("lr",)
     renamed_arguments: ClassVar[dict[str, str]] = {}
+    #: Constructor arguments added in a later version -> the value that reproduces the
+    #: behaviour before they existed; a saved run without them is rebuilt with these.
+    added_arguments: ClassVar[dict[str, Any]] = {}
     #: Set by genframe when it builds the model (`genframe.weights.build_model`).
     model_spec: ModelSpec | None = None
     tokenizer: Any = None

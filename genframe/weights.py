@@ -50,9 +50,15 @@ def instantiate_model(name: str, kwargs: Mapping[str, Any], *, where: str = "mod
     _warn_api_problem(registration.plugin)
     cls = registration.load()
     kwargs = renamed_arguments(cls, kwargs, where=where, migrate=migrate)
+    if migrate:  # saved before an argument existed: it had the behaviour of then
+        for key, value in (getattr(cls, "added_arguments", None) or {}).items():
+            kwargs.setdefault(key, value)
     kwargs = check_kwargs(cls, kwargs, where=where, source=source)
     model = cls(**kwargs)
-    model.model_spec = ModelSpec(name=name, kwargs=kwargs)
+    # Every constructor argument, defaults included, so a saved spec rebuilds this model
+    # even after a default changes.
+    hparams = dict(getattr(model, "hparams", {}) or {})
+    model.model_spec = ModelSpec(name=name, kwargs={**hparams, **kwargs})
     return model
 
 

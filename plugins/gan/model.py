@@ -119,6 +119,9 @@ class GAN(GenerativeModule):
     """
 
     learning_rate_keys = ("lr_g", "lr_d")  # what finetune.lr sets
+    # Runs saved before these options existed trained without them.
+    added_arguments = {"d_minibatch_std": False, "r1_gamma": 0.0, "augment": [],
+                       "ema_decay": 0.0, "mode_seeking": 0.0}
 
     def __init__(
         self,
