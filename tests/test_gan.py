@@ -273,7 +273,8 @@ def test_conditional_labels():
     ("d_backbone_weights", "/x.safetensors"),
     ("d_minibatch_std", "yes"), ("r1_gamma", -1.0), ("r1_gamma", float("nan")),
     ("augment", ["flip"]), ("augment", "translation"), ("augment", ["color", "color"]),
-    ("ema_decay", 1.0), ("ema_decay", -0.1), ("mode_seeking", -1.0), ("betas", [0.5]), ("betas", [0.5, 1.0]),
+    ("ema_decay", 1.0), ("ema_decay", -0.1), ("mode_seeking", -1.0),
+    ("betas", [0.5]), ("betas", [0.5, 1.0]),
 ])
 def test_constructor_validation_names_the_key(key, value):
     with pytest.raises(UserError, match=f"model.{key}"):

@@ -23,7 +23,10 @@ Against mode collapse (a generator that covers only part of the data):
 must give different images), ``d_minibatch_std`` (a minibatch standard-deviation map in
 D, Karras et al. 2018), ``r1_gamma`` (the R1 gradient penalty on real images, Mescheder
 et al. 2018), ``augment`` (DiffAugment, Zhao et al. 2020) and ``ema_decay`` (images drawn
-from an exponential moving average of G's weights, Yazıcı et al. 2019).
+from an exponential moving average of G's weights, Yazıcı et al. 2019). The first two and
+the EMA are on by default: on digits (``experiment=digits_gan``) they take recall from
+0.00 to about 0.6 at a class accuracy of about 0.96, for ~5% more training time; R1 and
+DiffAugment are off (on digits they cost class accuracy or time, for no more recall).
 
 The pieces live apart: the networks in `network.py`, the objective in `losses.py`, the
 augmentation in `augment.py`; this file holds the LightningModule (the two optimisation

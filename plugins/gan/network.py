@@ -199,7 +199,8 @@ def timm_trunk(name: str, in_channels: int, weights: str | Path | None) -> nn.Mo
 
 
 def _adapt_input_convs(trunk: nn.Module, state: dict[str, torch.Tensor],
-                       first_conv: str | tuple[str, ...] | list[str] | None) -> dict[str, torch.Tensor]:
+                       first_conv: str | tuple[str, ...] | list[str] | None
+                       ) -> dict[str, torch.Tensor]:
     """`state` with its input conv weights adapted to the trunk's input channels."""
     from timm.models import adapt_input_conv
 
