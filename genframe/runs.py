@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from genframe.errors import UserError
-from genframe.files import atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from genframe.files import atomic_write_bytes, atomic_write_json
 from genframe.spec import FORMAT_VERSION, ModelSpec, environment, migrate_run_info
 
 RUN_INFO = "run.json"

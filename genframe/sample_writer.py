@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from genframe.runs import atomic_write_bytes
+from genframe.files import atomic_write_bytes
 from genframe.samples import Samples
 
 

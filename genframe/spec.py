@@ -77,9 +77,6 @@ class ModelSpec:
         """A copy with some constructor arguments changed."""
         return replace(self, kwargs={**self.kwargs, **changes})
 
-    def copy(self) -> ModelSpec:
-        return copy.deepcopy(self)
-
 
 def check_format(version: Any, *, where: str) -> int:
     """The format version of a file, refused when newer than this genframe reads."""

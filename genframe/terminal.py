@@ -38,13 +38,6 @@ def user_lines(interactive: bool):
             return
 
 
-def _enable_line_editing() -> None:
-    try:
-        import readline  # noqa: F401  (input() gains history and line editing)
-    except ImportError:  # not on every platform
-        pass
-
-
 def enable_line_editing() -> None:
     """Give `input()` history and line editing where the platform has readline."""
     try:

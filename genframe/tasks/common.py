@@ -3,7 +3,6 @@ where a task's model came from, and the metrics report printed at the end."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,7 @@ def generation_options(cfg: DictConfig, model) -> dict[str, Any]:
         UserError: ``sampler``/``guidance`` given to a model that takes neither.
     """
     options = mapping_of(cfg, "sampling", "sampling.temperature=0.8")
-    accepted = set(model.sampling_options()) if hasattr(model, "sampling_options") \
-        else set(inspect.signature(model.generate).parameters)
+    accepted = set(model.sampling_options())
     for key in ("sampler", "guidance"):
         value = to_plain(cfg.get(key))
         if value is None:

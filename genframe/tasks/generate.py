@@ -16,8 +16,6 @@ from genframe.tasks.common import generation_options, mapping_of, resolve_device
 from genframe.terminal import SampleStreamPrinter
 from genframe.weights import load_model
 
-__all__ = ["generate", "generation_options", "prompts_of", "read_prompt_file"]
-
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Generate samples from ``run`` or ``ckpt``.

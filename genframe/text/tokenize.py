@@ -26,7 +26,7 @@ class _SavedTokenizer:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def save(self, directory: str | Path) -> Path:
-        from genframe.runs import atomic_write_bytes
+        from genframe.files import atomic_write_bytes
 
         path = Path(directory) / FILENAME
         atomic_write_bytes(path, self.to_json().encode())
