@@ -23,12 +23,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so a crash never leaves a half-written file.
 
     The bytes go to a temporary file in the target folder (the same filesystem), are
-    flushed and fsynced, and the file is renamed into place.
+    flushed and fsynced, and the file is renamed into place. The file gets the usual
+    permissions (0666 less the umask, like ``open(path, "w")``), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -37,6 +39,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
