@@ -3,10 +3,13 @@ text printed as a model writes it, and user lines read with line editing."""
 
 from __future__ import annotations
 
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from genframe.text.chat_session import StopFilter
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def reply_printer(stop: Sequence[str]) -> Callable[[int, str], None]:
@@ -25,17 +28,51 @@ def reply_printer(stop: Sequence[str]) -> Callable[[int, str], None]:
     return show
 
 
-def user_lines(interactive: bool):
-    """User turns: `input()` on a terminal (until Ctrl-D), else stdin's lines."""
+def user_lines(interactive: bool, notice: Callable[[str], None] | None = None) -> Iterator[str]:
+    """User turns: `input()` on a terminal (until Ctrl-D), else stdin's lines.
+
+    Piped input is split at ``\n`` only (a U+2028 in a message is text, not a line end);
+    a byte-order mark at its start is dropped; bytes that are not UTF-8 are replaced by
+    U+FFFD, and `notice` is told how many on which line, so a stray byte never ends the
+    chat or its transcript.
+    """
     if not interactive:
-        yield from sys.stdin
+        for n, line in enumerate(_piped_lines(sys.stdin), start=1):
+            yield _clean(line.removeprefix("\ufeff") if n == 1 else line,
+                         f"line {n} of the input", notice)
         return
     while True:
         try:
-            yield input("you> ")
+            line = input("you> ")
         except EOFError:
             print(flush=True)
             return
+        yield _clean(line, "your message", notice)
+
+
+def _piped_lines(stream) -> Iterator[str]:
+    """`stream`'s lines, read as bytes where it has them (bytes that are not UTF-8 become
+    lone surrogates, which `_clean` counts and replaces)."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:  # a text stream (tests, a program embedding genframe)
+        yield from stream
+        return
+    for raw in buffer:  # binary lines end at b"\n" only
+        yield raw.decode("utf-8", "surrogateescape")
+
+
+def _clean(text: str, where: str, notice: Callable[[str], None] | None) -> str:
+    text, bad = replace_undecodable(text)
+    if bad and notice is not None:
+        notice(f"({where}: {bad} byte{'s' if bad != 1 else ''} that {'are' if bad != 1 else 'is'}"
+               " not UTF-8 replaced by \ufffd)")
+    return text
+
+
+def replace_undecodable(text: str) -> tuple[str, int]:
+    """`text` with lone surrogates (what Python makes of bytes that are not UTF-8, e.g.
+    in ``sys.argv`` or a terminal's input) replaced by U+FFFD, and how many there were."""
+    return _SURROGATES.subn("\ufffd", text)
 
 
 def enable_line_editing() -> None:

@@ -87,7 +87,7 @@ class ChatDataModule(GenerativeDataModule):
 
     def use_tokenizer(self, tokenizer) -> None:
         """Tokenise with `tokenizer` (the model's, when fine-tuning) instead of training
-        one; characters it does not know become id 0."""
+        one; characters it does not know become id 0 (``<unk>``; counted and logged)."""
         if self.train_set is not None:
             raise RuntimeError("use_tokenizer() must come before setup()")
         self.tokenizer = tokenizer
@@ -108,12 +108,19 @@ class ChatDataModule(GenerativeDataModule):
         picked = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val],
                   "test": order[:n_test]}
         split = {s: [conversations[i] for i in sorted(idx)] for s, idx in picked.items()}
-        if self.tokenizer is None:
+        given = self.tokenizer is not None
+        if not given:
             texts = [self.template.render(c) for c in split["train"]]
             self.tokenizer = build_tokenizer(self.tokenizer_kind, texts,
                                              vocab_size=self.bpe_vocab_size)
         self.vocab_size = self.tokenizer.vocab_size
         self.stats = {"conversations": len(conversations)}
+        from genframe.data.text import report_unknown_per_split
+
+        unknown = report_unknown_per_split(
+            self.tokenizer, {s: [self.template.render(c) for c in split[s]] for s in SPLITS},
+            given=given, where=f"data.path={self.path}")
+        self.stats.update({f"{s}_unknown_characters": n for s, n in unknown.items()})
         for s in SPLITS:
             if split[s]:  # data.test_fraction=0 leaves test_set None
                 setattr(self, f"{s}_set", self._rows(split[s], s))

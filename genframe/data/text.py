@@ -74,6 +74,28 @@ def _more_for(split: str) -> str:
     return f"a larger data.{split}_fraction"
 
 
+def report_unknown_per_split(tokenizer, splits: dict[str, list[str]], *, given: bool,
+                             where: str) -> dict[str, int]:
+    """Warn about the characters of each split that `tokenizer` encodes as ``<unk>``
+    (a count and a few examples; never silent); returns the count per split.
+
+    `given`: the tokenizer came with the model (fine-tuning, evaluating) rather than
+    being trained on this data's training split.
+    """
+    from genframe.text.tokenize import describe_unknown, unknown_characters
+
+    found = {}
+    for split, texts in splits.items():
+        counts = unknown_characters(tokenizer, texts)
+        found[split] = sum(counts.values())
+        if counts:
+            origin = ("the model's tokenizer" if given
+                      else "the tokenizer trained on the training split")
+            log.warning("%s: the %s split holds %s, read as <unk> by %s", where,
+                        SPLIT_WORDS[split], describe_unknown(counts), origin)
+    return found
+
+
 def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats per token) on `val_tokens` of the training split's token
     frequencies (add-one smoothed): the loss of a model that ignores context, for scale."""
@@ -144,6 +166,7 @@ class TextDataModule(GenerativeDataModule):
         self.cache_hits: dict[str, bool] = {}
         self.unigram_loss: float | None = None  # after setup: a context-free baseline
         self.token_counts: dict[str, int] = {}  # after setup: tokens per split
+        self.unknown_characters: dict[str, int] = {}  # after setup: <unk> characters per split
 
     def _separator(self) -> int | None:
         """The id put between documents: <|endoftext|> for BPE, a newline for char."""
@@ -168,11 +191,15 @@ class TextDataModule(GenerativeDataModule):
                             "left after cleaning (all documents empty)")
         span = self.block_size + 1
         splits = self._split(docs)
-        if self.tokenizer is None:
+        given = self.tokenizer is not None
+        if not given:
             self.tokenizer = build_tokenizer(self.tokenizer_kind, splits["train"],
                                              vocab_size=self.bpe_vocab_size)
         self.vocab_size = self.tokenizer.vocab_size
         sep = self._separator()
+        self.unknown_characters = report_unknown_per_split(
+            self.tokenizer, splits, given=given,
+            where=f"data.path={self.path}" if self.path else f"data.source={self.source}")
         tokens = {}
         for split in [s for s in SPLITS if splits[s]]:  # data.test_fraction=0: no test split
             tokens[split], self.cache_hits[split] = token_cache(splits[split], self.tokenizer,
@@ -220,7 +247,7 @@ class TextDataModule(GenerativeDataModule):
 
     def use_tokenizer(self, tokenizer) -> None:
         """Tokenise with `tokenizer` (e.g. the model's, when fine-tuning) instead of
-        training one; characters it does not know become ``<unk>``."""
+        training one; characters it does not know become ``<unk>`` (counted and logged)."""
         if self.train_set is not None:
             raise RuntimeError("use_tokenizer() must come before setup()")
         self.tokenizer = tokenizer

@@ -10,7 +10,10 @@ each ``/reset``) in the task's run directory, ready to fine-tune on with ``data=
 
 from __future__ import annotations
 
+import math
+import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from genframe.tasks.build import to_plain
 from genframe.terminal import enable_line_editing, reply_printer, user_lines
 from genframe.text.chat import ChatTemplate, Message, chat_jsonl_line
 from genframe.text.chat_session import ChatSession
+from genframe.text.tokenize import report_unknown
 
 TRANSCRIPT = "transcript.jsonl"
 COMMANDS = {"/reset": "clear the history (the system prompt stays)",
@@ -49,6 +53,7 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
     from genframe.text.prompts import render_template_config
     from genframe.weights import load_model
 
+    check_chat_options(cfg)
     device = resolve_device(cfg.device)
     first_message = render_template_config(to_plain(cfg.get("template")))
     model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"), cfg.get("adapter"))
@@ -83,15 +88,26 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
     def say(text: str) -> None:  # notices: in the conversation on a terminal, else stderr
         print(text, file=sys.stdout if interactive else sys.stderr, flush=True)
 
+    def note_unknown(texts: list[str], what: str) -> None:  # never silently <unk>
+        note = report_unknown(model.tokenizer, texts, what)
+        if note:
+            say(f"({note})")
+
     def turn(text: str) -> None:
-        reply = session.send(text, stream=reply_printer(template.stop) if interactive else None,
-                             on_too_long=say)
+        note_unknown([text], "your message")
+        with chat_keys():
+            reply = session.send(text, on_too_long=say,
+                                 stream=reply_printer(template.stop) if interactive else None)
         if reply is not None:
             replies.append(reply)
             if not interactive:
                 print(reply, flush=True)
             _write_transcript(transcript, session.conversations())
 
+    note_unknown([template.render([{"role": r, "content": ""} for r in ("user", "assistant")])
+                  + template.generation_prompt], "the chat template")
+    if cfg.get("system"):
+        note_unknown([cfg.system], "system")
     if interactive:
         enable_line_editing()
         say(f"chatting with '{name}' ({run.path if run else weights}); context window "
@@ -102,7 +118,7 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
             if interactive:
                 print(f"you> {first_message}", flush=True)
             turn(first_message)
-        for line in user_lines(interactive):
+        for line in user_lines(interactive, notice=say):
             text = line.strip()
             if not text:
                 continue
@@ -129,6 +145,55 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
     return {"run_dir": out_dir, "metrics": {}, "replies": replies, "transcript": conversations}
 
 
+def check_chat_options(cfg: DictConfig) -> None:
+    """Refuse (`UserError`, naming chat's own keys) the values no chat could use, before
+    the model is loaded."""
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v: Any) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v))
+
+    seed, temperature = cfg.get("seed"), cfg.get("temperature")
+    top_k, top_p, system = cfg.get("top_k"), cfg.get("top_p"), cfg.get("system")
+    max_new = cfg.get("max_new_tokens")
+    if seed is not None and not integer(seed):
+        raise UserError(f"seed: expected an integer (turn i samples with seed + i) or null "
+                        f"(fresh randomness), got {seed!r}")
+    if not number(temperature) or temperature < 0:
+        raise UserError(f"temperature: expected a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not integer(top_k) or top_k < 1):
+        raise UserError(f"top_k: expected an integer >= 1 or null, got {top_k!r}")
+    if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
+        raise UserError(f"top_p: expected a number in (0, 1] or null, got {top_p!r}")
+    if max_new is not None and (not integer(max_new) or max_new < 1):
+        raise UserError(f"max_new_tokens: expected a positive integer or null (half the "
+                        f"model's context window), got {max_new!r}")
+    if system is not None and not isinstance(system, str):
+        raise UserError(f"system: expected a string (a system prompt) or null, got {system!r}")
+
+
+#: The model's generate() options chat sets, by the chat key that sets each.
+_CHAT_KEY_OF = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                "max_new_tokens": "max_new_tokens", "stop": "chat_template.stop"}
+
+
+@contextmanager
+def chat_keys():
+    """Re-raise a model's ``sampling.<option>`` `UserError` with the chat key that set
+    the option (``sampling.top_p`` -> ``top_p``): chat has no ``sampling`` group."""
+    try:
+        yield
+    except UserError as exc:
+        text = str(exc)
+        match = re.match(r"sampling\.(\w+)", text)
+        if match is None:
+            raise
+        key = _CHAT_KEY_OF.get(match.group(1), match.group(1))
+        raise UserError(key + text[match.end():]) from None
+
+
 def resolve_chat_template(node: Any, run) -> tuple[ChatTemplate, str]:
     """The chat template to use and where it came from: ``chat_template`` when set, else
     the template of the run's chat data, else the default."""
@@ -145,8 +210,8 @@ def resolve_max_new_tokens(value: int | None, block_size: int) -> int:
     """``max_new_tokens``, defaulting to half the context window (at most 200)."""
     if value is None:
         return max(1, min(200, block_size // 2))
-    if not isinstance(value, int) or value < 1:
-        raise UserError(f"max_new_tokens must be a positive integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"max_new_tokens: expected a positive integer or null, got {value!r}")
     if value >= block_size:
         raise UserError(f"max_new_tokens={value} leaves no room for the prompt in the model's "
                         f"context window of {block_size} tokens; set max_new_tokens below "

@@ -21,6 +21,7 @@ content and the template text after it (``"<end>\\n"``) are targets of the loss.
 from __future__ import annotations
 
 import json
+import re
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -98,9 +99,20 @@ def parse_conversation(row: Any, *, where: str = "conversation") -> list[Message
 
 
 def chat_jsonl_line(messages: Sequence[Message]) -> str:
-    """One conversation as a line of chat JSONL (without the newline)."""
-    return json.dumps({"messages": [{"role": m["role"], "content": m["content"]}
+    """One conversation as a line of chat JSONL (without the newline).
+
+    U+2028 and U+2029 are written as ``\\u2028``/``\\u2029`` escapes (the same JSON) so
+    that a reader splitting lines with ``str.splitlines`` still sees one line; a lone
+    surrogate (a byte that was not UTF-8) is written as U+FFFD, so the line is always
+    valid UTF-8.
+    """
+    line = json.dumps({"messages": [{"role": m["role"], "content": m["content"]}
                                     for m in messages]}, ensure_ascii=False)
+    line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return _LONE_SURROGATE.sub("\ufffd", line)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # -- the template ------------------------------------------------------------------------

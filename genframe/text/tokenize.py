@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -155,6 +156,39 @@ class BPETokenizer(_SavedTokenizer):
 
         return cls(Tokenizer.from_str(json.dumps(data["tokenizer"])))
 
+
+
+def unknown_characters(tokenizer, texts: Iterable[str]) -> Counter:
+    """How often each character of `texts` that `tokenizer` never saw occurs (those
+    characters are encoded as ``<unk>``). Empty for byte-level BPE, which reads any text."""
+    stoi = getattr(tokenizer, "stoi", None)
+    counts: Counter = Counter()
+    if stoi is None:
+        return counts
+    for text in texts:
+        for c in set(text).difference(stoi):  # the set first: fast on long documents
+            counts[c] += text.count(c)
+    return counts
+
+
+def describe_unknown(counts: Counter, *, examples: int = 5) -> str:
+    """``"3 characters the tokenizer never saw ('é' x2, '☃')"``, for
+    messages about `unknown_characters`; "" when there are none."""
+    if not counts:
+        return ""
+    total = sum(counts.values())
+    shown = ", ".join(f"{c!r}" + (f" x{n}" if n > 1 else "")
+                      for c, n in counts.most_common(examples))
+    more = f", ... {len(counts)} distinct" if len(counts) > examples else ""
+    return (f"{total} character{'s' if total != 1 else ''} the tokenizer never saw "
+            f"({shown}{more})")
+
+
+def report_unknown(tokenizer, texts: Iterable[str], what: str) -> str | None:
+    """A one-line notice that `what` holds characters `tokenizer` encodes as ``<unk>``
+    (a count and a few examples), or None when it knows them all."""
+    described = describe_unknown(unknown_characters(tokenizer, texts))
+    return f"{what}: {described} read as {UNK}" if described else None
 
 
 TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
