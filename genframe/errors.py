@@ -40,11 +40,11 @@ class GenframeDeprecationWarning(DeprecationWarning):
     """A plugin uses an interface genframe will drop (the CLI shows it once per place)."""
 
 
-def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
-    """The choices that look most like `word` (for 'did you mean' hints)."""
+def closest(word: str, choices: Iterable[str], n: int = 3, cutoff: float = 0.5) -> list[str]:
+    """The choices that look most like `word` (for 'did you mean' hints); `cutoff` is
+    difflib's similarity ratio a choice must reach (0.7 keeps only near-misspellings)."""
     choices = [str(c) for c in choices]
-    found = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
-    return found
+    return difflib.get_close_matches(word, choices, n=n, cutoff=cutoff)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -60,7 +60,13 @@ def valid_list(choices: Iterable[str], limit: int = 20) -> str:
     text = ", ".join(choices[:limit])
     if len(choices) > limit:
         text += f", ... ({len(choices) - limit} more)"
-    return text or "(none)"
+    return text or "none"
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``"1 key"``, ``"3 keys"``, ``"0 keys"``; `many` for irregular plurals
+    (``plural(2, "class", "classes")``)."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"
 
 
 def argument_check(args: Any, prefix: str = "model"):
