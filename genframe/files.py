@@ -52,22 +52,82 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def check_weights_file(path: Path, *, where: str) -> Path:
+    """`path` (``~`` expanded) when it is a non-empty regular file.
+
+    Raises:
+        UserError: naming `where` (``ckpt=...``, ``run=...: model.safetensors``) when the
+            path is missing, a directory or empty, with what to give instead.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{where}: a directory, not a weights file; give the file itself "
+                        "(a .safetensors or .ckpt), or a run directory with run=")
+    if not path.is_file():
+        raise UserError(f"{where}: no such file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{where}: the file is empty (0 bytes; an interrupted copy or "
+                        "write?); restore it or give another weights file")
+    return path
+
+
 def read_safetensors(path: Path, *, key: str) -> tuple[dict[str, str], dict[str, Any]]:
     """(metadata, tensors) of a safetensors file.
 
     Raises:
         UserError: naming `key` (the config key or file the path came from) when the file
-            is missing or not a readable safetensors file.
+            is missing, empty, a directory or not a readable safetensors file.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    path = check_weights_file(path, where=key)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         return meta, load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{key}: not a readable safetensors file ({exc})") from exc
+    except Exception as exc:  # SafetensorError, OSError, ValueError, ... for a bad file
+        raise UserError(f"{key}: {_unreadable(exc, safetensors=True)}") from exc
+
+
+def torch_load_weights(path: Path, *, where: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: never unpickles code.
+
+    Raises:
+        UserError: naming `where` when the file is missing, empty, a directory, damaged,
+            carries Python objects other than tensors (a pickle with code), or is no torch
+            file at all.
+    """
+    import warnings
+
+    import torch
+
+    path = check_weights_file(path, where=where)
+    try:
+        with warnings.catch_warnings():  # "pickle protocol 4" and the like: not the user's
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or foreign file
+        raise UserError(f"{where}: {_unreadable(exc, safetensors=False)}") from exc
+
+
+def _unreadable(exc: BaseException, *, safetensors: bool) -> str:
+    """What is wrong with a weights file that failed to load, and the fix, in one line."""
+    import pickle
+
+    first = (str(exc).splitlines() or [""])[0].strip()[:160]
+    if safetensors:
+        return (f"not a readable safetensors file ({first}); it is damaged (truncated or "
+                "overwritten) or of another format: restore it or give another weights file")
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+        return ("cannot be read without unpickling code: it holds Python objects besides "
+                "tensors, which genframe never unpickles; give a checkpoint genframe wrote, or "
+                "convert the file to safetensors where it was made")
+    if isinstance(exc, (EOFError, OSError, RuntimeError)) or "zip" in first.lower():
+        return (f"cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {first}); "
+                "it is damaged (truncated or overwritten): restore it or give another weights file")
+    return (f"not a PyTorch checkpoint readable without unpickling code ({type(exc).__name__}: "
+            f"{first}); give a .ckpt or .safetensors file genframe wrote")
 
 
 def read_state_dict(path: str | Path, *, where: str) -> dict[str, Any]:
@@ -80,26 +140,17 @@ def read_state_dict(path: str | Path, *, where: str) -> dict[str, Any]:
     preferring EMA weights as timm's reader does, and DDP's ``module.`` prefix is removed.
 
     Raises:
-        UserError: naming `where` when the file is missing, unreadable or holds no state
-            dict of tensors.
+        UserError: naming `where` (a key, or ``key=file``) and the file when it is
+            missing, empty, unreadable or holds no state dict of tensors.
     """
     import torch
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"{where}: no such file: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch/safetensors raise many types for a foreign file
-        first = (str(exc).splitlines() or [""])[0][:200]
-        how = ("is not a readable safetensors file" if path.suffix == ".safetensors"
-               else "cannot be read as weights without unpickling code")
-        raise UserError(f"{where}: {path} {how} ({type(exc).__name__}: {first})") from exc
+    label = where if "=" in where else f"{where}={path}"  # "key=file", named once
+    if path.suffix == ".safetensors":
+        _, state = read_safetensors(path, key=label)
+    else:
+        state = torch_load_weights(path, where=label)
     if isinstance(state, dict):
         for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model"):
             if isinstance(state.get(wrapper), dict):
@@ -108,12 +159,13 @@ def read_state_dict(path: str | Path, *, where: str) -> dict[str, Any]:
     if not isinstance(state, dict) or not state or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise UserError(f"{where}: {path} holds no state dict of tensors")
+        raise UserError(f"{label}: holds no state dict of tensors (names -> tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def load_state_dict_strict(module: Any, state: dict[str, Any], *, where: str,
-                           what: str | None = None, ignore: Iterable[str] = ()) -> None:
+                           what: str | None = None, ignore: Iterable[str] = (),
+                           finite: str = "all") -> None:
     """Load `state` into `module`; every key must be there, with the module's shapes.
 
     Args:
@@ -122,6 +174,8 @@ def load_state_dict_strict(module: Any, state: dict[str, Any], *, where: str,
         where: the config key or file the state came from, for messages.
         what: how to name the module in messages (default: its class name).
         ignore: keys of `state` to drop first (a classifier head the module lacks).
+        finite: which values must be finite: ``"all"``, or ``"parameters"`` (a model's
+            buffers may hold an infinite mask on purpose).
 
     Raises:
         UserError: naming `where`, with counts and examples of missing, unexpected and
@@ -145,7 +199,13 @@ def load_state_dict_strict(module: Any, state: dict[str, Any], *, where: str,
         if wrong_shape:
             parts.append(f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:2]})")
         raise UserError(f"{where}: the weights do not fit {what}: keys " + "; ".join(parts))
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    checked = state if finite == "all" else dict(module.named_parameters())
+    bad = [k for k, v in state.items()
+           if k in checked and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"{where}: non-finite values in {bad[:3]}")
-    module.load_state_dict(state, strict=True)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # a module's own load hook refusing a value
+        raise UserError(f"{where}: the weights do not fit {what}: "
+                        f"{(str(exc).splitlines() or [''])[-1].strip()[:200]}") from exc

@@ -37,6 +37,9 @@ from genframe.errors import UserError, valid_list
 #: cannot rebuild a model.
 ADAPTER_KEY = "genframe_lora"
 BASE_KEY = "genframe_base_model"
+#: Metadata key of a few values of each adapted layer's base weight (`base_signature`), so
+#: an adapter is refused on the same model trained elsewhere (same names and shapes).
+BASE_SIGNATURE_KEY = "genframe_base_signature"
 ADAPTER_FILE = "adapter.safetensors"
 #: The layer types peft can wrap with LoRA (its default dispatcher).
 SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -206,38 +209,110 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     spec = getattr(model, "model_spec", None)
     base = {k: v for k, v in (spec.to_dict() if spec is not None else {}).items() if k != "lora"}
-    meta = {ADAPTER_KEY: json.dumps(config), BASE_KEY: json.dumps(base)}
+    meta = {ADAPTER_KEY: json.dumps(config), BASE_KEY: json.dumps(base),
+            BASE_SIGNATURE_KEY: json.dumps(base_signature(model, config["target_modules"]))}
     atomic_write_bytes(Path(path), save(state, metadata=meta))
     return Path(path)
 
 
-def read_adapter(path: str | Path, *, key: str = "adapter") -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """Return (LoRA config, base model spec, adapter weights) from an adapter file."""
+_SIGNATURE_VALUES = 16  # per layer: two different trainings never agree on all of them
+
+
+def base_signature(model: nn.Module, names: Sequence[str]) -> dict[str, list[float]]:
+    """A few values of each named layer's base weight, at fixed positions (seeded by the
+    layer's name): what an adapter was trained on top of. Compared with a relative
+    tolerance (`same_signature`), so the same weights kept in half precision still match.
+    """
+    import zlib
+
+    out = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        weight = base.weight.detach().flatten()
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        at = torch.randint(0, weight.numel(), (_SIGNATURE_VALUES,), generator=g)
+        out[name] = [float(v) for v in weight[at.to(weight.device)].float().cpu()]
+    return out
+
+
+def same_signature(a: dict[str, list[float]], b: dict[str, list[float]]) -> bool:
+    """Whether two `base_signature` values describe the same weights."""
+    if set(a) != set(b):
+        return False
+    return all(len(a[k]) == len(b[k]) and torch.allclose(torch.tensor(a[k]), torch.tensor(b[k]),
+                                                         rtol=2e-2, atol=1e-4) for k in a)
+
+
+def read_adapter(path: str | Path, *, key: str = "adapter", where: str | None = None,
+                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """Return (LoRA config, base model spec, adapter weights) from an adapter file.
+
+    Raises:
+        UserError: naming `where` (default ``key=path``) when the file is missing, empty,
+            damaged or not a genframe adapter file.
+    """
+    config, base, _, state = _read_adapter(path, where=where or f"{key}={path}")
+    return config, base, state
+
+
+def _read_adapter(path: str | Path, *, where: str):
+    """(config, base spec, base signature or None, weights) of an adapter file."""
     from genframe.files import read_safetensors
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{key}={path}: no such file")
-    meta, state = read_safetensors(p, key=f"{key}={path}")
+    meta, state = read_safetensors(Path(path).expanduser(), key=where)
     if ADAPTER_KEY not in meta:
-        raise UserError(f"{key}={path}: not a genframe LoRA adapter file (no '{ADAPTER_KEY}' metadata)")
-    return json.loads(meta[ADAPTER_KEY]), json.loads(meta.get(BASE_KEY, "{}")), state
+        hint = (" (it holds a whole model: give it as ckpt=, or its run as run=)"
+                if "genframe" in meta else "")
+        raise UserError(f"{where}: not a genframe LoRA adapter file (no '{ADAPTER_KEY}' "
+                        f"metadata){hint}; give the adapter.safetensors of a finetune=lora run")
+    try:
+        config = json.loads(meta[ADAPTER_KEY])
+        base = json.loads(meta.get(BASE_KEY, "{}"))
+        signature = json.loads(meta.get(BASE_SIGNATURE_KEY, "null"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: its metadata is not valid JSON ({exc}); the file is damaged") from exc
+    if not isinstance(config, dict) or not {"r", "alpha", "dropout", "target_modules"} <= set(config):
+        raise UserError(f"{where}: its LoRA config is incomplete (r, alpha, dropout, "
+                        "target_modules); the file is damaged")
+    return config, base, signature, state
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
+def load_adapter(model: nn.Module, path: str | Path, *, where: str | None = None) -> dict[str, Any]:
     """Add the adapters of an adapter file (`save_adapter`) to `model` and load their
-    weights. Returns the summary of `apply_lora`."""
-    config, base, state = read_adapter(path)
+    weights. Returns the summary of `apply_lora`.
+
+    The adapter must have been made for this model: the same registered name, layers of
+    the same shapes, and (for files that record it) the same base weights of the adapted
+    layers -- an adapter trained on another run of the same model is refused.
+
+    Raises:
+        UserError: naming `where` (default ``adapter=path``) and what does not fit.
+    """
+    where = where or f"adapter={path}"
+    config, base, signature, state = _read_adapter(path, where=where)
     spec = getattr(model, "model_spec", None)
     name = spec.name if spec is not None else None
     if base.get("name") and name and base["name"] != name:
-        raise UserError(f"adapter={path}: made for model '{base['name']}', not '{name}'")
+        raise UserError(f"{where}: made for model '{base['name']}', not '{name}'; give the run "
+                        "it was fine-tuned from (its run.json names it under started_from)")
     try:
         summary = apply_lora(model, r=config["r"], alpha=config["alpha"], dropout=config["dropout"],
                              target_modules=config["target_modules"])
     except UserError as exc:
-        raise UserError(f"adapter={path}: its modules do not fit this model: {exc}") from exc
-    load_lora_weights(model, state, where=f"adapter={path}")
+        raise UserError(f"{where}: its modules do not fit this model: {exc}") from exc
+    if signature is not None:
+        try:
+            ours = base_signature(model, list(signature))
+        except (AttributeError, IndexError, RuntimeError):
+            ours = {}
+        if not same_signature(signature, ours):
+            raise UserError(
+                f"{where}: made for other weights of model '{name or base.get('name')}' (the "
+                "base weights of its layers differ: it was trained on top of another run); "
+                "give the run it was fine-tuned from (its run.json names it under started_from)"
+            )
+    load_lora_weights(model, state, where=where)
     return summary
 
 

@@ -4,12 +4,14 @@ checkpoint. The run is opened and its config resolved here, in one place."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from genframe.errors import UserError
-from genframe.runs import open_run
+from genframe.files import torch_load_weights
+from genframe.runs import Run, open_run
 
 # Config groups a resumed run keeps: changing one would make it another run.
 GROUPS = ("data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "paths",
@@ -50,6 +52,39 @@ def _migrated(stored: DictConfig) -> DictConfig:
     return stored
 
 
+#: What Lightning needs in a checkpoint to continue training from it.
+TRAINING_STATE = ("state_dict", "optimizer_states", "loops", "global_step")
+
+
+def check_last_checkpoint(run: Run, path: Path, *, where: str) -> None:
+    """Check a run's ``last.ckpt`` before Lightning resumes from it: readable without
+    unpickling code, holding the training state, and the model run.json records (its
+    tensors fitting that model). There is no fall-back: only this file holds the
+    optimizer state; the run's weights can still be fine-tuned.
+
+    Raises:
+        UserError: naming `where`, what is wrong and the way on.
+    """
+    from genframe.spec import ModelSpec
+    from genframe.weights import SPEC_KEY, build_from_spec, check_run_model
+
+    way_on = (f"; the run cannot be continued. Fine-tune from its weights instead: "
+              f"genframe finetune run={run.path}")
+    try:
+        ckpt = torch_load_weights(path, where=where)
+        if not isinstance(ckpt, dict) or SPEC_KEY not in ckpt:
+            raise UserError(f"{where}: not a genframe checkpoint (no model spec inside)")
+        lacking = [k for k in TRAINING_STATE if k not in ckpt]
+        if lacking or not isinstance(ckpt["state_dict"], dict):
+            raise UserError(f"{where}: holds no training state to continue from "
+                            f"(no {', '.join(lacking) or 'state_dict'})")
+        spec = ModelSpec.from_dict(ckpt[SPEC_KEY], where=where)
+        check_run_model(run, spec, where=where)
+        build_from_spec(spec, ckpt["state_dict"], source=where)  # the tensors fit it
+    except UserError as exc:
+        raise UserError(f"{exc}{way_on}") from exc
+
+
 def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resumed:
     """Read ``cfg.resume`` (a run directory) and build the config that continues it.
 
@@ -59,8 +94,10 @@ def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resum
             (from Hydra). Group choices are refused: a resumed run keeps its groups.
 
     Raises:
-        UserError: not a run directory, no ``last.ckpt``, a run of another task, or an
-            override that changes a config group.
+        UserError: not a run directory, no ``last.ckpt``, a ``last.ckpt`` that is damaged,
+            carries code, holds another model than run.json records or lacks the training
+            state (`check_last_checkpoint`), a run of another task, or an override that
+            changes a config group.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -73,6 +110,7 @@ def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resum
     last = run.checkpoint("last")
     if last is None:
         raise UserError(f"resume={cfg.resume}: the run has no checkpoints/last.ckpt to resume from")
+    check_last_checkpoint(run, last, where=f"resume={cfg.resume}: checkpoints/last.ckpt")
     stored = _migrated(run.config)
     if overrides is None:
         try:
