@@ -142,6 +142,8 @@ def _open_key(arg: str, roots: set[str]) -> str:
     refuses the key, as it should: the task would ignore it)."""
     if arg.startswith(OPEN_KEYS) and "=" in arg and arg.split(".", 1)[0] in roots:
         return "++" + arg
+    if arg.startswith("-"):
+        _check_flags([arg])
     return arg
 
 
@@ -209,6 +211,44 @@ def main_help() -> str:
         "loads only a and b; GENFRAME_DISABLE_PLUGIN_AUTOLOAD=1 loads none.",
     ]
     return "\n".join(lines)
+
+
+# Hydra's own flags (argparse) and the values those with a fixed set take; None: any value.
+_FLAGS = {"--help": (), "-h": (), "--hydra-help": (), "--version": (), "--resolve": (),
+          "--run": (), "-r": (), "--multirun": (), "-m": (), "--shell-completion": (),
+          "-sc": (), "--cfg": ("job", "hydra", "all"), "-c": ("job", "hydra", "all"),
+          "--package": None, "-p": None, "--info": None, "-i": None,
+          "--config-path": None, "-cp": None, "--config-name": None, "-cn": None,
+          "--config-dir": None, "-cd": None, "--experimental-rerun": None}
+
+
+def _check_flags(args: Sequence[str]) -> None:
+    """Refuse a misused flag with the fix, before argparse prints its usage screen:
+    ``--cfg`` without job|hydra|all, ``-cfg``, ``--cfg=jobb``, a misspelt flag."""
+    from genframe.errors import UserError
+
+    for i, arg in enumerate(args):
+        if not arg.startswith("-") or arg in ("-", "--"):
+            continue
+        flag, eq, value = arg.partition("=")
+        if flag == "-cfg":
+            raise UserError(f"{arg}: did you mean --cfg job (two dashes)? "
+                            "--cfg job|hydra|all prints the composed config")
+        if flag not in _FLAGS:
+            known = [f for f in _FLAGS if f.startswith("--")]
+            raise UserError(f"{arg}: unknown option.{did_you_mean(flag, known)} A task takes "
+                            "key=value overrides and Hydra's flags: --cfg job|hydra|all, "
+                            "-m/--multirun, --info, --resolve, -p/--package, --help")
+        choices = _FLAGS[flag]
+        if not choices:
+            continue
+        given = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+        if given is None and not eq and len(args) == 1:
+            continue  # the value is the next argument, checked with it in view
+        if given not in choices:
+            shown = "nothing" if given is None else f"'{given}'"
+            raise UserError(f"{flag} takes one of {', '.join(choices)}, got {shown}: "
+                            f"e.g. {flag} job prints the task's composed config")
 
 
 if __name__ == "__main__":

@@ -385,6 +385,12 @@ def _defaults_error(first: str, task: str, overrides: list[str]) -> str | None:
             return (f"{added}: '{group}' is chosen already (in {task}.yaml or an experiment); "
                     f"choose another with {plain} (no '+')")
         return f"{group}: chosen twice on the command line; give one {group}=<choice>"
+    m = re.match(r"Multiple values for (\S+)\. To override a value use 'override \S+: ([^']*)'", first)
+    if m:
+        group, choice = m.group(1), m.group(2)
+        given = _given(overrides, group) or f"+{group}={choice}"
+        return (f"{given}: '{group}' is in {task}.yaml's defaults already; choose it with "
+                f"{group}={choice} (no '+')")
     m = re.match(r"force-add of config groups is not supported: '([^']+)'", first)
     if m:
         return f"{m.group(1)}: '++' adds keys, not config groups; choose with {m.group(1).lstrip('+')}"
@@ -419,10 +425,21 @@ def _parse_error(text: str, task: str, overrides: list[str]) -> str:
     key, _, value = bad.partition("=")
     if not re.fullmatch(r"[+~]{0,2}[\w./@-]+", key):
         return f"'{bad}': '{key}' is not a key (a key is a dotted name like model.lr)" + _grammar_hint()
+    call = re.match(r"\s*(\w+)\(", value)
+    if call and call.group(1) in _SWEEP_FUNCTIONS:
+        return (f"'{bad}': cannot parse the value {value!r}: the arguments of {call.group(1)}() "
+                "must be values Hydra reads, e.g. range(1,5), choice(a,b), interval(0.1,1.0) "
+                "(sweep them with -m)")
     return (f"'{bad}': cannot parse the value {value!r} (Hydra's override grammar). To pass it "
             "as a string, quote it so that Hydra sees the quotes; in the shell: "
             f"{shell_quoted(key, value)}" + (f" (a list is written {key}=[a,b])"
                                                if value.lstrip().startswith(("[", "{")) else ""))
+
+
+_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
+                     "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+_SWEEP_FUNCTIONS = ("range", "choice", "interval", "glob", "shuffle", "sort", "tag",
+                    "str", "int", "float", "bool", "json_str", "extend_list")
 
 
 def _unparsable(overrides: list[str]) -> str | None:
@@ -430,7 +447,11 @@ def _unparsable(overrides: list[str]) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
+    skip = False
     for override in overrides:
+        if skip or override.startswith("-"):  # a flag, or the value of the flag before
+            skip = override.split("=")[0] in _FLAGS_WITH_VALUE
+            continue
         try:
             parser.parse_overrides([override])
         except Exception:

@@ -182,3 +182,26 @@ def test_plural_and_empty_lists_read_right():
     assert plural(1, "key") == "1 key" and plural(2, "key") == "2 keys"
     assert plural(0, "class", "classes") == "0 classes"
     assert valid_list([]) == "none"
+
+
+def test_a_bad_sweep_function(fail):
+    message = fail("train", "-m", "model.latent_dim=range(1,x)")
+    assert message.startswith("'model.latent_dim=range(1,x)':") and "range(1,5)" in message
+
+
+def test_plus_on_a_group_listed_as_null(fail):
+    message = fail("train", "+experiment=digits_vae")
+    assert "experiment=digits_vae (no '+')" in message and "override" not in message
+
+
+# -- Hydra's flags -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--cfg=jobb"], "--cfg takes one of job, hydra, all, got 'jobb'"),
+    (["-cfg", "job"], "did you mean --cfg job"),
+    (["--multrun", "model.lr=1,2"], "Did you mean '--multirun'"),
+])
+def test_misused_flags(fail, args, expected):
+    message = fail("train", *args)
+    assert expected in message and "usage:" not in message, message
