@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from genframe.errors import UserError
@@ -19,25 +21,126 @@ def cpu_has_amx_bf16() -> bool:
         return False
 
 
-def resolve_trainer_kwargs(kwargs: dict[str, Any], num_parameters: int, choice: str) -> dict[str, Any]:
-    """Check the machine can run `kwargs` and fill in ``precision: auto``."""
+#: `trainer.accelerator` values genframe knows how to check (Lightning's built-in ones).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def check_hardware(kwargs: Mapping[str, Any], source: Callable[[str], str] | None = None) -> None:
+    """Refuse (`UserError`) a ``trainer.accelerator``, ``trainer.devices`` or
+    ``trainer.strategy`` this machine cannot run, naming what it has.
+
+    Args:
+        kwargs: the plain ``trainer`` config.
+        source: maps a trainer key to where it was set (for messages).
+    """
+    import torch
+
+    def where(key: str) -> str:
+        return f" (set in {source(key)})" if source else ""
+
+    accel = str(kwargs.get("accelerator", "auto")).lower()
+    has_cuda = torch.cuda.is_available()
+    n_gpus = torch.cuda.device_count() if has_cuda else 0
+    if accel not in ACCELERATORS:
+        from genframe.errors import did_you_mean
+
+        raise UserError(f"trainer.accelerator={accel}{where('accelerator')}: expected one of "
+                        f"{', '.join(ACCELERATORS)}.{did_you_mean(accel, ACCELERATORS)}")
+    if accel in ("gpu", "cuda") and not has_cuda:
+        raise UserError(
+            f"trainer.accelerator={accel}{where('accelerator')} asks for a CUDA GPU, but this "
+            "machine has none (torch.cuda.is_available() is False); expected trainer=cpu, "
+            "trainer=auto or trainer.accelerator=cpu")
+    if accel == "tpu" and not _has_module("torch_xla"):
+        raise UserError(
+            f"trainer.accelerator=tpu{where('accelerator')}: this machine has no TPU runtime "
+            f"(torch_xla is not installed); expected {'gpu, ' if has_cuda else ''}cpu or auto")
+    if accel == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(
+            f"trainer.accelerator=mps{where('accelerator')}: this machine has no Apple MPS "
+            f"device; expected {'gpu, ' if has_cuda else ''}cpu or auto")
+    strategy = str(kwargs.get("strategy", "auto"))
+    if any(strategy.startswith(s) for s in CUDA_ONLY_STRATEGIES) and not has_cuda:
+        raise UserError(f"trainer.strategy={strategy}{where('strategy')} needs CUDA GPUs; this "
+                        "machine has none; expected trainer.strategy=auto (or ddp_spawn on the CPU)")
+    on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and has_cuda)
+    if on_gpu or accel == "cpu" or (accel == "auto" and not has_cuda):
+        _check_devices(kwargs.get("devices", "auto"), on_gpu, n_gpus, strategy, where("devices"))
+
+
+def _check_devices(devices: Any, on_gpu: bool, n_gpus: int, strategy: str, where: str) -> None:
+    """``trainer.devices``: how many devices (or which indices) against what exists."""
+    if devices in ("auto", None, -1, "-1"):
+        return
+    if isinstance(devices, bool):
+        raise UserError(f"trainer.devices={devices}{where}: expected a number of devices, "
+                        "a list of device indices or auto")
+    if isinstance(devices, str):
+        parts = [p.strip() for p in devices.split(",") if p.strip()]
+        if not all(p.lstrip("-").isdigit() for p in parts) or not parts:
+            raise UserError(f"trainer.devices={devices}{where}: expected a number of devices, "
+                            "a list of device indices or auto")
+        numbers = [int(p) for p in parts]
+        devices = numbers[0] if len(numbers) == 1 and "," not in devices else numbers
+    if isinstance(devices, (list, tuple)):
+        if not on_gpu:
+            raise UserError(f"trainer.devices={list(devices)}{where}: device indices need GPUs, "
+                            "and this run uses the CPU; expected trainer.devices=1")
+        bad = [d for d in devices if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < n_gpus]
+        if bad or not devices:
+            raise UserError(f"trainer.devices={list(devices)}{where}: this machine has {n_gpus} "
+                            f"CUDA GPU(s), indices 0..{n_gpus - 1}; expected indices among them")
+        return
+    if not isinstance(devices, int) or devices < 1:
+        raise UserError(f"trainer.devices={devices}{where}: expected a number of devices >= 1, "
+                        "a list of device indices, or auto")
+    if on_gpu:
+        if devices > n_gpus:
+            raise UserError(f"trainer.devices={devices}{where}: this machine has {n_gpus} CUDA "
+                            f"GPU(s); expected trainer.devices={n_gpus} or less (or auto)")
+        return
+    cores = _cpu_cores()
+    if devices > 1 and not strategy.startswith("ddp"):
+        raise UserError(
+            f"trainer.devices={devices}{where}: this machine has 1 CPU device and no CUDA GPU "
+            f"(torch.cuda.device_count() is 0); expected trainer.devices=1 (several processes "
+            f"on the CPU need trainer.strategy=ddp_spawn and at most {cores}, one per core)")
+    if devices > cores:
+        raise UserError(
+            f"trainer.devices={devices}{where}: this machine has {cores} CPU cores for "
+            f"{devices} processes; expected trainer.devices={cores} or less")
+
+
+def resolve_trainer_kwargs(kwargs: dict[str, Any], num_parameters: int, choice: str,
+                           source: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """Check the machine can run `kwargs` (`check_hardware`) and fill in ``precision: auto``.
+
+    Args:
+        kwargs: the plain ``trainer`` config.
+        num_parameters: the model's size, for ``precision: auto``.
+        choice: the trainer preset chosen (``cpu``, ``auto``, ...).
+        source: maps a trainer key to where it was set (for messages).
+    """
     import torch
 
     kwargs = dict(kwargs)
+    check_hardware(kwargs, source)
     accel = str(kwargs.get("accelerator", "auto"))
-    has_cuda = torch.cuda.is_available()
-    if accel in ("gpu", "cuda") and not has_cuda:
-        raise UserError(
-            f"trainer={choice} asks for a CUDA GPU (trainer.accelerator={accel}), but this "
-            "machine has none (torch.cuda.is_available() is False). Use trainer=cpu or trainer=auto."
-        )
-    if accel == "tpu":
-        raise UserError(f"trainer={choice}: no TPU runtime (torch_xla) on this machine")
-    strategy = str(kwargs.get("strategy", "auto"))
-    if any(strategy.startswith(s) for s in CUDA_ONLY_STRATEGIES) and not has_cuda:
-        raise UserError(f"trainer.strategy={strategy} needs CUDA GPUs; this machine has none")
     if kwargs.get("precision") == "auto":
-        kwargs["precision"] = auto_precision(accel, has_cuda, num_parameters)
+        kwargs["precision"] = auto_precision(accel, torch.cuda.is_available(), num_parameters)
     return kwargs
 
 

@@ -33,6 +33,17 @@ class SampleQuality(pl.Callback):
                 "callbacks.sample_metrics.real=test: metrics measured during training pick "
                 "the best checkpoint, so they must not see the test images; use all, train "
                 "or val (genframe evaluate reports against the test split)")
+        from genframe.metrics.model_metrics import check_metric_options
+
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            from genframe.errors import UserError
+
+            raise UserError(f"callbacks.sample_metrics.every_n_epochs={every_n_epochs!r}: "
+                            "expected an integer >= 1")
+        check_metric_options(num_samples=num_samples, batch_size=batch_size, extractor=extractor,
+                             timm_model=timm_model, timm_weights=timm_weights,
+                             timm_image_size=timm_image_size, k=k, real=real,
+                             key="callbacks.sample_metrics", real_choices=("all", "train", "val"))
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -42,6 +53,17 @@ class SampleQuality(pl.Callback):
         self.seed = seed
         self.metrics = None
         self.last: dict[str, float] = {}
+
+    @classmethod
+    def metric_keys(cls, model, settings: dict) -> set[str]:
+        """The metric keys this callback logs for `model` with these constructor
+        `settings` (what a ``monitor`` may name): ``val/fd``, ``val/precision``,
+        ``val/recall``, and ``val/class_accuracy`` for a class-conditional model measured
+        with the data's classifier."""
+        keys = {"val/fd", "val/precision", "val/recall"}
+        if "label" in getattr(model, "needs", ()) and settings.get("extractor", "classifier") == "classifier":
+            keys.add("val/class_accuracy")
+        return keys
 
     def on_fit_start(self, trainer, pl_module) -> None:
         from genframe.metrics.model_metrics import data_image_metrics

@@ -63,6 +63,11 @@ class GenerativeDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0) -> None:
         super().__init__()
+        # Checked here, before any data is read: torch would refuse them only when the
+        # first DataLoader is made, after the model summary.
+        for key, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UserError(f"data.{key} must be an integer >= {low}, got {value!r}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_set: Dataset | None = None

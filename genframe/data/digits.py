@@ -54,6 +54,9 @@ class DigitsDataModule(GenerativeDataModule):
             raise UserError(f"data.num_classes is 10 for digits, got {num_classes}")
         if image_size < 4:
             raise UserError(f"data.image_size must be at least 4, got {image_size}")
+        if not 2 <= num_levels <= 256:
+            raise UserError(f"data.num_levels must be between 2 and 256 (digits have 17 grey "
+                            f"levels), got {num_levels}")
         check_fractions(val_fraction, test_fraction)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction

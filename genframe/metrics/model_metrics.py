@@ -14,6 +14,62 @@ from genframe.metrics.image_metrics import ImageMetrics
 from genframe.samples import Samples
 
 
+#: The real images the metrics can compare with (``metrics.real``).
+REAL_CHOICES = ("all", "train", "val", "test")
+
+
+def check_metric_options(
+    *,
+    num_samples: Any = 1000,
+    batch_size: Any = 250,
+    extractor: Any = "classifier",
+    timm_model: Any = None,
+    timm_weights: Any = None,
+    timm_image_size: Any = None,
+    k: Any = 3,
+    real: Any = "all",
+    key: str = "metrics",
+    real_choices: tuple[str, ...] = REAL_CHOICES,
+) -> None:
+    """Refuse (`UserError`) image-metric settings before any image is generated.
+
+    Messages start with ``<key>.<name>=<value>``; `key` is the config node
+    (``metrics``, ``callbacks.sample_metrics``).
+    """
+    from pathlib import Path
+
+    from genframe.errors import did_you_mean
+    from genframe.metrics.build import EXTRACTORS
+
+    def integer(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    checks = (("num_samples", num_samples, 2), ("batch_size", batch_size, 1), ("k", k, 1))
+    for name, value, low in checks:
+        if not integer(value, low):
+            raise UserError(f"{key}.{name}={value!r}: expected an integer >= {low}")
+    if k >= num_samples:
+        raise UserError(f"{key}.k={k}: expected fewer neighbours than {key}.num_samples={num_samples}")
+    if extractor not in EXTRACTORS:
+        raise UserError(f"{key}.extractor={extractor!r}: expected one of {', '.join(EXTRACTORS)}."
+                        f"{did_you_mean(str(extractor), EXTRACTORS)}")
+    if real not in real_choices:
+        raise UserError(f"{key}.real={real!r}: expected one of {', '.join(real_choices)}."
+                        f"{did_you_mean(str(real), real_choices)}")
+    if timm_image_size is not None and not integer(timm_image_size, 8):
+        raise UserError(f"{key}.timm_image_size={timm_image_size!r}: expected an integer >= 8, or null")
+    if extractor == "timm":
+        if not timm_model or not isinstance(timm_model, str):
+            raise UserError(f"{key}.timm_model={timm_model!r}: {key}.extractor=timm needs a timm "
+                            "architecture name, e.g. resnet18")
+        if not timm_weights:
+            raise UserError(f"{key}.timm_weights={timm_weights!r}: {key}.extractor=timm needs a "
+                            "local weights file (nothing is downloaded)")
+        if not Path(str(timm_weights)).expanduser().is_file():
+            raise UserError(f"{key}.timm_weights={timm_weights}: no such file; expected a local "
+                            "weights file (.safetensors, .pth, .pt, .bin)")
+
+
 def data_image_metrics(
     data: Any,
     *,

@@ -5,6 +5,7 @@ Everything built here takes plain Python arguments; a `DictConfig` never goes fu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,27 +24,74 @@ def to_plain(node: Any) -> Any:
     return node
 
 
-def source_map(group: str) -> Callable[[str], str]:
-    """Tell where a key of `group` was set: the command line or the group's YAML file."""
-    overrides: list[str] = []
-    choice = None
+def _hydra_state() -> tuple[list[str], dict[str, Any], str | None]:
+    """(command-line overrides, group choices, task name) of the running Hydra job;
+    empty outside one (tests, notebooks)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        overrides = list(hc.overrides.task)
-        choice = hc.runtime.choices.get(group)
-    except (ValueError, ImportError):  # not inside a Hydra run (tests, notebooks)
+        return list(hc.overrides.task), dict(hc.runtime.choices), hc.job.config_name
+    except (ValueError, ImportError):  # not inside a Hydra run
+        return [], {}, None
+
+
+def origin(key: str) -> str:
+    """Where the config value at dotted `key` was set, for messages: ``the command line:
+    data.batch_size=0``, the experiment file that sets it (``experiment/pydoc_char_lm.yaml``),
+    the chosen group file (``data/digits.yaml of data=digits``) or the task's primary config
+    (``train.yaml``)."""
+    overrides, choices, task = _hydra_state()
+    for o in overrides:
+        if o.lstrip("+~").split("=", 1)[0] == key:
+            return f"the command line: {o}"
+    experiment = choices.get("experiment")
+    if experiment and _experiment_sets(str(experiment), key):
+        return f"experiment/{experiment}.yaml"
+    group = key.split(".", 1)[0]
+    if "." in key and choices.get(group):
+        return f"{group}/{choices[group]}.yaml of {group}={choices[group]}"
+    if "." in key:
+        return f"the '{group}' config"
+    return f"{task}.yaml" if task else "the config"
+
+
+def _experiment_sets(name: str, key: str) -> bool:
+    """Whether ``experiment/<name>.yaml`` (genframe's or a plugin's) sets `key`."""
+    from genframe.config import conf_dir
+
+    roots = [conf_dir()]
+    try:
+        roots += [root for _, root in get_registry().config_dirs]
+    except Exception:  # noqa: BLE001 - the registry's own errors are reported elsewhere
         pass
+    for root in roots:
+        path = root / "experiment" / f"{name}.yaml"
+        if path.is_file():
+            node = OmegaConf.load(path)
+            return OmegaConf.select(node, key, default=_ABSENT) is not _ABSENT
+    return False
 
-    def source(key: str) -> str:
-        full = f"{group}.{key}"
-        for o in overrides:
-            if o.lstrip("+~").split("=", 1)[0] == full:
-                return f"the command line: {o}"
-        return f"{group}/{choice}.yaml" if choice else f"the '{group}' config"
 
-    return source
+_ABSENT = object()
+
+
+def source_map(group: str) -> Callable[[str], str]:
+    """Tell where a key of `group` was set: the command line or the group's YAML file."""
+    return lambda key: origin(f"{group}.{key}")
+
+
+def with_origin(exc: UserError, where: str, keys: Any) -> UserError:
+    """`exc` with where its key was set appended, when its message starts with
+    ``<where>.<key>`` for one of `keys` and does not say so already."""
+    text = str(exc)
+    if "(set in " in text:
+        return exc
+    for key in keys:
+        full = f"{where}.{key}"
+        if re.match(rf"{re.escape(full)}(?!\w)", text):
+            return UserError(f"{text} (set in {origin(full)})")
+    return exc
 
 
 def split_name(node: Mapping[str, Any], group: str) -> tuple[str, dict[str, Any]]:
@@ -74,7 +122,13 @@ def build_model(model_cfg: Any, data=None):
                     f"'{type(data).__name__}' has no {key}; set model.{key}=<int>"
                 )
             kwargs[key] = value
-    model = instantiate_model(name, kwargs, source=source_map("model"))
+    try:
+        model = instantiate_model(name, kwargs, source=source_map("model"))
+    except UserError as exc:  # a value the constructor refused: say where it was set
+        raised = with_origin(exc, "model", kwargs)
+        if raised is exc:
+            raise
+        raise raised from exc
     if getattr(model, "uses_tokenizer", False) and data is not None:
         data.setup("fit")
         if getattr(data, "tokenizer", None) is not None:
@@ -114,7 +168,13 @@ def build_data(data_cfg: Any):
     name, kwargs = split_name(to_plain(data_cfg), "data")
     cls = get_registry().data_module(name).load()
     kwargs = check_kwargs(cls, kwargs, where="data", source=source_map("data"))
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError as exc:  # a value the constructor refused: say where it was set
+        raised = with_origin(exc, "data", kwargs)
+        if raised is exc:
+            raise
+        raise raised from exc
 
 
 # Model constructor argument -> data config key that must agree with it.
@@ -203,7 +263,7 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
     except ValueError:
         pass
     n_params = sum(p.numel() for p in model.parameters())
-    kwargs = resolve_trainer_kwargs(kwargs, n_params, choice)
+    kwargs = resolve_trainer_kwargs(kwargs, n_params, choice, source=source_map("trainer"))
     kwargs = check_kwargs(pl.Trainer, kwargs, where="trainer", source=source_map("trainer"))
     loggers = instantiate_group(cfg.get("logger"), "logger") if train else []
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") if train else []

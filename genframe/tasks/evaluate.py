@@ -15,6 +15,7 @@ from genframe.files import atomic_write_json
 from genframe.runs import start_run, update_run
 from genframe.tasks.build import build_trainer, to_plain, trained_model_and_data
 from genframe.tasks.common import generation_options, report, source_record
+from genframe.tasks.preflight import check_generation, check_task_config
 
 log = logging.getLogger("genframe")
 
@@ -34,6 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """
     import pytorch_lightning as pl
 
+    check_task_config(cfg, "evaluate")  # every value, before anything is read or built
     split = str(cfg.get("split", EVAL_SPLITS[0]))
     if split not in EVAL_SPLITS:
         raise UserError(f"split={split}: expected one of {', '.join(EVAL_SPLITS)} "
@@ -41,6 +43,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, run, weights, data, data_cfg = trained_model_and_data(cfg, "evaluate")
     loader = data.dataloader(split)  # refuses data without this split before any output
+    image_metrics = cfg.metrics.enabled and "image" in model.needs
+    # sampler.*, guidance and sampling.* now, not after the validation loop.
+    check_generation(cfg, model, num_samples=1 if image_metrics else 0)
     if run is not None and cfg.get("data") is None:
         _warn_if_trained_before_test_splits(run.path, data, data_cfg, split)
     out_dir = Path(cfg.paths.output_dir)
@@ -51,7 +56,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results = trainer.validate(model, dataloaders=loader, verbose=False)
     metrics = {_with_prefix(k, split): float(v)
                for k, v in sorted((results[0] if results else {}).items())}
-    image_metrics = cfg.metrics.enabled and "image" in model.needs
     if image_metrics:
         metrics.update(_image_metrics(cfg, model, data, split))
     atomic_write_json(out_dir / "metrics.json", metrics)

@@ -23,6 +23,7 @@ from genframe.runs import update_run
 from genframe.tasks.build import check_fit, to_plain, trained_model_and_data
 from genframe.tasks.common import source_record
 from genframe.tasks.fit import Prepared, fit
+from genframe.tasks.preflight import check_generation, check_monitor, check_task_config
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
@@ -55,6 +56,7 @@ def prepare_finetuning(cfg: DictConfig) -> Prepared:
     hyperparameters, merged adapters, new LoRA adapters, frozen parameters), and its data."""
     import pytorch_lightning as pl
 
+    check_task_config(cfg, "finetune")  # every value, before anything is read or built
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, run, weights, data, data_cfg = trained_model_and_data(cfg, "finetune")
 
@@ -76,6 +78,8 @@ def prepare_finetuning(cfg: DictConfig) -> Prepared:
         before_save = _adapter_writer(bool(lora_cfg.get("merge", False)))
     lineage["frozen_parameters"] = freeze(model, list(cfg.finetune.freeze))
     lineage["finetune"] = to_plain(cfg.finetune)
+    check_generation(cfg, model)  # sampling.* now, not after the whole training
+    check_monitor(cfg, model, data)
     counts = parameter_counts(model)
     lineage["parameters"] = counts
     print(describe(counts), flush=True)

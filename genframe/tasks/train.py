@@ -8,6 +8,13 @@ from omegaconf import DictConfig
 
 from genframe.tasks.build import build_data, build_model, check_fit, to_plain
 from genframe.tasks.fit import Prepared, fit
+from genframe.tasks.preflight import (
+    check_data_choice,
+    check_generation,
+    check_monitor,
+    check_task_config,
+    resolved_model_config,
+)
 from genframe.tasks.resume import resolve_resume
 
 
@@ -37,12 +44,21 @@ def train(cfg: DictConfig, *, overrides: list[str] | None = None) -> dict[str, A
 
 
 def prepare_training(cfg: DictConfig) -> Prepared:
-    """The data and a new model of a `train` config, checked against each other."""
+    """The data and a new model of a `train` config, checked against each other.
+
+    Every check runs here, before any training: the config's values
+    (`genframe.tasks.preflight.check_task_config`), the model's needs against the
+    data, the sampling options and the ``monitor`` metric.
+    """
     import pytorch_lightning as pl
 
+    check_task_config(cfg, "train")  # every value, before anything is read or built
+    check_data_choice(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data_cfg = to_plain(cfg.data)
     data = build_data(cfg.data)
-    model = build_model(cfg.model, data)
+    model = build_model(resolved_model_config(cfg), data)
     check_fit(model, data, data_cfg)
+    check_generation(cfg, model)  # sampling.* now, not after the whole training
+    check_monitor(cfg, model, data)
     return Prepared(model=model, data=data, data_cfg=data_cfg)
