@@ -38,7 +38,7 @@ def user_lines(interactive: bool, notice: Callable[[str], None] | None = None) -
     """
     if not interactive:
         for n, line in enumerate(_piped_lines(sys.stdin), start=1):
-            yield _clean(line.removeprefix("\ufeff") if n == 1 else line,
+            yield clean_input(line.removeprefix("\ufeff") if n == 1 else line,
                          f"line {n} of the input", notice)
         return
     while True:
@@ -47,12 +47,12 @@ def user_lines(interactive: bool, notice: Callable[[str], None] | None = None) -
         except EOFError:
             print(flush=True)
             return
-        yield _clean(line, "your message", notice)
+        yield clean_input(line, "your message", notice)
 
 
 def _piped_lines(stream) -> Iterator[str]:
     """`stream`'s lines, read as bytes where it has them (bytes that are not UTF-8 become
-    lone surrogates, which `_clean` counts and replaces)."""
+    lone surrogates, which `clean_input` counts and replaces)."""
     buffer = getattr(stream, "buffer", None)
     if buffer is None:  # a text stream (tests, a program embedding genframe)
         yield from stream
@@ -61,7 +61,9 @@ def _piped_lines(stream) -> Iterator[str]:
         yield raw.decode("utf-8", "surrogateescape")
 
 
-def _clean(text: str, where: str, notice: Callable[[str], None] | None) -> str:
+def clean_input(text: str, where: str, notice: Callable[[str], None] | None) -> str:
+    """`text` with bytes that were not UTF-8 replaced by U+FFFD (`replace_undecodable`);
+    `notice` is told how many there were in `where`."""
     text, bad = replace_undecodable(text)
     if bad and notice is not None:
         notice(f"({where}: {bad} byte{'s' if bad != 1 else ''} that {'are' if bad != 1 else 'is'}"

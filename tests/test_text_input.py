@@ -134,6 +134,11 @@ def test_piped_chat_input_replaces_bytes_that_are_not_utf8(monkeypatch):
     # A text stream (a program embedding genframe) with escaped bytes is cleaned too.
     monkeypatch.setattr("sys.stdin", io.StringIO("a\udcff\n"))
     assert list(user_lines(False)) == ["a\ufffd\n"]
+    # So is a system prompt with a byte of the command line that was not UTF-8.
+    from genframe.terminal import clean_input
+
+    assert clean_input("be \udcff nice", "system", notices.append) == "be \ufffd nice"
+    assert notices[-1] == "(system: 1 byte that is not UTF-8 replaced by \ufffd)"
 
 
 # -- characters the tokenizer never saw --------------------------------------------------------

@@ -24,7 +24,12 @@ from genframe.files import atomic_write_bytes
 from genframe.runs import start_run, update_run
 from genframe.tasks.common import resolve_device, source_record
 from genframe.tasks.build import to_plain
-from genframe.terminal import enable_line_editing, reply_printer, user_lines
+from genframe.terminal import (
+    clean_input,
+    enable_line_editing,
+    reply_printer,
+    user_lines,
+)
 from genframe.text.chat import ChatTemplate, Message, chat_jsonl_line
 from genframe.text.chat_session import ChatSession
 from genframe.text.tokenize import report_unknown
@@ -67,6 +72,9 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
     template, template_from = resolve_chat_template(to_plain(cfg.get("chat_template")), run)
     max_new = resolve_max_new_tokens(cfg.get("max_new_tokens"), block_size)
     model.to(device).eval()
+    # A byte of the command line that is not UTF-8 reaches us as a lone surrogate.
+    system = clean_input(cfg.get("system") or "", "system",
+                         notice=lambda text: print(text, file=sys.stderr))
 
     out_dir = Path(cfg.paths.output_dir)
     start_run(out_dir, cfg, "chat",
@@ -77,7 +85,7 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
         encode=(lambda messages: template.encode_prompt(messages, model.tokenizer))
         if "prompt_ids" in model.condition_keys else None,
         template=template, block_size=int(block_size), max_new_tokens=max_new,
-        system=cfg.get("system"), seed=cfg.get("seed"),
+        system=system, seed=cfg.get("seed"),
         sampling={"temperature": cfg.temperature, "top_k": cfg.get("top_k"),
                   "top_p": cfg.get("top_p")},
     )
@@ -106,8 +114,8 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
 
     note_unknown([template.render([{"role": r, "content": ""} for r in ("user", "assistant")])
                   + template.generation_prompt], "the chat template")
-    if cfg.get("system"):
-        note_unknown([cfg.system], "system")
+    if system:
+        note_unknown([system], "system")
     if interactive:
         enable_line_editing()
         say(f"chatting with '{name}' ({run.path if run else weights}); context window "
