@@ -79,14 +79,19 @@ def _dispatch(argv: list[str]) -> int:
 def run_task(task: str, overrides: list[str]) -> int:
     """Run one task through Hydra with the given command-line arguments."""
     import hydra
+    from hydra.errors import HydraException
 
     from genframe.config import conf_dir, register_plugin_configs
     from genframe.hydra_errors import explain
+    from genframe.runs import register_run_dir_resolver
 
     register_plugin_configs()
+    register_run_dir_resolver()
     _JOB_ERRORS.clear()
+    _check_flags(overrides)
     roots = _config_roots(task)
     overrides = [_open_key(a, roots) for a in overrides]
+    _check_given_run_dir(overrides)
     # Let Hydra's exceptions reach us so they become our short messages (exit 2).
     user_wants_full = _USER_FULL_ERROR
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -99,11 +104,23 @@ def run_task(task: str, overrides: list[str]) -> int:
         app()
     except SystemExit as exc:  # argparse and --help exit through here
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    except KeyboardInterrupt:  # a task's Ctrl-C is in _JOB_ERRORS; else Hydra was starting
+        if not _JOB_ERRORS:
+            print("genframe: interrupted (Ctrl-C)", file=sys.stderr)
+            return 130
     except GenframeError:
         raise
     except Exception as exc:
         if user_wants_full or os.environ.get("GENFRAME_DEBUG"):
             raise
+        if isinstance(exc, OSError) and not isinstance(exc, HydraException):
+            # Inside a task an OSError reaches _task_entry; here it is Hydra creating the
+            # run directory or writing .hydra/ and the log file into it.
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"genframe: error: cannot write the run directory: {where}"
+                  f"{exc.strerror or exc}; choose another hydra.run.dir (or paths.root)",
+                  file=sys.stderr)
+            return 2
         message = explain(exc, task, overrides)
         if message is None:
             raise
@@ -124,6 +141,45 @@ def _report_job_errors() -> int:
     for overrides, exc in _JOB_ERRORS:
         print(f"genframe: error: job [{overrides}]: {exc}", file=sys.stderr)
     return max(exc.exit_code for _, exc in _JOB_ERRORS)
+
+
+class JobFailed(GenframeError):
+    """A sweep job ended by an unexpected exception (its traceback is in the job's log)."""
+
+    exit_code = 1
+
+
+def _check_given_run_dir(overrides: list[str]) -> None:
+    """Refuse a ``hydra.run.dir`` / ``hydra.sweep.dir`` given on the command line that
+    already holds a run or cannot be created, before Hydra writes anything there."""
+    from genframe.errors import UserError
+    from genframe.runs import run_dir_problem
+
+    multirun = any(a in ("-m", "--multirun") for a in overrides)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    for arg in overrides:
+        name, eq, value = arg.lstrip("+").partition("=")
+        value = value.strip().strip("'\"")
+        if name != key or not eq or "${" in value or not value:
+            continue
+        problem = run_dir_problem(value, key) if not multirun else _sweep_dir_problem(value, key)
+        if problem:
+            raise UserError(problem)
+
+
+def _sweep_dir_problem(value: str, key: str) -> str | None:
+    from pathlib import Path
+
+    from genframe.runs import run_dir_problem
+
+    path = Path(value).expanduser()
+    if path.is_dir():
+        jobs = [p.name for p in sorted(path.iterdir()) if p.is_dir() and run_dir_problem(p, key)]
+        if jobs or (path / "multirun.yaml").exists():
+            return (f"{key}={value} already holds a sweep (jobs {', '.join(jobs) or '-'}); give "
+                    f"a new folder, or leave {key} out for a fresh one (nothing was changed)")
+        return None
+    return run_dir_problem(path, key)
 
 
 def _config_roots(task: str) -> set[str]:
@@ -161,16 +217,30 @@ def _task_entry(cfg):
         if _show_traceback():
             raise
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
-        from genframe.errors import UserError
+        from genframe.errors import Interrupted, UserError
         from genframe.hydra_errors import explain
 
+        hydra_cfg = HydraConfig.get()
+        job = " ".join(hydra_cfg.overrides.task)
         if not isinstance(exc, GenframeError):
-            message = explain(exc, cfg.task_name, list(HydraConfig.get().overrides.task))
-            if message is None:
+            message = explain(exc, cfg.task_name, list(hydra_cfg.overrides.task))
+            if message is not None:
+                exc = UserError(message)
+            elif hydra_cfg.mode == RunMode.MULTIRUN:
+                # A bug in one job must not cost the sweep its other jobs and summary:
+                # keep the traceback in the job's log and on the terminal, go on.
+                import logging
+
+                logging.getLogger("genframe").exception("job [%s] failed", job)
+                exc = JobFailed(f"{type(exc).__name__}: {exc} (traceback in "
+                                f"{hydra_cfg.runtime.output_dir}/{hydra_cfg.job.name}.log)")
+            else:
                 raise
-            exc = UserError(message)
-        _JOB_ERRORS.append((" ".join(HydraConfig.get().overrides.task), exc))
+        _JOB_ERRORS.append((job, exc))
+        if isinstance(exc, Interrupted):
+            raise KeyboardInterrupt from None  # Ctrl-C stops the whole sweep, not one job
         return None
 
 
@@ -211,6 +281,7 @@ def main_help() -> str:
         "loads only a and b; GENFRAME_DISABLE_PLUGIN_AUTOLOAD=1 loads none.",
     ]
     return "\n".join(lines)
+
 
 
 # Hydra's own flags (argparse) and the values those with a fixed set take; None: any value.

@@ -17,7 +17,9 @@ A run directory holds::
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import subprocess
 import time
@@ -33,6 +35,13 @@ RUN_INFO = "run.json"
 CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
+# What genframe and Hydra write into a run directory: a folder holding any of these is a
+# run, and no new task may write into it.
+RUN_OUTPUTS = (RUN_INFO, CONFIG, ".hydra", "checkpoints", WEIGHTS, "samples", METRICS, "logs")
+# run.json's ``status``: "running" while the task runs, then one of the others.
+STATUSES = ("running", "completed", "failed", "interrupted", "diverged")
+
+log = logging.getLogger("genframe")
 
 
 def git_revision() -> str | None:
@@ -76,6 +85,7 @@ def start_run(out_dir: Path, cfg, task: str, *, device: Any = None, **info: Any)
             "(nothing was overwritten)"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run directory: %s", out_dir)
     atomic_write_bytes(out_dir / CONFIG, OmegaConf.to_yaml(cfg).encode())
     if isinstance(info.get("model"), ModelSpec):
         info["model"] = info["model"].to_dict(tokenizer=False)
@@ -102,6 +112,105 @@ def update_run(out_dir: Path, **info: Any) -> None:
     record = json.loads(path.read_text())
     record.update(info)
     atomic_write_json(path, record)
+
+
+def end_run(out_dir: Path, status: str, error: str, *, task: str | None = None) -> bool:
+    """Mark a run that is still ``running`` as ``failed`` or ``interrupted`` with `error`.
+
+    Called for every task that ends by an exception, so run.json never says ``running``
+    for a run that has stopped. A run already marked otherwise (``diverged``, or a
+    finished run a refused command pointed at) keeps its record. When the task stopped
+    before writing run.json (a check failed) but its folder exists, a short run.json
+    with the `task`, status and error is written, so every run directory says how it
+    ended. Returns whether run.json was written.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / RUN_INFO
+    ended = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if not path.exists():
+        if task is None or not out_dir.is_dir():
+            return False
+        atomic_write_json(path, {"format_version": FORMAT_VERSION, "task": task,
+                                 "status": status, "error": error, "ended": ended})
+        return True
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("status") != "running":
+        return False
+    update_run(out_dir, status=status, error=error, ended=ended)
+    return True
+
+
+def run_dir_problem(path: Path, key: str) -> str | None:
+    """Why `path` cannot become a new run directory (None if it can).
+
+    A folder already holding a run (any of `RUN_OUTPUTS`), a path that is or lies below
+    a regular file, and a missing folder whose first existing parent is not writable are
+    refused, so a refused command changes no file of an existing run.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        taken = [name for name in RUN_OUTPUTS if (path / name).exists()]
+        if taken:
+            return (f"{key}={path} already holds a run ({', '.join(taken)}); give a new "
+                    f"folder, or leave {key} out for a fresh one (nothing was changed)")
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{key}={path}: the folder is not writable"
+    for parent in [path, *path.parents]:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                what = "is" if parent == path else f"lies below {parent}, which is"
+                return f"{key}={path} {what} a file, not a folder; give a folder path"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{key}={path}: cannot create it, {parent} is not writable"
+            return None
+    return None
+
+
+# Base path -> directory claimed for it in this command (Hydra resolves the run directory
+# more than once; every resolution must give the same folder).
+_CLAIMED: dict[str, str] = {}
+
+
+def fresh_run_dir(base: str) -> str:
+    """Create and return a new, empty run directory named `base` (``base_1``, ``base_2``,
+    ... when that name is taken), so two runs started in the same second never share one.
+
+    This is the ``genframe.fresh_dir`` resolver of the default ``hydra.run.dir`` and
+    ``hydra.sweep.dir``; the folder is claimed with an exclusive ``mkdir``, which is
+    atomic across processes.
+
+    Raises:
+        UserError: the folder cannot be created (below a regular file, read-only, ...).
+    """
+    if base in _CLAIMED:
+        return _CLAIMED[base]
+    path = Path(base)
+    for n in itertools.count():
+        candidate = path if n == 0 else path.with_name(f"{path.name}_{n}")
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(
+                f"cannot create the run directory {candidate}: {exc.strerror or exc}; "
+                "set paths.root=<a writable folder> (or GENFRAME_OUTPUT_ROOT)"
+            ) from exc
+        _CLAIMED[base] = str(candidate)
+        return str(candidate)
+    raise AssertionError("unreachable")
+
+
+def register_run_dir_resolver() -> None:
+    """Register ``${genframe.fresh_dir:...}`` (see `fresh_run_dir`) and forget the
+    folders claimed by an earlier command in this process."""
+    from omegaconf import OmegaConf
+
+    _CLAIMED.clear()
+    OmegaConf.register_new_resolver("genframe.fresh_dir", fresh_run_dir, replace=True)
 
 
 @dataclass

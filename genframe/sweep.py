@@ -24,17 +24,32 @@ class SweepSummary(Callback):
             from omegaconf import OmegaConf
 
             overrides = list(OmegaConf.load(overrides_path))
-            metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
-            rows.append({"job": job_dir.name, "dir": str(job_dir), "overrides": overrides,
-                         "status": "completed" if metrics is not None else "failed",
-                         "metrics": metrics or {}})
+            metrics = _read_json(metrics_path) if metrics_path.exists() else None
+            info = _read_json(job_dir / "run.json") or {}
+            status = info.get("status") or ("completed" if metrics is not None else "failed")
+            row = {"job": job_dir.name, "dir": str(job_dir), "overrides": overrides,
+                   "status": status, "metrics": metrics or {}}
+            if info.get("error"):
+                row["error"] = info["error"]
+            rows.append(row)
         if not rows:
             return
-        (sweep_dir / "summary.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        from genframe.files import atomic_write_bytes
+
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write_bytes(sweep_dir / "summary.jsonl", text.encode())
         print(_table(rows, config), flush=True)
 
     # Hydra calls these too; a summary needs nothing from them.
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _read_json(path: Path) -> Any:
+    """A job's JSON file, or None when it is missing or damaged (the job died writing)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
 
 
@@ -47,9 +62,9 @@ def _table(rows: list[dict], config: Any) -> str:
     keys = keys[:4]
     # Show only the overrides that differ between jobs (the swept ones).
     common = set.intersection(*(set(r["overrides"]) for r in rows))
-    header = ["job", "swept", *keys]
-    body = [[r["job"], " ".join(o for o in r["overrides"] if o not in common) or "-",
-             *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else r["status"] for k in keys)]
+    header = ["job", "status", "swept", *keys]
+    body = [[r["job"], r["status"], " ".join(o for o in r["overrides"] if o not in common) or "-",
+             *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in keys)]
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -63,14 +63,113 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 
 
 def run(cfg) -> Any:
-    """Run the task named by ``cfg.task_name``; return its ``objective`` (for sweepers)."""
+    """Run the task named by ``cfg.task_name``; return its ``objective`` (for sweepers).
+
+    However the task ends, its run.json does not stay ``running``: an exception marks it
+    ``failed`` (with the error), Ctrl-C or SIGTERM ``interrupted``, and either of those
+    becomes `Interrupted` (exit status 130, or 143 for SIGTERM) with a resume hint when
+    the run has a checkpoint.
+    """
     import warnings
+
+    from genframe.errors import GenframeError, Interrupted
 
     # A deprecation inside Lightning's own code, not actionable by users.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     _quiet_lightning_adverts()
-    result = TASKS[cfg.task_name].function()(cfg)
+    out_dir = _output_dir(cfg)
+    try:
+        with _sigterm_as_interrupt():
+            result = TASKS[cfg.task_name].function()(cfg)
+    except BaseException as exc:
+        stop = _stop_signal(exc)
+        if stop is not None:
+            interrupted = _interrupted(cfg.task_name, out_dir, stop)
+            raise interrupted from None
+        if out_dir is not None:
+            from genframe.runs import end_run
+
+            detail = str(exc) if isinstance(exc, GenframeError) else f"{type(exc).__name__}: {exc}"
+            status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+            end_run(out_dir, status, detail, task=cfg.task_name)
+        raise
     return result.get("objective")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a cluster pre-empting the job, ``kill``): stop like Ctrl-C."""
+
+
+def _sigterm_as_interrupt():
+    """While a task runs, SIGTERM raises `Terminated` (Lightning installs its own handler
+    during ``fit`` and turns it into ``SIGTERMException``)."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def handler():
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def raise_terminated(signum, frame):
+            raise Terminated()
+
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return handler()
+
+
+def _stop_signal(exc: BaseException) -> str | None:
+    """"SIGINT"/"SIGTERM" when `exc` is how a task ended on that signal, else None.
+
+    Lightning turns Ctrl-C inside ``fit``/``validate`` into ``sys.exit(1)`` raised while
+    handling the KeyboardInterrupt, and SIGTERM into ``SIGTERMException``.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return "SIGINT"
+    if isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt):
+        return "SIGINT"
+    if isinstance(exc, Terminated) or type(exc).__name__ == "SIGTERMException":
+        return "SIGTERM"
+    return None
+
+
+def _interrupted(task: str, out_dir, signal_name: str):
+    from pathlib import Path
+
+    from genframe.errors import Interrupted
+    from genframe.runs import end_run
+
+    how = "Ctrl-C" if signal_name == "SIGINT" else "SIGTERM"
+    message = f"{task} was stopped by {how}"
+    if out_dir is not None and end_run(out_dir, "interrupted", f"stopped by {how}", task=task):
+        message += f"; {out_dir}/run.json is marked interrupted"
+        last = Path(out_dir) / "checkpoints" / "last.ckpt"
+        if last.exists():
+            message += f". Continue it with `genframe train resume={out_dir}`"
+        elif task in ("train", "finetune"):
+            message += ". No checkpoint was saved yet, so there is nothing to resume"
+    error = Interrupted(message)
+    if signal_name == "SIGTERM":
+        error.exit_code = 143
+    return error
+
+
+def _output_dir(cfg):
+    """The task's run directory, or None when the config has none (a bare compose)."""
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(cfg, "paths.output_dir", throw_on_missing=False)
+    except Exception:  # an interpolation that cannot resolve outside Hydra
+        return None
+    return value or None
 
 
 class _NoAdverts:

@@ -70,8 +70,22 @@ def source_record(run, weights: Path) -> dict[str, Any]:
 
 
 def report(out_dir: Path, metrics: dict[str, float], title: str) -> None:
-    """Print where the run is and its metrics under `title`."""
+    """Print where the run is and its metrics under `title`, and keep the same lines in
+    the run's log file (``<task>.log``)."""
     lines = [f"run directory: {out_dir}", title]
     for key, value in metrics.items():
         lines.append(f"  {key:<32} {value:.4f}")
-    print("\n".join(lines), flush=True)
+    text = "\n".join(lines)
+    print(text, flush=True)
+    log_to_files(text)
+
+
+def log_to_files(text: str) -> None:
+    """Write `text` (already printed to the terminal) to the log files only: the file
+    handlers Hydra gave the root logger, so it is not printed a second time."""
+    import logging
+
+    record = logging.LogRecord("genframe", logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from genframe.errors import Interrupted, TrainingDiverged, UserError
+from genframe.errors import TrainingDiverged, UserError
 from genframe.files import atomic_write_json
 from genframe.runs import METRICS, WEIGHTS, start_run, update_run
 from genframe.sample_writer import write_samples
@@ -58,18 +58,15 @@ def fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None = None) -> 
               data=data_cfg, **(lineage or {}))
     if getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(out_dir)
+    # A failure or Ctrl-C from here on is recorded in run.json by `genframe.tasks.run`.
     try:
         # weights_only: resuming never unpickles code (Lightning would default to False).
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    except TrainingDiverged:
-        update_run(out_dir, status="diverged")
+    except TrainingDiverged as exc:
+        update_run(out_dir, status="diverged", error=str(exc))
         raise
     except MisconfigurationException as exc:
-        update_run(out_dir, status="failed")
         raise UserError(f"{exc}".splitlines()[0] + f" (monitor={cfg.monitor})") from exc
-    if trainer.interrupted:
-        update_run(out_dir, status="interrupted")
-        raise Interrupted(f"training was interrupted; continue it with `genframe train resume={out_dir}`")
 
     best = _best_checkpoint(trainer)
     if best is not None:  # export and sample from the best weights, not the last ones
@@ -94,7 +91,9 @@ def fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None = None) -> 
     atomic_write_json(out_dir / METRICS, metrics)
     update_run(out_dir, status="completed", best_checkpoint=str(best) if best else None,
                epochs=trainer.current_epoch, steps=trainer.global_step)
-    report(out_dir, metrics, "final metrics (val/* measured with the best checkpoint's weights):")
+    weights_used = ("the best checkpoint's weights" if best is not None else
+                    "the last weights: no checkpoint was chosen as best")
+    report(out_dir, metrics, f"final metrics (val/* measured with {weights_used}):")
     monitor = cfg.get("monitor")
     return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get(monitor),
             "model": model, "trainer": trainer, "samples": samples}
