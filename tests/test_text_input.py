@@ -79,6 +79,12 @@ def test_byte_order_mark_is_not_text(tmp_path):
     assert load_documents("jsonl", path=str(jsonl)) == ["x"]
     prompts = write(tmp_path / "p.txt", BOM + b"Once upon\r\n")
     assert read_text(prompts) == "Once upon\r\n" and read_lines(prompts) == ["Once upon"]
+    from genframe.text import load_tokenizer
+
+    saved = tmp_path / "tok"
+    saved.mkdir()
+    write(saved / "tokenizer.json", BOM + CharTokenizer(["a", "b"]).to_json().encode())
+    assert load_tokenizer(saved).encode("ab") == [1, 2]
 
 
 def test_prompt_files_with_bom_and_line_separators(tmp_path):

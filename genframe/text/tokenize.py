@@ -209,9 +209,11 @@ def load_tokenizer(directory: str | Path):
     path = Path(directory) / FILENAME
     if not path.is_file():
         raise UserError(f"no tokenizer at {path}")
+    from genframe.text.sources import read_text
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(read_text(path))  # a byte-order mark is not part of the JSON
+    except json.JSONDecodeError as e:
         raise UserError(f"{path} is not a valid tokenizer file: {e}") from None
     return tokenizer_from_json(data, where=str(path))
 
