@@ -57,15 +57,15 @@ class SampleGrid(pl.Callback):
         root = Path(trainer.default_root_dir) / "samples"
         target = root / f"epoch_{trainer.current_epoch:03d}"
         root.mkdir(parents=True, exist_ok=True)
-        # write_samples always writes into `<out_dir>/samples/`; write into a temporary
-        # folder beside the target and rename it into place, so an epoch folder is either
-        # complete or absent (a rerun of the same epoch after a resume replaces it).
+        # Write into a temporary folder beside the target and rename it into place, so an
+        # epoch folder is either complete or absent (a rerun of the same epoch after a
+        # resume replaces it).
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
         try:
-            written = write_samples(samples, tmp)
+            write_samples(samples, folder=tmp)
             if target.exists():
                 shutil.rmtree(target)
-            os.replace(written, target)
+            os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.written.append(target)
