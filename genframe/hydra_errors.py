@@ -103,13 +103,57 @@ def _unknown_key(cause, overrides: list[str], task: str) -> str:
     root = _root_of(parent)
     node = full_key.rpartition(".")[0]
     given = _given(overrides, full_key)
+    if given is None:  # `sampling.temperature=0.5` where the task has no `sampling` at all
+        given = next((o for o in overrides if override_key(o).startswith(full_key + ".")), None)
+        if given is not None:
+            full_key = override_key(given)
+            key, node = full_key.rpartition(".")[2], ""
     value = _value(given)
     origin = f" (command line: {given})" if given else ""
     where = f"'{node}'" if node else "the top level"
+    if given is not None and key in valid and override_key(given) != key:
+        hint = _did_you_mean([f"{key}={value}"])  # sampling.temperature -> temperature
+    else:
+        hint = _where_it_lives(key, node, value, valid, root, task) or _other_task_hint(key, task)
     return (
-        f"{full_key}: unknown key{origin}.{_where_it_lives(key, node, value, valid, root, task)}"
+        f"{full_key}: unknown key{origin}.{hint}"
         f" Keys at {where}: {valid_list(valid)}.{_add_hint(full_key)}"
     )
+
+
+# What a user of one task reaches for that another task has.
+_TASK_NOTES = {
+    ("chat", "prompt"): "chat reads your messages from the terminal or standard input "
+                        "(echo 'hi' | genframe chat run=DIR), or starts from a template "
+                        "(template=qa template.vars.question=...)",
+    ("chat", "prompt_file"): "chat reads one message per line of standard input "
+                             "(genframe chat run=DIR < messages.txt)",
+}
+
+
+def _other_task_hint(key: str, task: str) -> str:
+    """' prompt is a key of generate, not of chat: ...' when another task has `key`."""
+    from omegaconf import OmegaConf
+
+    from genframe.config import conf_dir
+
+    note = _TASK_NOTES.get((task, key))
+    owners = []
+    for path in sorted(conf_dir().glob("*.yaml")):
+        if path.stem == task:
+            continue
+        try:
+            keys = OmegaConf.load(path).keys()
+        except Exception:
+            continue
+        if key in keys and key not in ("defaults", "task_name"):
+            owners.append(path.stem)
+    if not owners and not note:
+        return ""
+    text = f" '{key}' is a key of {', '.join(owners)}, not of {task}" if owners else ""
+    if note:
+        text += ("; " if text else " ") + note
+    return text + "."
 
 
 def _root_of(node) -> Any:

@@ -205,3 +205,19 @@ def test_plus_on_a_group_listed_as_null(fail):
 def test_misused_flags(fail, args, expected):
     message = fail("train", *args)
     assert expected in message and "usage:" not in message, message
+
+
+# -- a key of another task ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given, fragments", [
+    ("sampling.temperature=0.5", ["Did you mean temperature=0.5?"]),
+    ("prompt=hi", ["'prompt' is a key of generate, not of chat", "standard input"]),
+    ("prompt_file=m.txt", ["not of chat", "< messages.txt"]),
+    ("num_samples=3", ["'num_samples' is a key of", "not of chat"]),
+])
+def test_chat_names_its_own_keys(fail, given, fragments):
+    message = fail("chat", "run=/nowhere", given)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "+" + given.split("=")[0] not in message  # adding the key would do nothing
