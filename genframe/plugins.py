@@ -13,6 +13,7 @@ Nothing here imports torch: targets are imported when a task asks for them.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from genframe.errors import UserError, did_you_mean, valid_list
 
 AUTOLOAD_ENV = "GENFRAME_DISABLE_PLUGIN_AUTOLOAD"
 ALLOW_ENV = "GENFRAME_PLUGINS"
+
+log = logging.getLogger("genframe")
 
 
 @dataclass
@@ -66,11 +69,15 @@ class PluginInfo:
     registered: list[str] = field(default_factory=list)
     #: ``GENFRAME_PLUGIN_API`` of the plugin module (None: not declared).
     api: Any = None
+    #: Why the plugin could not be imported (None: it was); such a plugin registers nothing.
+    load_error: str | None = None
 
     @property
     def api_problem(self) -> str | None:
         """Why the plugin may not work with this genframe, or None when it declares the
         plugin API this genframe provides."""
+        if self.load_error is not None:
+            return f"failed to import, so it registered nothing: {self.load_error}"
         if self.api == hookspecs.PLUGIN_API_VERSION:
             return None
         if isinstance(self.api, bool) or not isinstance(self.api, int) and self.api is not None:
@@ -101,12 +108,14 @@ class Registry:
     def sampler(self, name: str) -> Registration:
         return self._lookup(self.samplers, "sampler", name)
 
-    @staticmethod
-    def _lookup(table: dict[str, Registration], kind: str, name: str) -> Registration:
+    def _lookup(self, table: dict[str, Registration], kind: str, name: str) -> Registration:
         if name not in table:
+            broken = [p.name for p in self.plugins.values() if p.load_error is not None]
+            also = (f"; plugin{'s' if len(broken) > 1 else ''} {valid_list(broken)} failed to "
+                    "import and registered nothing" if broken else "")
             raise UserError(
                 f"{kind}.name: no {kind} named '{name}' is registered.{did_you_mean(name, table)}"
-                f" Registered: {valid_list(table)} (see `genframe plugins`)"
+                f" Registered: {valid_list(table)} (see `genframe plugins`{also})"
             )
         return table[name]
 
@@ -190,19 +199,22 @@ def build_registry(extra_plugins: list[tuple[str, Any]] = ()) -> Registry:
         registry.plugins[name] = PluginInfo(name, core.__name__, "genframe", __version__,
                                             api=hookspecs.PLUGIN_API_VERSION)
     for ep in _selected_entry_points():
+        dist = getattr(ep, "dist", None)
+        info = PluginInfo(ep.name, ep.value, dist.metadata["Name"] if dist else "?",
+                          dist.version if dist else "?")
+        registry.plugins[ep.name] = info
         try:
             obj = ep.load()
-        except Exception as exc:  # a broken third-party plugin must say who it is
-            raise UserError(
-                f"plugin '{ep.name}' ({ep.value}) failed to import: {type(exc).__name__}: {exc}."
-                f" Set {ALLOW_ENV} to load only the plugins you need."
-            ) from exc
-        dist = getattr(ep, "dist", None)
-        registry.plugins[ep.name] = PluginInfo(
-            ep.name, ep.value,
-            dist.metadata["Name"] if dist else "?", dist.version if dist else "?",
-            api=getattr(obj, "GENFRAME_PLUGIN_API", None),
-        )
+        except Exception as exc:
+            # One broken third-party plugin must not stop every command (nor
+            # `genframe plugins`, which shows it): say who it is, go on without it.
+            info.load_error = f"{type(exc).__name__}: {exc}"
+            log.warning("genframe: warning: plugin '%s' (%s, from %s) failed to import: %s; "
+                        "its models are unavailable. Fix or uninstall it, or set %s to load "
+                        "only the plugins you need.", ep.name, ep.value, info.distribution,
+                        info.load_error, ALLOW_ENV)
+            continue
+        info.api = getattr(obj, "GENFRAME_PLUGIN_API", None)
         loaded.append((ep.name, obj))
     for name, obj in extra_plugins:
         registry.plugins[name] = PluginInfo(name, getattr(obj, "__name__", repr(obj)), "(in-process)", "",

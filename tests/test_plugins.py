@@ -87,3 +87,29 @@ def test_a_plugin_module_that_does_not_import_names_the_plugin(tmp_path, monkeyp
             plugins.get_registry().model("broken").load()
     finally:
         plugins.remove_plugin("brokenplugin")
+
+
+def test_a_plugin_that_fails_to_import_stops_no_command(monkeypatch, capsys):
+    """One broken third-party plugin: a warning naming it, the other models still work,
+    `genframe plugins` shows it, and asking for a missing model mentions it."""
+    from importlib.metadata import EntryPoint
+
+    from genframe.cli import main
+
+    real = list(plugins.entry_points(group="genframe"))
+    broken = EntryPoint(name="shiny", value="genframe_shiny_missing_module:plugin", group="genframe")
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [*real, broken])
+    plugins.reset_registry()
+    try:
+        registry = plugins.get_registry()
+        assert "vae" in registry.models
+        info = registry.plugins["shiny"]
+        assert "ModuleNotFoundError" in info.load_error and "failed to import" in info.api_problem
+        with pytest.raises(UserError, match="plugin shiny failed to import"):
+            registry.model("shiny")
+        assert main(["plugins"]) == 0
+        out = capsys.readouterr()
+        assert "shiny" in out.out and "failed to import" in out.out + out.err
+    finally:
+        monkeypatch.undo()
+        plugins.reset_registry()
