@@ -140,11 +140,7 @@ FINETUNE: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def _refuse(key: str, value: Any, expected: str, extra: str = "") -> UserError:
-    return UserError(f"{key}={_show(value)}: expected {expected}{extra} (set in {origin(key)})")
-
-
-def _show(value: Any) -> str:
-    return value if isinstance(value, str) else repr(value)
+    return UserError(f"{key}: expected {expected}, got {value!r}{extra} (set in {origin(key)})")
 
 
 def _check_rules(node: Mapping[str, Any], rules: Mapping[str, tuple], prefix: str) -> None:
