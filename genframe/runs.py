@@ -79,7 +79,7 @@ def start_run(out_dir: Path, cfg, task: str, *, device: Any = None, **info: Any)
     from genframe import __version__
 
     out_dir = Path(out_dir)
-    if (out_dir / RUN_INFO).exists():
+    if (out_dir / RUN_INFO).exists() and not never_started(out_dir):
         raise UserError(
             f"run directory {out_dir} already holds a run; choose another hydra.run.dir "
             "(nothing was overwritten)"
@@ -127,7 +127,7 @@ def end_run(out_dir: Path, status: str, error: str, *, task: str | None = None) 
     out_dir = Path(out_dir)
     path = out_dir / RUN_INFO
     ended = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    if not path.exists():
+    if not path.exists() or never_started(out_dir):
         if task is None or not out_dir.is_dir():
             return False
         atomic_write_json(path, {"format_version": FORMAT_VERSION, "task": task,
@@ -143,6 +143,21 @@ def end_run(out_dir: Path, status: str, error: str, *, task: str | None = None) 
     return True
 
 
+def never_started(out_dir: Path) -> bool:
+    """Whether `out_dir` holds only a task refused by its checks before it started (the
+    short run.json `end_run` writes, Hydra's files): such a folder may be used again, so
+    fixing a typo and repeating the command with the same ``hydra.run.dir`` works."""
+    out_dir = Path(out_dir)
+    try:
+        record = json.loads((out_dir / RUN_INFO).read_text())
+    except (OSError, ValueError):
+        return False
+    made = ("checkpoints", WEIGHTS, "samples", METRICS, "logs", CONFIG)
+    return (isinstance(record, dict) and "started" not in record
+            and record.get("status") in ("failed", "interrupted")
+            and not any((out_dir / name).exists() for name in made))
+
+
 def run_dir_problem(path: Path, key: str) -> str | None:
     """Why `path` cannot become a new run directory (None if it can).
 
@@ -153,7 +168,7 @@ def run_dir_problem(path: Path, key: str) -> str | None:
     path = Path(path).expanduser()
     if path.is_dir():
         taken = [name for name in RUN_OUTPUTS if (path / name).exists()]
-        if taken:
+        if taken and not never_started(path):
             return (f"{key}={path} already holds a run ({', '.join(taken)}); give a new "
                     f"folder, or leave {key} out for a fresh one (nothing was changed)")
         return None if os.access(path, os.W_OK | os.X_OK) else f"{key}={path}: the folder is not writable"

@@ -217,3 +217,17 @@ def test_metrics_title_names_the_weights_really_used(trained, tmp_path, capsys):
     assert "best checkpoint" not in out.split("final metrics")[1].splitlines()[0]
     assert "no checkpoint was chosen as best" in out
 
+
+
+def test_a_refused_command_can_be_repeated_in_the_same_folder(trained, tmp_path, capsys):
+    run_dir = tmp_path / "gen"
+    for bad in ("seed=abc", "num_samples=0", "batch_size=abc"):
+        assert main(["generate", f"run={trained}", bad, f"hydra.run.dir={run_dir}"]) == 2
+        assert bad.split("=")[0] in capsys.readouterr().err
+        info = status_of(run_dir)  # the folder says how the last command ended
+        assert info["status"] == "failed" and bad.split("=")[0] in info["error"]
+    assert main(["generate", f"run={trained}", "num_samples=2", f"hydra.run.dir={run_dir}"]) == 0
+    assert status_of(run_dir)["status"] == "completed"
+    # a run that started is never overwritten
+    assert main(["generate", f"run={trained}", "num_samples=2", f"hydra.run.dir={run_dir}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err

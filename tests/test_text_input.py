@@ -93,8 +93,8 @@ def test_prompt_files_with_bom_and_line_separators(tmp_path):
     jsonl = write(tmp_path / "p.jsonl",
                   BOM + '{"prompt": "The list\u2028type"}\n'.encode())
     assert read_prompt_file(str(jsonl)) == ["The list\u2028type"]
-    txt = write(tmp_path / "p.txt", BOM + b"Hello there\nThe end\n")
-    assert read_prompt_file(str(txt)) == ["Hello there", "The end"]
+    txt = write(tmp_path / "p.txt", BOM + "Hello\u2028there\nThe end\n".encode())
+    assert read_prompt_file(str(txt)) == ["Hello\u2028there", "The end"]
 
 
 # -- bytes that are not UTF-8 ---------------------------------------------------------------------
@@ -256,3 +256,7 @@ def test_chat_cli_reads_bad_stdin_bytes_without_losing_the_transcript(
     (conversation,) = read_chat_jsonl(out / "transcript.jsonl")
     assert [m["content"] for m in conversation if m["role"] == "user"] == [
         "Hello", "Hi \ufffd there \u2603", "Bye"]
+    # generate names the prompt's characters the tokenizer never saw too
+    assert main(["generate", f"run={run}", "device=cpu", "prompt=\"Hi \u2603\u2603\"", "num_samples=1",
+                 "++sampling.max_new_tokens=2", f"hydra.run.dir={tmp_path / 'gen'}"]) == 0
+    assert "the prompt: 2 characters the tokenizer never saw" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from genframe.errors import Interrupted, UserError
+from genframe.errors import Interrupted, UserError, plural
 from genframe.files import atomic_write_json
 from genframe.runs import start_run, update_run
 from genframe.sample_writer import GRID_MAX, SampleWriter, png_bytes
@@ -60,10 +60,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         UserError: a bad value, or a request that would not fit on disk or in memory.
         Interrupted: Ctrl-C; the samples made so far are kept.
     """
-    if cfg.num_samples is not None and cfg.num_samples < 1:
-        raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")
-    if cfg.batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {cfg.batch_size}")
+    from genframe.tasks.preflight import check_task_config
+
+    check_task_config(cfg, "generate")
     device = resolve_device(cfg.device)
     model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"), cfg.get("adapter"))
     model.to(device).eval()
@@ -78,6 +77,12 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             raise UserError("give the prompt once: prompt=... or condition.prompt=..., not both")
     elif "prompt" in condition:
         prompts = [str(condition.pop("prompt"))]
+    if prompts and getattr(model, "tokenizer", None) is not None:
+        from genframe.text.tokenize import report_unknown
+
+        note = report_unknown(model.tokenizer, prompts, "the prompt" if len(prompts) == 1 else "the prompts")
+        if note:
+            print(f"({note})", file=sys.stderr, flush=True)
     text_model = "prompt" in getattr(model, "condition_keys", ())
     per_prompt = cfg.num_samples or (1 if prompts else 4 if text_model else 64)
     total = per_prompt * len(prompts) if prompts else per_prompt
@@ -140,7 +145,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     progress.update(writer.count, final=True)
     update_run(out_dir, status="completed", num_samples=total)
     atomic_write_json(out_dir / "metrics.json", {})
-    print(f"run directory: {out_dir}\n  {total} samples in {folder}", flush=True)
+    print(f"run directory: {out_dir}\n  {plural(total, 'sample')} in {folder}", flush=True)
     return {"run_dir": out_dir, "folder": folder, "num_samples": writer.count,
             "samples": kept, "metrics": {}}
 
@@ -315,7 +320,7 @@ def prompts_of(cfg: DictConfig) -> list[str] | None:
 
 
 def read_prompt_file(path: str) -> list[str]:
-    from genframe.text.sources import jsonl_records, read_text
+    from genframe.text.sources import jsonl_records, read_lines
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -327,7 +332,8 @@ def read_prompt_file(path: str) -> list[str]:
                 raise UserError(f'prompt_file={where}: expected {{"prompt": "..."}}')
             prompts.append(record["prompt"])
     else:
-        prompts = [line for line in read_text(p).splitlines() if line.strip()]
+        # Lines end at newlines only: a U+2028 inside a prompt is part of it.
+        prompts = [line for line in read_lines(p) if line.strip()]
     if not prompts:
         raise UserError(f"prompt_file={path}: the file holds no prompt")
     return prompts

@@ -82,6 +82,13 @@ TOP_LEVEL: dict[str, tuple[Callable[[Any], bool], str]] = {
                  "keys under sampling, e.g. sampling.temperature=0.8"),
 }
 
+#: Keys `genframe generate` reads differently from the training tasks.
+GENERATE: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_samples": (_optional(_int_at_least(1)),
+                    "an integer >= 1, or null (64 images; 1 text per prompt)"),
+    "batch_size": (_int_at_least(1), "an integer >= 1 (samples made at once), e.g. batch_size=64"),
+}
+
 #: ``trainer.*`` values Lightning would refuse late, or accept and then do nothing with.
 TRAINER: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_epochs": (_optional(lambda v: _is_int(v) and (v == -1 or v >= 1)),
@@ -171,6 +178,9 @@ def check_task_config(cfg: DictConfig, task: str) -> None:
         task: the task's name (``train``, ``finetune``, ``evaluate``, ...).
     """
     plain = {k: to_plain(cfg.get(k)) for k in cfg if k not in ("data", "model", "hydra")}
+    if task == "generate":
+        _check_rules(plain, GENERATE, "")
+        plain = {k: v for k, v in plain.items() if k not in GENERATE}
     _check_rules(plain, TOP_LEVEL, "")
     trainer = plain.get("trainer")
     if isinstance(trainer, Mapping):
