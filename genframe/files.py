@@ -90,6 +90,17 @@ def read_safetensors(path: Path, *, key: str) -> tuple[dict[str, str], dict[str,
         raise UserError(f"{key}: {_unreadable(exc, safetensors=True)}") from exc
 
 
+def looks_like_safetensors(path: Path) -> bool:
+    """Whether a file starts as safetensors files do (an 8-byte header length, then JSON),
+    whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def torch_load_weights(path: Path, *, where: str) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU: never unpickles code.
 
@@ -103,6 +114,9 @@ def torch_load_weights(path: Path, *, where: str) -> Any:
     import torch
 
     path = check_weights_file(path, where=where)
+    if looks_like_safetensors(path):
+        raise UserError(f"{where}: a safetensors file, not a PyTorch checkpoint; give it where "
+                        "weights are asked for (ckpt=<file>.safetensors)")
     try:
         with warnings.catch_warnings():  # "pickle protocol 4" and the like: not the user's
             warnings.simplefilter("ignore")
@@ -147,7 +161,7 @@ def read_state_dict(path: str | Path, *, where: str) -> dict[str, Any]:
 
     path = Path(path).expanduser()
     label = where if "=" in where else f"{where}={path}"  # "key=file", named once
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or looks_like_safetensors(path):
         _, state = read_safetensors(path, key=label)
     else:
         state = torch_load_weights(path, where=label)

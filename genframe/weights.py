@@ -21,6 +21,7 @@ from genframe.errors import UserError
 from genframe.files import (
     atomic_write_bytes,
     load_state_dict_strict,
+    looks_like_safetensors,
     read_safetensors,
     torch_load_weights,
 )
@@ -128,7 +129,7 @@ def read_weights(path: str | Path, *, key: str = "ckpt",
     """
     where = where or f"{key}={path}"
     p = Path(path).expanduser()
-    if p.suffix == ".safetensors" or _looks_like_safetensors(p):
+    if p.suffix == ".safetensors" or looks_like_safetensors(p):
         meta, state = read_safetensors(p, key=where)
         if SPEC_KEY not in meta:
             from genframe.lora import ADAPTER_KEY
@@ -157,16 +158,6 @@ def read_weights(path: str | Path, *, key: str = "ckpt",
         raise UserError(f"{where}: its state_dict holds values that are not tensors; the file "
                         "is damaged or not genframe's")
     return ModelSpec.from_dict(ckpt[SPEC_KEY], where=where), state
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    """A safetensors file under another name: an 8-byte header length, then JSON."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{"
 
 
 def build_from_spec(spec: ModelSpec, state: dict[str, torch.Tensor] | None = None, *,

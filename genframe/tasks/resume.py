@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from genframe.errors import UserError
-from genframe.files import torch_load_weights
+from genframe.files import looks_like_safetensors, torch_load_weights
 from genframe.runs import Run, open_run
 
 # Config groups a resumed run keeps: changing one would make it another run.
@@ -71,6 +71,9 @@ def check_last_checkpoint(run: Run, path: Path, *, where: str) -> None:
     way_on = (f"; the run cannot be continued. Fine-tune from its weights instead: "
               f"genframe finetune run={run.path}")
     try:
+        if looks_like_safetensors(path):
+            raise UserError(f"{where}: a safetensors weights file, which holds no training "
+                            "state to continue from (a Lightning checkpoint does)")
         ckpt = torch_load_weights(path, where=where)
         if not isinstance(ckpt, dict) or SPEC_KEY not in ckpt:
             raise UserError(f"{where}: not a genframe checkpoint (no model spec inside)")
