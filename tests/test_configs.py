@@ -118,3 +118,13 @@ def test_conflicting_trainer_settings_are_a_user_error(compose_task):
     cfg = compose_task("train", "callbacks=rich", *FAST)  # FAST turns the progress bar off
     with pytest.raises(UserError, match="enable_progress_bar"):
         train(cfg)
+
+
+@pytest.mark.parametrize("model", ["transformer", "transformer_mini", "transformer_small"])
+def test_a_language_model_brings_text_data_unless_data_is_chosen(model, compose_task):
+    """`genframe train model=transformer` trains on text (the model YAML's defaults list);
+    a data choice on the command line wins, in either order."""
+    assert compose_task("train", f"model={model}").data.name == "text"
+    assert compose_task("train", f"model={model}", "data=chat").data.name == "chat"
+    assert compose_task("train", "data=digits", f"model={model}").data.name == "digits"
+    assert compose_task("train").data.name == "digits"  # the image models keep theirs

@@ -127,7 +127,8 @@ def test_model_yaml_matches_its_class(provider, path):
         f"(registered: {sorted(REGISTRY.models)})")
     cls = registered_class(path.stem)
     params = constructor_parameters(cls)
-    keys = {k: v for k, v in node.items() if k != "name"}
+    # `defaults` is Hydra's defaults list (the data a model trains on by default), not a key.
+    keys = {k: v for k, v in node.items() if k not in ("name", "defaults")}
 
     unknown = sorted(set(keys) - set(params))
     assert not unknown, (f"{where}: {unknown} are not constructor arguments of "
