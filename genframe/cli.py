@@ -63,7 +63,8 @@ def _dispatch(argv: list[str]) -> int:
         if unknown:
             from genframe.errors import UserError
 
-            raise UserError(f"plugins: unknown argument(s) {' '.join(unknown)}; only --json is accepted")
+            raise UserError(f"plugins: unknown {'argument' if len(unknown) == 1 else 'arguments'} "
+                            f"{' '.join(unknown)}; only --json is accepted")
         print_plugins(as_json="--json" in rest)
         return 0
     if command not in TASKS:

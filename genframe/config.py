@@ -83,7 +83,7 @@ def reset_config_store() -> None:
 
 
 def _package_header(path: Path) -> str | None:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
         for line in f:
             line = line.strip()
             if not line.startswith("#"):
@@ -156,7 +156,7 @@ def check_kwargs(
     missing = [n for n, p in named.items() if p.default is _MISSING and n not in kwargs]
     if missing:
         raise UserError(
-            f"{where}: missing required key(s) {', '.join(missing)}"
+            f"{where}: missing required {'key' if len(missing) == 1 else 'keys'} {', '.join(missing)}"
             + (f" (the config came from {source(missing[0])})" if source else "")
         )
     return dict(kwargs)

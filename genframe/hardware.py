@@ -101,16 +101,18 @@ def _check_devices(devices: Any, on_gpu: bool, n_gpus: int, strategy: str, where
                             "and this run uses the CPU; expected trainer.devices=1")
         bad = [d for d in devices if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < n_gpus]
         if bad or not devices:
-            raise UserError(f"trainer.devices={list(devices)}{where}: this machine has {n_gpus} "
-                            f"CUDA GPU(s), indices 0..{n_gpus - 1}; expected indices among them")
+            raise UserError(f"trainer.devices={list(devices)}{where}: this machine has "
+                            f"{plural(n_gpus, 'CUDA GPU')}, indices 0..{n_gpus - 1}; "
+                            "expected indices among them")
         return
     if not isinstance(devices, int) or devices < 1:
         raise UserError(f"trainer.devices={devices}{where}: expected a number of devices >= 1, "
                         "a list of device indices, or auto")
     if on_gpu:
         if devices > n_gpus:
-            raise UserError(f"trainer.devices={devices}{where}: this machine has {n_gpus} CUDA "
-                            f"GPU(s); expected trainer.devices={n_gpus} or less (or auto)")
+            raise UserError(f"trainer.devices={devices}{where}: this machine has "
+                            f"{plural(n_gpus, 'CUDA GPU')}; expected trainer.devices={n_gpus} "
+                            "or less (or auto)")
         return
     cores = _cpu_cores()
     if devices > 1 and not strategy.startswith("ddp"):

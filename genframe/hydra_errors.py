@@ -168,6 +168,9 @@ def _root_of(node) -> Any:
 def _where_it_lives(key: str, node: str, value: str, valid: list[str], root, task: str) -> str:
     """' Did you mean data.batch_size=8?' naming where `key` exists, or ''."""
     here = f"{node}." if node else ""
+    renamed = _renamed_argument(node, key, root)
+    if renamed:
+        return f" {node}.{key} was renamed to {renamed}: use {node}.{renamed}={value}."
     paths = [p for p in _leaf_paths(root) if p.rpartition(".")[2] == key and p != here + key]
     if paths:
         return _did_you_mean([f"{p}={value}" for p in paths])
@@ -190,6 +193,20 @@ def _where_it_lives(key: str, node: str, value: str, valid: list[str], root, tas
     if not near and options:
         near = [f"sampling.{k}={value}" for k in closest(key, options, n=2, cutoff=_NEAR)]
     return _did_you_mean(near)
+
+
+def _renamed_argument(node: str, key: str, root) -> str | None:
+    """The new name of `key` when it is an old constructor argument of the chosen model
+    (the class's ``renamed_arguments``), else None."""
+    if node != "model" or root is None:
+        return None
+    try:
+        from genframe.plugins import get_registry
+
+        cls = get_registry().model(str(root.model.name)).load()
+    except Exception:  # no model chosen or loadable: no rename to report
+        return None
+    return (getattr(cls, "renamed_arguments", None) or {}).get(key)
 
 
 def _did_you_mean(candidates: list[str]) -> str:

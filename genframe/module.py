@@ -260,7 +260,7 @@ class GenerativeModule(pl.LightningModule):
                     f"{', '.join(sorted(unknown))}"
                 )
             raise UserError(
-                f"condition: unknown key(s) {', '.join(sorted(unknown))}; this model "
+                f"condition: unknown {'key' if len(unknown) == 1 else 'keys'} {', '.join(sorted(unknown))}; this model "
                 f"accepts {valid_list(self.condition_keys)}"
             )
         return condition

@@ -141,4 +141,4 @@ def test_a_single_value_where_keys_are_expected(cli):
     assert_user_error(cli("generate", f"run={run}", "condition=3"),
                       "condition=3: expected keys under condition, e.g. condition.label=3")
     assert_user_error(cli("generate", f"run={run}", "sampling=0.5"),
-                      "sampling=0.5: expected keys under sampling")
+                      "sampling: expected keys under sampling", "got 0.5", "sampling=0.5")

@@ -221,3 +221,18 @@ def test_chat_names_its_own_keys(fail, given, fragments):
     for fragment in fragments:
         assert fragment in message, message
     assert "+" + given.split("=")[0] not in message  # adding the key would do nothing
+
+
+def test_plurals_read_right(capsys):
+    assert main(["plugins", "--jsn"]) == 2
+    assert "unknown argument --jsn;" in capsys.readouterr().err
+    assert main(["plugins", "--a", "--b"]) == 2
+    assert "unknown arguments --a --b;" in capsys.readouterr().err
+
+
+def test_a_plugin_config_with_a_byte_order_mark_keeps_its_package_header(tmp_path):
+    from genframe.config import _package_header
+
+    path = tmp_path / "exp.yaml"
+    path.write_bytes("\ufeff# @package _global_\nseed: 1\n".encode())
+    assert _package_header(path) == "_global_"

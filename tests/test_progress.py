@@ -188,3 +188,16 @@ def test_every_training_callbacks_preset_has_the_progress_line(tmp_path):
     cfg = compose("train", ["callbacks.progress.every_n_steps=0", f"paths.output_dir={tmp_path}"])
     with pytest.raises(UserError, match=r"callbacks\.progress\.every_n_steps"):
         instantiate_group(cfg.callbacks, "callbacks")
+
+
+def test_evaluate_progress_bar_names_the_split(tmp_path, capsys):
+    from pathlib import Path
+
+    from genframe.cli import main
+
+    run = Path(__file__).parent / "data" / "runs_before_format_1" / "vae"
+    assert main(["evaluate", f"run={run}", "metrics.enabled=false", "trainer.limit_val_batches=1",
+                 f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "Evaluating (test split)" in text and "Validation" not in text, text[-2000:]

@@ -2,8 +2,8 @@
 (``conf/callbacks/*.yaml`` name them as ``genframe.callbacks.<Class>``)."""
 
 from genframe.callbacks.finite_loss import FiniteLossGuard
-from genframe.callbacks.progress import ProgressLine
+from genframe.callbacks.progress import ProgressLine, SplitProgressBar
 from genframe.callbacks.sample_grid import SampleGrid
 from genframe.callbacks.sample_quality import SampleQuality
 
-__all__ = ["FiniteLossGuard", "ProgressLine", "SampleGrid", "SampleQuality"]
+__all__ = ["FiniteLossGuard", "ProgressLine", "SampleGrid", "SampleQuality", "SplitProgressBar"]

@@ -210,3 +210,17 @@ def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class SplitProgressBar(pl.callbacks.TQDMProgressBar):
+    """Lightning's progress bar, naming the split a ``trainer.validate`` pass runs over
+    (`genframe evaluate split=test` runs the validation step over the test split, which
+    Lightning's own bar would call "Validation")."""
+
+    def __init__(self, split: str) -> None:
+        super().__init__()
+        self.split = split
+
+    @property
+    def validation_description(self) -> str:
+        return f"Evaluating ({self.split} split)"

@@ -20,7 +20,7 @@ from genframe.data.base import (
     split_counts,
     split_indices,
 )
-from genframe.errors import UserError
+from genframe.errors import UserError, plural
 
 log = logging.getLogger("genframe")
 
@@ -172,7 +172,7 @@ class ImageFolderDataModule(GenerativeDataModule):
         if self.labels == "true":
             if in_root:
                 raise UserError(
-                    f"data.labels=true, but {len(in_root)} image(s) lie directly in data.root "
+                    f"data.labels=true, but {plural(len(in_root), 'image')} lie directly in data.root "
                     f"{self.root} (e.g. {in_root[0].name}); expected every image in a sub-folder "
                     "named after its class. Move them, or set data.labels=false."
                 )
@@ -389,7 +389,7 @@ def _list_images(root: Path, key: str = "data.root") -> list[Path]:
             else:
                 others.append(name)
     if not found:
-        also = f"; found {len(others)} other file(s), e.g. {others[0]}" if others else ""
+        also = f"; found {plural(len(others), 'other file')}, e.g. {others[0]}" if others else ""
         raise UserError(
             f"{key}: no image files under {root} (looked recursively for "
             f"{' '.join(IMAGE_EXTENSIONS)}, in any case){also}"
@@ -431,13 +431,13 @@ def _labels_in(files: list[Path], folder: Path, key: str, index: dict[str, int],
     loose = [f for f, d in zip(files, folders) if not d]
     if loose:
         raise UserError(
-            f"{key}: {len(loose)} image(s) lie directly in {folder} (e.g. {loose[0].name}), "
+            f"{key}: {plural(len(loose), 'image')} lie directly in {folder} (e.g. {loose[0].name}), "
             f"but data.root {root} is labelled by its sub-folders; expected every image in "
             f"a sub-folder named after its class ({_short_list(sorted(index))})")
     unknown = sorted({d for d in folders if d not in index})
     if unknown:
         raise UserError(
-            f"{key}: class folder(s) {_short_list(unknown)} under {folder} are not classes of "
+            f"{key}: {'class folder' if len(unknown) == 1 else 'class folders'} {_short_list(unknown)} under {folder} are not classes of "
             f"data.root {root}; expected sub-folders named after its classes "
             f"({_short_list(sorted(index))}). Rename or remove them (a class may be missing).")
     return [index[d] for d in folders]

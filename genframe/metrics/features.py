@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genframe.errors import UserError, did_you_mean
+from genframe.errors import UserError, did_you_mean, plural
 from genframe.files import load_state_dict_strict, read_state_dict
 
 
@@ -114,7 +114,7 @@ def match_channels(images: torch.Tensor, channels: int, *, who: str) -> torch.Te
     if c == 1 and channels == 3:
         return images.expand(-1, 3, -1, -1)
     raise UserError(
-        f"{who} expects images with {channels} channel(s), got {c}; "
+        f"{who} expects images with {plural(channels, 'channel')}, got {c}; "
         "compare images with the channel count the feature extractor was built for"
     )
 

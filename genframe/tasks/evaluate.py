@@ -49,7 +49,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if run is not None and cfg.get("data") is None:
         _warn_if_trained_before_test_splits(run.path, data, data_cfg, split)
     out_dir = Path(cfg.paths.output_dir)
-    trainer = build_trainer(cfg, model, train=False)
+    from genframe.callbacks import SplitProgressBar
+
+    bar = [SplitProgressBar(split)] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer = build_trainer(cfg, model, train=False, extra_callbacks=bar)
     start_run(out_dir, cfg, "evaluate", device=trainer.strategy.root_device,
               source=source_record(run, weights), data=data_cfg)
     # The model's validation step logs val/...; over another split they are that split's.

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from genframe.errors import TrainingDiverged, UserError
 from genframe.files import atomic_write_json
@@ -15,7 +14,7 @@ from genframe.runs import METRICS, WEIGHTS, start_run, update_run
 from genframe.sample_writer import write_samples
 from genframe.tasks.build import build_trainer
 from genframe.tasks.common import generation_options, report
-from genframe.weights import save_weights
+from genframe.weights import read_weights, save_weights
 
 
 @dataclass
@@ -70,7 +69,7 @@ def fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None = None) -> 
 
     best = _best_checkpoint(trainer)
     if best is not None:  # export and sample from the best weights, not the last ones
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        _, state = read_weights(best, where=f"the run's best checkpoint {best}")
         model.load_state_dict(state)
     if before_save is not None:
         before_save(model, out_dir)
