@@ -195,7 +195,10 @@ def test_evaluate_progress_bar_names_the_split(tmp_path, capsys):
 
     from genframe.cli import main
 
-    run = Path(__file__).parent / "data" / "runs_before_format_1" / "vae"
+    import shutil
+
+    run = tmp_path / "vae"  # a copy: evaluate appends to the run's evaluations.jsonl
+    shutil.copytree(Path(__file__).parent / "data" / "runs_before_format_1" / "vae", run)
     assert main(["evaluate", f"run={run}", "metrics.enabled=false", "trainer.limit_val_batches=1",
                  f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
     captured = capsys.readouterr()
