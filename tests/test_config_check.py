@@ -31,7 +31,7 @@ def test_valid_kwargs_pass(kwargs):
     ({"width": 3, "sizes": [1, "x"]}, "model.sizes"),
     ({"width": 3, "mode": "c"}, "one of 'a', 'b'"),
     ({"width": True}, "model.width"),
-    ({}, "missing required key(s) width"),
+    ({}, "missing required key width"),
 ])
 def test_invalid_kwargs_fail_with_the_key(kwargs, fragment):
     with pytest.raises(UserError) as info:
