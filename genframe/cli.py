@@ -16,8 +16,9 @@ from genframe import __version__
 from genframe.errors import GenframeError, did_you_mean
 from genframe.tasks import TASKS
 OTHER_COMMANDS = {"plugins": "list loaded plugins and what each registered (--json)"}
-# Keys whose children are open-ended (model-specific): `sampling.x=1` needs no `+`.
-OPEN_KEYS = ("sampling.", "condition.", "template.vars.", "finetune.hparams.")
+# Keys whose children are open-ended (model-specific, or any Trainer argument):
+# `sampling.x=1` and `trainer.strategy=ddp_spawn` need no `+`; the task checks the names.
+OPEN_KEYS = ("sampling.", "condition.", "template.vars.", "finetune.hparams.", "trainer.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,15 +219,23 @@ def _task_entry(cfg):
         if _show_traceback():
             raise
         from hydra.core.hydra_config import HydraConfig
+        from hydra.errors import HydraException
         from hydra.types import RunMode
+        from omegaconf import OmegaConf
 
         from genframe.errors import Interrupted, UserError
         from genframe.hydra_errors import explain
 
         hydra_cfg = HydraConfig.get()
-        job = " ".join(hydra_cfg.overrides.task)
+        # The overrides as typed: iterating the ListConfig would resolve `${...}` in them.
+        given = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+        job = " ".join(given)
+        if isinstance(exc, OSError) and exc.filename and not isinstance(exc, HydraException):
+            # A path the user gave (or its folder) cannot be read or written: not a bug.
+            exc = UserError(f"{exc.filename}: {exc.strerror or exc}; check the path and its "
+                            "permissions (or choose another folder)")
         if not isinstance(exc, GenframeError):
-            message = explain(exc, cfg.task_name, list(hydra_cfg.overrides.task))
+            message = explain(exc, cfg.task_name, given)
             if message is not None:
                 exc = UserError(message)
             elif hydra_cfg.mode == RunMode.MULTIRUN:

@@ -56,7 +56,9 @@ def explain(exc: BaseException, task: str, overrides: list[str]) -> str | None:
         key = getattr(exc, "full_key", "") or "?"
         return f"{key} is required but not set. Give it on the command line: {key}=..."
     if isinstance(exc, InterpolationResolutionError):
-        key = getattr(exc, "full_key", "") or "?"
+        key = getattr(exc, "full_key", "") or ""
+        if not key:  # read outside its node: name the override holding an interpolation
+            key = next((o for o in overrides if "${" in o), "a value with ${...}")
         return f"{key}: cannot resolve its value: {text.splitlines()[0]}"
     if isinstance(exc, ValidationError):
         key = getattr(exc, "full_key", "") or "?"
@@ -477,6 +479,19 @@ def _parse_error(text: str, task: str, overrides: list[str]) -> str:
     if bad is None:
         return f"cannot parse a command-line override: {text.splitlines()[0]}" + _grammar_hint()
     if "=" not in bad and not bad.startswith("~"):
+        at = overrides.index(bad)
+        before = overrides[at - 1] if at > 0 else ""
+        if "=" in before and not before.startswith("-"):
+            # `prompt=The for statement` reached genframe as three words.
+            words = [bad]
+            for word in overrides[at + 1:]:
+                if "=" in word or word.startswith("-"):
+                    break
+                words.append(word)
+            key, _, value = before.partition("=")
+            whole = " ".join([value, *words])
+            return (f"'{bad}': not an override; the shell split a value with spaces. Quote "
+                    f"the whole override: {shell_quoted(key, whole)}")
         key = bad.lstrip("+")
         choices = _group_choices(key) if key in _task_groups(task) else {}
         if choices:

@@ -166,6 +166,10 @@ def run_dir_problem(path: Path, key: str) -> str | None:
     refused, so a refused command changes no file of an existing run.
     """
     path = Path(path).expanduser()
+    for parent in path.absolute().parents:
+        if (parent / RUN_INFO).is_file():
+            return (f"{key}={path} lies inside the run directory {parent}; give a folder "
+                    "outside it (nothing was changed)")
     if path.is_dir():
         taken = [name for name in RUN_OUTPUTS if (path / name).exists()]
         if taken and not never_started(path):

@@ -236,3 +236,35 @@ def test_a_plugin_config_with_a_byte_order_mark_keeps_its_package_header(tmp_pat
     path = tmp_path / "exp.yaml"
     path.write_bytes("\ufeff# @package _global_\nseed: 1\n".encode())
     assert _package_header(path) == "_global_"
+
+
+def test_an_override_with_an_unresolvable_interpolation_is_named(fail):
+    message = fail("generate", "run=/nowhere", "prompt=${oc.env:GENFRAME_NO_SUCH_VARIABLE}")
+    assert message.startswith("prompt=${oc.env:GENFRAME_NO_SUCH_VARIABLE}: cannot resolve"), message
+
+
+def test_words_the_shell_split_off_a_value_get_the_quoting(fail):
+    message = fail("generate", "run=/nowhere", "prompt=The", "for", "statement")
+    assert "Quote the whole override: 'prompt=\"The for statement\"'" in message, message
+
+
+def test_any_trainer_argument_is_accepted_and_a_typo_refused_first(fail, compose_task):
+    from genframe.tasks.preflight import check_task_config
+
+    check_task_config(compose_task("train", "++trainer.strategy=ddp_spawn"), "train")
+    check_task_config(compose_task("train", "trainer.max_epochs=0"), "train")  # validate only
+    message = fail("train", "trainer.max_epoch=3")
+    assert message.startswith("trainer.max_epoch: unknown key (set in the command line: "
+                              "trainer.max_epoch=3). Did you mean 'max_epochs'"), message
+
+
+def test_metric_options_show_null_as_typed(fail):
+    assert "metrics.timm_model=null" in fail("evaluate", "run=/nowhere", "metrics.extractor=timm")
+
+
+def test_a_language_model_on_image_data_names_the_fitting_data():
+    from genframe.data.digits import DigitsDataModule
+    from genframe.errors import UserError
+
+    with pytest.raises(UserError, match=r"provides image, label, not text.*data=text or data=chat"):
+        DigitsDataModule().use_tokenizer(object())

@@ -58,7 +58,7 @@ def test_data_numbers_refused_before_training(capsys, tmp_path, arg):
     ("num_samples=-1", "an integer >= 0"),
     ("monitor_mode=mx", "min or max"),
     ("trainer.max_steps=0", "an integer >= 1, or -1"),
-    ("trainer.max_epochs=0", "an integer >= 1, or -1"),
+    ("trainer.max_epochs=-2", "0 (no training"),
     ("trainer.limit_train_batches=0", "0 would train nothing"),
     ("trainer.limit_val_batches=1.5", "a share in [0, 1]"),
     ("trainer.accumulate_grad_batches=0", "an integer >= 1"),

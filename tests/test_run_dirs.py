@@ -231,3 +231,39 @@ def test_a_refused_command_can_be_repeated_in_the_same_folder(trained, tmp_path,
     # a run that started is never overwritten
     assert main(["generate", f"run={trained}", "num_samples=2", f"hydra.run.dir={run_dir}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_a_run_dir_inside_an_existing_run_is_refused(trained, capsys):
+    before = tree_digest(trained)
+    for inside in ("samples", "checkpoints/new"):
+        code = main(["generate", f"run={trained}", "num_samples=2",
+                     f"hydra.run.dir={trained / inside}"])
+        assert code == 2 and "lies inside the run directory" in capsys.readouterr().err
+    assert tree_digest(trained) == before
+
+
+def test_export_out_is_checked_like_a_run_dir(trained, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, expected in ((trained / "samples" / "x", "lies inside the run directory"),
+                          (a_file, "is a file, not a folder"),
+                          ("/proc/genframe_cannot_exist", "/proc/genframe_cannot_exist")):
+        code = main(["export", f"run={trained}", f"out={out}", f"hydra.run.dir={tmp_path / 'e'}"])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err, err
+        assert len(err.strip().splitlines()) == 1 and "Error executing job" not in err, err
+    assert main(["export", f"run={trained}", "merge=maybe", f"hydra.run.dir={tmp_path / 'm'}"]) == 2
+    assert "merge: expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_diverged_message_names_the_checkpoint_really_kept(tmp_path):
+    from types import SimpleNamespace
+
+    from genframe.callbacks.finite_loss import _kept
+
+    none_yet = SimpleNamespace(checkpoint_callbacks=[SimpleNamespace(last_model_path="", best_model_path="")])
+    assert "No checkpoint had been written yet" in _kept(none_yet)
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    saved = SimpleNamespace(checkpoint_callbacks=[SimpleNamespace(last_model_path=str(ckpt), best_model_path="")])
+    assert f"The last good checkpoint is kept: {ckpt}" == _kept(saved)

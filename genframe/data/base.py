@@ -59,7 +59,9 @@ class GenerativeDataModule(pl.LightningDataModule):
 
         Only text data modules take one; they must accept it before ``setup``.
         """
-        raise UserError(f"data module {type(self).__name__} does not take a tokenizer")
+        provides = ", ".join(sorted(getattr(self, "provides", ()))) or "no text"
+        raise UserError(f"data module {type(self).__name__} provides {provides}, not text: a "
+                        "language model's run needs text data (data=text or data=chat)")
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0) -> None:
         super().__init__()

@@ -172,7 +172,8 @@ class ImageFolderDataModule(GenerativeDataModule):
         if self.labels == "true":
             if in_root:
                 raise UserError(
-                    f"data.labels=true, but {plural(len(in_root), 'image')} lie directly in data.root "
+                    f"data.labels=true, but {plural(len(in_root), 'image')} "
+                    f"{'lies' if len(in_root) == 1 else 'lie'} directly in data.root "
                     f"{self.root} (e.g. {in_root[0].name}); expected every image in a sub-folder "
                     "named after its class. Move them, or set data.labels=false."
                 )
@@ -431,7 +432,8 @@ def _labels_in(files: list[Path], folder: Path, key: str, index: dict[str, int],
     loose = [f for f, d in zip(files, folders) if not d]
     if loose:
         raise UserError(
-            f"{key}: {plural(len(loose), 'image')} lie directly in {folder} (e.g. {loose[0].name}), "
+            f"{key}: {plural(len(loose), 'image')} {'lies' if len(loose) == 1 else 'lie'} directly "
+            f"in {folder} (e.g. {loose[0].name}), "
             f"but data.root {root} is labelled by its sub-folders; expected every image in "
             f"a sub-folder named after its class ({_short_list(sorted(index))})")
     unknown = sorted({d for d in folders if d not in index})

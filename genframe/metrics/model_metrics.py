@@ -57,13 +57,13 @@ def check_metric_options(
         raise UserError(f"{key}.real={real!r}: expected one of {', '.join(real_choices)}."
                         f"{did_you_mean(str(real), real_choices)}")
     if timm_image_size is not None and not integer(timm_image_size, 8):
-        raise UserError(f"{key}.timm_image_size={timm_image_size!r}: expected an integer >= 8, or null")
+        raise UserError(f"{key}.timm_image_size={_shown(timm_image_size)}: expected an integer >= 8, or null")
     if extractor == "timm":
         if not timm_model or not isinstance(timm_model, str):
-            raise UserError(f"{key}.timm_model={timm_model!r}: {key}.extractor=timm needs a timm "
+            raise UserError(f"{key}.timm_model={_shown(timm_model)}: {key}.extractor=timm needs a timm "
                             "architecture name, e.g. resnet18")
         if not timm_weights:
-            raise UserError(f"{key}.timm_weights={timm_weights!r}: {key}.extractor=timm needs a "
+            raise UserError(f"{key}.timm_weights={_shown(timm_weights)}: {key}.extractor=timm needs a "
                             "local weights file (nothing is downloaded)")
         if not Path(str(timm_weights)).expanduser().is_file():
             raise UserError(f"{key}.timm_weights={timm_weights}: no such file; expected a local "
@@ -140,3 +140,8 @@ def model_image_metrics(model, metrics, num_samples: int, *, batch_size: int = 2
     finally:
         model.train(was_training)
     return metrics.of_samples(samples)
+
+
+def _shown(value) -> str:
+    """A config value as the user writes it on the command line (``null``, not ``None``)."""
+    return "null" if value is None else repr(value)

@@ -31,7 +31,9 @@ def _hydra_state() -> tuple[list[str], dict[str, Any], str | None]:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        return list(hc.overrides.task), dict(hc.runtime.choices), hc.job.config_name
+        # resolve=False: an override holding `${...}` is reported as typed, not resolved.
+        return (OmegaConf.to_container(hc.overrides.task, resolve=False), dict(hc.runtime.choices),
+                hc.job.config_name)
     except (ValueError, ImportError):  # not inside a Hydra run
         return [], {}, None
 
@@ -44,7 +46,8 @@ def origin(key: str) -> str:
     overrides, choices, task = _hydra_state()
     for o in overrides:
         if o.lstrip("+~").split("=", 1)[0] == key:
-            return f"the command line: {o}"
+            # `++` is how the CLI passes open keys (sampling.x, trainer.x): not typed.
+            return f"the command line: {o.removeprefix('++')}"
     experiment = choices.get("experiment")
     if experiment and _experiment_sets(str(experiment), key):
         return f"experiment/{experiment}.yaml"

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from genframe.errors import UserError
 from genframe.lora import ADAPTER_FILE, has_lora, merge_lora, save_adapter
-from genframe.runs import WEIGHTS, start_run, update_run
+from genframe.runs import WEIGHTS, run_dir_problem, start_run, update_run
 from genframe.tasks.common import source_record
 from genframe.weights import load_model, save_weights
 
@@ -30,6 +30,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         dict with ``run_dir`` (the folder), ``files`` (what was written), ``metrics`` ({}).
     """
+    from genframe.tasks.preflight import check_task_config
+
+    check_task_config(cfg, "export")
     model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"), cfg.get("adapter"))
     adapted = has_lora(model)
     if cfg.merge and not adapted:
@@ -38,6 +41,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             "to merge; export without merge=true (or from a `finetune=lora` run)"
         )
     out_dir = Path(cfg.out).expanduser().resolve() if cfg.get("out") else Path(cfg.paths.output_dir)
+    if cfg.get("out"):
+        problem = run_dir_problem(out_dir, "out")
+        if problem:
+            raise UserError(problem)
     if (out_dir / WEIGHTS).exists():
         raise UserError(f"out={out_dir}: already holds a {WEIGHTS}; choose an empty folder")
     source = source_record(run, weights)

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from genframe.config import check_kwargs
 from genframe.errors import UserError, did_you_mean, valid_list
 from genframe.hardware import check_hardware
 from genframe.tasks.build import origin, to_plain, with_origin
@@ -91,8 +92,9 @@ GENERATE: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 #: ``trainer.*`` values Lightning would refuse late, or accept and then do nothing with.
 TRAINER: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "max_epochs": (_optional(lambda v: _is_int(v) and (v == -1 or v >= 1)),
-                   "an integer >= 1, or -1 for no limit"),
+    "max_epochs": (_optional(lambda v: _is_int(v) and v >= -1),
+                   "an integer >= 1, 0 (no training: the untrained model is validated), "
+                   "or -1 for no limit"),
     "min_epochs": (_optional(_int_at_least(0)), "an integer >= 0, or null"),
     "max_steps": (lambda v: _is_int(v) and (v == -1 or v >= 1), "an integer >= 1, or -1 for no limit"),
     "min_steps": (_optional(_int_at_least(0)), "an integer >= 0, or null"),
@@ -178,12 +180,18 @@ def check_task_config(cfg: DictConfig, task: str) -> None:
         task: the task's name (``train``, ``finetune``, ``evaluate``, ...).
     """
     plain = {k: to_plain(cfg.get(k)) for k in cfg if k not in ("data", "model", "hydra")}
+    if task == "export" and "merge" in plain:
+        _check_rules(plain, {"merge": (lambda v: isinstance(v, bool), "true or false")}, "")
     if task == "generate":
         _check_rules(plain, GENERATE, "")
         plain = {k: v for k, v in plain.items() if k not in GENERATE}
     _check_rules(plain, TOP_LEVEL, "")
     trainer = plain.get("trainer")
     if isinstance(trainer, Mapping):
+        import pytorch_lightning as pl
+
+        # Any Trainer argument may be given (trainer.strategy=ddp_spawn); a typo is refused.
+        check_kwargs(pl.Trainer, trainer, where="trainer", source=lambda key: origin(f"trainer.{key}"))
         check_trainer_values(trainer)
         check_hardware(trainer, source=lambda key: origin(f"trainer.{key}"))
     if isinstance(plain.get("finetune"), Mapping):
@@ -202,7 +210,9 @@ def check_trainer_values(trainer: Mapping[str, Any]) -> None:
                       did_you_mean(str(trainer["precision"]), shown))
     for low, high in (("min_epochs", "max_epochs"), ("min_steps", "max_steps")):
         lo, hi = trainer.get(low), trainer.get(high)
-        if _is_int(lo) and _is_int(hi) and hi != -1 and lo > hi:
+        # max_epochs=0 validates the untrained model whatever min_epochs says (Lightning
+        # stops at the maximum first).
+        if _is_int(lo) and _is_int(hi) and hi > 0 and lo > hi:
             raise UserError(
                 f"trainer.{low}={lo} is more than trainer.{high}={hi} (set in "
                 f"{origin(f'trainer.{low}')} and {origin(f'trainer.{high}')}); expected "

@@ -117,7 +117,7 @@ def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resum
     stored = _migrated(run.config)
     if overrides is None:
         try:
-            overrides = list(HydraConfig.get().overrides.task)
+            overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
         except ValueError:  # not inside a Hydra run
             overrides = []
     overrides = [o for o in overrides if not o.startswith("resume=")]
