@@ -113,7 +113,10 @@ def _unknown_key(cause, overrides: list[str], task: str) -> str:
     value = _value(given)
     origin = f" (command line: {given})" if given else ""
     where = f"'{node}'" if node else "the top level"
-    if given is not None and key in valid and override_key(given) != key:
+    if task == "finetune" and full_key.startswith("model."):
+        hint = (f" finetune keeps the run's model; change a hyperparameter with "
+                f"finetune.hparams.{full_key.removeprefix('model.')}={value}.")
+    elif given is not None and key in valid and override_key(given) != key:
         hint = _did_you_mean([f"{key}={value}"])  # sampling.temperature -> temperature
     else:
         hint = _where_it_lives(key, node, value, valid, root, task) or _other_task_hint(key, task)

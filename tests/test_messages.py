@@ -268,3 +268,8 @@ def test_a_language_model_on_image_data_names_the_fitting_data():
 
     with pytest.raises(UserError, match=r"provides image, label, not text.*data=text or data=chat"):
         DigitsDataModule().use_tokenizer(object())
+
+
+def test_finetune_points_model_keys_to_its_hparams(fail):
+    message = fail("finetune", "run=/nowhere", "model.latent_dim=8")
+    assert "change a hyperparameter with finetune.hparams.latent_dim=8" in message, message
