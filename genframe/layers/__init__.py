@@ -1,6 +1,14 @@
 """Building blocks shared by genframe's models. Never imports a plugin."""
 
-from genframe.layers.attention import SelfAttention2d, timestep_embedding
+from genframe.layers.attention import (
+    CrossAttention,
+    FeedForward,
+    SelfAttention2d,
+    SpatialTransformer,
+    TransformerBlock,
+    multihead_attention,
+    timestep_embedding,
+)
 from genframe.layers.conv import (
     ConvDecoder,
     ConvEncoder,
@@ -16,13 +24,18 @@ from genframe.layers.conv import (
 __all__ = [
     "ConvDecoder",
     "ConvEncoder",
+    "CrossAttention",
     "Downsample",
+    "FeedForward",
     "ResBlock",
     "SelfAttention2d",
+    "SpatialTransformer",
+    "TransformerBlock",
     "Upsample",
     "as_size2d",
     "downsampled_sizes",
     "group_norm",
+    "multihead_attention",
     "norm_groups",
     "timestep_embedding",
 ]
