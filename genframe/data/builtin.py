@@ -11,5 +11,7 @@ def genframe_register_data(register):
              description="your images from a folder tree (sub-folders become labels)")
     register("text", "genframe.data.text:TextDataModule",
              description="text for language models: pydoc prose (offline), files or JSONL")
+    register("shapes", "genframe.data.shapes:ShapesDataModule",
+             description="captioned shapes genframe draws (offline); test = held-out pairs")
     register("chat", "genframe.data.chat:ChatDataModule",
              description="chat conversations from JSONL; the loss covers the assistant's turns")
