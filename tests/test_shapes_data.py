@@ -139,6 +139,8 @@ def test_split_sizes_are_logged(caplog):
 @pytest.mark.parametrize("kwargs, match", [
     ({"image_size": 16}, r"image_size must be an integer >= 24.*got 16"),
     ({"channels": 1}, r"data.channels is 3 for shapes"),
+    ({"num_classes": 10}, r"data.num_classes is 0 for shapes .*got 10"),
+    ({"num_levels": 1}, r"data.num_levels must be an integer between 2 and 256, got 1"),
     ({"held_out": 5}, r"data.held_out must be an integer between 0 and 4.*got 5"),
     ({"held_out": -1}, r"data.held_out must be an integer between 0 and 4"),
     ({"per_combination": 0}, r"data.per_combination must be an integer >= 1, got 0"),

@@ -199,6 +199,10 @@ class ShapesDataModule(GenerativeDataModule):
         channels: always 3 (RGB; kept in the config so models can read it).
         per_combination: images drawn of each attribute combination.
         jitter: largest shift in pixels of a shape from its position's centre.
+        num_classes: always 0: shapes carry captions, not labels (kept in the config so
+            that image models read it and train unconditionally).
+        num_levels: levels per channel (256, as for 8-bit images; the drawn values are 0
+            and 1 only), for models that score a grid of levels.
         num_workers: DataLoader worker processes.
 
     After ``setup``, ``held_out_pairs`` lists the test split's pairs and ``attributes``
@@ -217,6 +221,8 @@ class ShapesDataModule(GenerativeDataModule):
         channels: int = 3,
         per_combination: int = 16,
         jitter: int = 1,
+        num_classes: int = 0,
+        num_levels: int = 256,
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
@@ -231,6 +237,10 @@ class ShapesDataModule(GenerativeDataModule):
 
         if channels != 3:
             raise UserError(f"data.channels is 3 for shapes (RGB), got {channels!r}")
+        if num_classes != 0:
+            raise UserError(f"data.num_classes is 0 for shapes (they carry captions, not "
+                            f"labels), got {num_classes!r}")
+        integer("num_levels", num_levels, 2, 256)
         integer("held_out", held_out, 0, MAX_HELD_OUT,
                 " (colour x shape pairs for the test split; each colour and shape must "
                 "keep two partners in training)")
@@ -245,6 +255,8 @@ class ShapesDataModule(GenerativeDataModule):
         self.channels = channels
         self.per_combination = per_combination
         self.jitter = jitter
+        self.num_classes = num_classes
+        self.num_levels = num_levels
         self.held_out_pairs: list[tuple[str, str]] = []
         self.attributes: dict[str, list[dict[str, str]]] = {}
 
