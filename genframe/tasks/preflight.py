@@ -191,7 +191,9 @@ def check_task_config(cfg: DictConfig, task: str) -> None:
         import pytorch_lightning as pl
 
         # Any Trainer argument may be given (trainer.strategy=ddp_spawn); a typo is refused.
-        check_kwargs(pl.Trainer, trainer, where="trainer", source=lambda key: origin(f"trainer.{key}"))
+        # precision may be genframe's `auto` (resolved per machine and model later).
+        check_kwargs(pl.Trainer, {k: v for k, v in trainer.items() if k != "precision"},
+                     where="trainer", source=lambda key: origin(f"trainer.{key}"))
         check_trainer_values(trainer)
         check_hardware(trainer, source=lambda key: origin(f"trainer.{key}"))
     if isinstance(plain.get("finetune"), Mapping):
