@@ -113,6 +113,11 @@ def _unknown_key(cause, overrides: list[str], task: str) -> str:
     value = _value(given)
     origin = f" (command line: {given})" if given else ""
     where = f"'{node}'" if node else "the top level"
+    if node and not valid and given is not None:
+        # A null mapping (chat's chat_template): its keys are added, or it is given whole.
+        return (f"{full_key}: {node} is null, so it has no keys to set (command line: {given}). "
+                f"Add them with +{full_key}={value} (one '+' per key), or give {node} whole: "
+                f"'{node}={{{key}: {value}}}'")
     if task == "finetune" and full_key.startswith("model."):
         hint = (f" finetune keeps the run's model; change a hyperparameter with "
                 f"finetune.hparams.{full_key.removeprefix('model.')}={value}.")

@@ -273,3 +273,9 @@ def test_a_language_model_on_image_data_names_the_fitting_data():
 def test_finetune_points_model_keys_to_its_hparams(fail):
     message = fail("finetune", "run=/nowhere", "model.latent_dim=8")
     assert "change a hyperparameter with finetune.hparams.latent_dim=8" in message, message
+
+
+def test_a_key_under_a_null_mapping_says_how_to_set_it(fail):
+    message = fail("chat", "run=/nowhere", "chat_template.user=x")
+    assert "chat_template is null" in message and "+chat_template.user=x" in message, message
+    assert "'chat_template={user: x}'" in message, message
