@@ -79,11 +79,16 @@ class DDIMSampler(Sampler):
         generator: torch.Generator,
         device: torch.device | str,
         clip_x0: bool = True,
+        start: int = 0,
+        x_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_prediction(prediction)
         ts = self.timesteps(schedule)
         ab = schedule.alphas_cumprod  # float64, (T,)
-        x = self.initial_noise(shape, generator, device)  # x_T: (B, C, H, W)
+        # x_T, or the given x_t at ts[start] (image-to-image): (B, C, H, W)
+        x = self.starting_point(ts, shape, start=start, x_start=x_start,
+                                generator=generator, device=device)
+        ts = ts[start:]
         batch = shape[0]
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1

@@ -44,11 +44,16 @@ class DDPMSampler(Sampler):
         generator: torch.Generator,
         device: torch.device | str,
         clip_x0: bool = True,
+        start: int = 0,
+        x_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_prediction(prediction)
-        x = self.initial_noise(shape, generator, device)  # x_T: (B, C, H, W)
+        ts = self.timesteps(schedule)
+        # x_T, or the given x_t at ts[start] (image-to-image): (B, C, H, W)
+        x = self.starting_point(ts, shape, start=start, x_start=x_start,
+                                generator=generator, device=device)
         batch = shape[0]
-        for t in self.timesteps(schedule):
+        for t in ts[start:]:
             t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
             out = denoise(x, t_batch).float()
             x0 = schedule.predict_x0(x, t_batch, out, prediction)

@@ -36,6 +36,7 @@ from genframe.samples import Samples
 from .unet import UNet, level_sides
 
 MAX_GUIDANCE = 50.0
+DEFAULT_STRENGTH = 0.8  # image-to-image without a strength: diffusers' img2img default
 
 
 class Diffusion(GenerativeModule):
@@ -342,8 +343,19 @@ class Diffusion(GenerativeModule):
         sampler: Sampler | None = None,
         guidance: float | None = None,
         clip_x0: bool = True,
+        init_image: torch.Tensor | None = None,
+        strength: float | None = None,
     ) -> Samples:
-        """Sample `num_samples` images by running the reverse process from noise.
+        """Sample `num_samples` images by running the reverse process from noise, or from
+        a user's image (image-to-image).
+
+        Image-to-image is SDEdit (Meng et al. 2021, "SDEdit: Guided Image Synthesis and
+        Editing with Stochastic Differential Equations", https://arxiv.org/abs/2108.01073):
+        the init image x_0 is noised with the schedule's q(x_t | x_0) to the sampler's step
+        picked by `strength` (`Sampler.start_for_strength`: round(strength * steps) of the
+        sampler's steps run), and the reverse process runs from there. Small strengths keep
+        the image's layout and colours; strength 1 ignores the image and is plain sampling
+        (the same seed gives the same samples).
 
         Args:
             num_samples: how many images.
@@ -356,6 +368,16 @@ class Diffusion(GenerativeModule):
             guidance: classifier-free guidance scale in [0, 50] for a conditional model
                 (None: the model's ``guidance``); refused for an unconditional one.
             clip_x0: clip the predicted clean image to [-1, 1] at every step.
+            init_image: the starting image(s), float in [0, 1], (N, C, H, W) or one image
+                (C, H, W) / (1, C, H, W) used for every sample; C and H = W must be the
+                model's ``in_channels`` and ``image_size`` (no resizing here: the caller
+                resizes, e.g. with Pillow when reading a file). None: from pure noise.
+            strength: in (0, 1], how much of the reverse process runs from `init_image`
+                (needs it, unless 1); None with an image: 0.8 (diffusers' default).
+
+        Raises:
+            UserError: a bad `sampler` or `guidance`; `strength` outside (0, 1] or given
+                without `init_image`; an `init_image` of another shape or outside [0, 1].
         """
         if sampler is None:
             sampler = self.default_sampler()
@@ -368,10 +390,23 @@ class Diffusion(GenerativeModule):
         w = self._guidance(guidance)
         sampler.num_model_calls(self.schedule)  # checks the sampler fits T before any work
         shape = (num_samples, self.in_channels, self.image_size, self.image_size)
+        start, x_start = 0, None
+        if strength is not None:
+            start = sampler.start_for_strength(self.schedule, strength)  # checks (0, 1]
+            if init_image is None and strength != 1:
+                raise UserError(
+                    f"strength={strength!r} needs init_image (the image to start from); "
+                    "without one sampling starts from pure noise"
+                )
+        if init_image is not None:
+            strength = DEFAULT_STRENGTH if strength is None else strength
+            start = sampler.start_for_strength(self.schedule, strength)
+            x0 = self._init_image(init_image, num_samples) * 2 - 1  # (N, C, H, W) in [-1, 1]
+            x_start = sampler.noise_to_start(x0, self.schedule, start, generator=generator)
         x = sampler.sample(
             self.denoiser(labels, w), self.schedule, shape,
             prediction=self.prediction, generator=generator, device=self.device,
-            clip_x0=bool(clip_x0),
+            clip_x0=bool(clip_x0), start=start, x_start=x_start,
         )  # (N, C, H, W) in [-1, 1]
         images = ((x.float() + 1) / 2).clamp(0, 1)
         metadata = {
@@ -380,7 +415,33 @@ class Diffusion(GenerativeModule):
             "ema": self.ema_unet is not None,
             "clip_x0": bool(clip_x0),
         }
+        if init_image is not None:
+            metadata["strength"] = float(strength)
+            metadata["start_timestep"] = sampler.timesteps(self.schedule)[start]
         return Samples(images=images, conditions=conditions, metadata=metadata)
+
+    def _init_image(self, image: Any, num_samples: int) -> torch.Tensor:
+        """`init_image` checked and shaped (N, C, H, W), float32 on the model's device."""
+        C, S = self.in_channels, self.image_size
+        expected = f"({num_samples}, {C}, {S}, {S}) or one image ({C}, {S}, {S}), values in [0, 1]"
+        if not isinstance(image, torch.Tensor):
+            raise UserError(f"init_image: expected a tensor shaped {expected}, got "
+                            f"{type(image).__name__}")
+        shape = tuple(image.shape)
+        if image.dim() == 3:
+            image = image.unsqueeze(0)
+        if image.dim() != 4 or tuple(image.shape[1:]) != (C, S, S) or image.shape[0] not in (
+            1, num_samples
+        ):
+            raise UserError(f"init_image: expected shape {expected} (this model's in_channels "
+                            f"and image_size), got {shape}")
+        image = image.to(device=self.device, dtype=torch.float32)
+        if not bool(torch.isfinite(image).all()) or image.min() < 0 or image.max() > 1:
+            raise UserError(
+                f"init_image: expected values in [0, 1], got [{float(image.min()):.3g}, "
+                f"{float(image.max()):.3g}] (images scaled to [-1, 1]? pass (x + 1) / 2)"
+            )
+        return image.expand(num_samples, C, S, S)
 
 
 def _validate(args: dict[str, Any]) -> None:
