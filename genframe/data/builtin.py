@@ -9,6 +9,8 @@ def genframe_register_data(register):
              description="scikit-learn's 1,797 handwritten 8x8 digits with labels (offline)")
     register("image_folder", "genframe.data.image_folder:ImageFolderDataModule",
              description="your images from a folder tree (sub-folders become labels)")
+    register("captioned_folder", "genframe.data.captioned_folder:CaptionedFolderDataModule",
+             description="your image + caption pairs: captions.jsonl or a .txt per image")
     register("text", "genframe.data.text:TextDataModule",
              description="text for language models: pydoc prose (offline), files or JSONL")
     register("shapes", "genframe.data.shapes:ShapesDataModule",
