@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from genframe.errors import closest, did_you_mean, valid_list
+from genframe.errors import GenframeError, closest, did_you_mean, valid_list
 
 # Keys of a task's config that hold new entries when given a `_target_` (``+callbacks.x``).
 _TARGET_GROUPS = {"callbacks": "callback", "logger": "logger"}
@@ -282,7 +282,7 @@ def _sampling_options() -> dict[str, list[str]]:
         from genframe.plugins import get_registry
 
         models = get_registry().models
-    except Exception:  # plugins failed to load: that error is reported elsewhere
+    except GenframeError:  # plugins failed to load: that error is reported elsewhere
         return {}
     found: dict[str, list[str]] = {}
     seen = set()
@@ -358,8 +358,8 @@ def _group_choices(group: str) -> dict[str, Any]:
         from genframe.plugins import get_registry
 
         roots += [Path(r) for _, r in get_registry().config_dirs]
-    except Exception:
-        pass
+    except GenframeError:  # the plugins' own error is reported by the command itself
+        roots = roots[:1]
     found = {}
     for root in roots:
         folder = Path(root) / group

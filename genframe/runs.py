@@ -220,7 +220,6 @@ def fresh_run_dir(base: str) -> str:
             ) from exc
         _CLAIMED[base] = str(candidate)
         return str(candidate)
-    raise AssertionError("unreachable")
 
 
 def register_run_dir_resolver() -> None:

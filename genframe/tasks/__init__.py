@@ -9,6 +9,7 @@ sweeper optimises. This module imports nothing heavy: the CLI reads the table at
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Any
@@ -100,29 +101,26 @@ class Terminated(BaseException):
     """SIGTERM arrived (a cluster pre-empting the job, ``kill``): stop like Ctrl-C."""
 
 
+@contextlib.contextmanager
 def _sigterm_as_interrupt():
     """While a task runs, SIGTERM raises `Terminated` (Lightning installs its own handler
-    during ``fit`` and turns it into ``SIGTERMException``)."""
-    import contextlib
+    during ``fit`` and turns it into ``SIGTERMException``). Signal handlers can only be
+    set from the main thread; elsewhere SIGTERM keeps its handler."""
     import signal
     import threading
 
-    @contextlib.contextmanager
-    def handler():
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-        def raise_terminated(signum, frame):
-            raise Terminated()
+    def raise_terminated(signum, frame):
+        raise Terminated()
 
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    return handler()
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop_signal(exc: BaseException) -> str | None:
