@@ -156,6 +156,9 @@ def _inject(model: nn.Module, config: dict[str, Any]) -> None:
     spec = getattr(model, "model_spec", None)
     if spec is not None:
         spec.lora = dict(model.genframe_lora)
+    hook = getattr(model, "on_lora_applied", None)
+    if callable(hook):
+        hook()
 
 
 def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

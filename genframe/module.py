@@ -48,6 +48,8 @@ class GenerativeModule(pl.LightningModule):
         renamed_arguments: old constructor-argument name -> new name, so that runs saved
             before a rename still load (``{"channels": "block_out_channels"}``).
         added_arguments: arguments added later -> their value in runs saved before.
+        lora_target_modules: module-name patterns LoRA adapts by default
+            (``finetune=lora`` with ``finetune.lora.target_modules=null``).
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"image"})
@@ -58,6 +60,13 @@ class GenerativeModule(pl.LightningModule):
     #: Constructor arguments added in a later version -> the value that reproduces the
     #: behaviour before they existed; a saved run without them is rebuilt with these.
     added_arguments: ClassVar[dict[str, Any]] = {}
+    #: Module-name patterns `finetune=lora` adapts when ``finetune.lora.target_modules``
+    #: is null (None: the user must name them).
+    lora_target_modules: ClassVar[tuple[str, ...] | None] = None
+    #: Constructor arguments the model resolved itself, recorded in its spec in place of
+    #: the values given: a part borrowed from another run records that part's
+    #: description, so the model rebuilds without that run.
+    resolved_arguments: dict[str, Any] = {}
     #: Set by genframe when it builds the model (`genframe.weights.build_model`).
     model_spec: ModelSpec | None = None
     tokenizer: Any = None
@@ -195,6 +204,11 @@ class GenerativeModule(pl.LightningModule):
         self.tokenizer = tokenizer
         if self.model_spec is not None:
             self.model_spec.tokenizer = json.loads(tokenizer.to_json())
+
+    def on_lora_applied(self) -> None:
+        """Called by `genframe.lora.apply_lora` right after it added LoRA adapters (and
+        froze the rest). Override to keep other copies of the network in step with the
+        adapted one -- a diffusion model's EMA copy gets the same adapters."""
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The default optimiser: AdamW (Loshchilov & Hutter 2019) over the trainable

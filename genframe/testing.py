@@ -78,7 +78,8 @@ def check_model_contract(model: str | type, *, tiny: dict[str, Any] | None = Non
     assert set(m.needs) <= set(batch), f"{name}: example_batch lacks needed keys {set(m.needs) - set(batch)}"
 
     _check_training_step(m, batch, name)
-    _check_lightning_loop(build_tiny(model, tiny), batch, name, tmp_path)
+    fresh = build_tiny(model, tiny)  # its own example batch: it may set up a tokenizer
+    _check_lightning_loop(fresh, fresh.example_batch(batch_size), name, tmp_path)
     samples = _check_generate(m, name, num_samples)
     _check_round_trip(m, samples, name, tmp_path, num_samples)
 

@@ -65,7 +65,8 @@ def instantiate_model(name: str, kwargs: Mapping[str, Any], *, where: str = "mod
     # Every constructor argument, defaults included, so a saved spec rebuilds this model
     # even after a default changes.
     hparams = dict(getattr(model, "hparams", {}) or {})
-    model.model_spec = ModelSpec(name=name, kwargs={**hparams, **kwargs})
+    resolved = dict(getattr(model, "resolved_arguments", None) or {})
+    model.model_spec = ModelSpec(name=name, kwargs={**hparams, **kwargs, **resolved})
     return model
 
 

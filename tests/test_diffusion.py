@@ -373,14 +373,3 @@ def test_default_diffusion_draws_the_requested_digits(compose_task):
         predicted = svc.predict((s.images.flatten(1) * 16).numpy())
         accuracy = float((predicted == np.array(requested)).mean())
         assert accuracy >= bar, (guidance, accuracy)
-
-
-def test_lora_on_the_online_unet_only_is_refused_clearly():
-    from genframe.errors import UserError
-    from genframe.lora import apply_lora
-    from genframe.testing import build_tiny
-
-    model = build_tiny("diffusion")
-    apply_lora(model, r=2, alpha=2, target_modules=["unet.*"])
-    with pytest.raises(UserError, match="not supported yet"):
-        model.update_ema(step=10)

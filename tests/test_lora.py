@@ -305,10 +305,15 @@ def test_export_refuses_merge_without_adapters(trained, compose_task, tmp_path):
 
 
 def test_cli_reports_a_pattern_that_matches_nothing(trained, cli):
-    res = cli("finetune", f"run={trained['run_dir']}", "finetune=lora", *NOT_MODEL)
+    res = cli("finetune", f"run={trained['run_dir']}", "finetune=lora",
+              "finetune.lora.target_modules=[*.attn.*]", *NOT_MODEL)
     assert res.returncode == 2, res.stderr
     assert "finetune.lora.target_modules: pattern '*.attn.*' matches no module" in res.stderr
     assert "to_posterior" in res.stderr and "Traceback" not in res.stderr
+    # The VAE names no default layers: the message lists those it could adapt.
+    res = cli("finetune", f"run={trained['run_dir']}", "finetune=lora", *NOT_MODEL)
+    assert res.returncode == 2 and "names no default layers" in res.stderr, res.stderr
+    assert "to_posterior" in res.stderr
 
 
 def test_finetune_group_choices(cli):
@@ -326,9 +331,12 @@ def _transformer():
 
 
 def _default_targets() -> list[str]:
+    """finetune=lora leaves target_modules null: the model's own default applies."""
     from genframe.config import compose
+    from genframe_plugins.transformer.model import Transformer
 
-    return list(compose("finetune", ["finetune=lora"]).finetune.lora.target_modules)
+    assert compose("finetune", ["finetune=lora"]).finetune.lora.target_modules is None
+    return list(Transformer.lora_target_modules)
 
 
 def test_default_targets_are_the_transformers_attention_and_mlp_layers():

@@ -1,9 +1,13 @@
 """Lightning callbacks of genframe: the ones every run gets and the ones configs choose
 (``conf/callbacks/*.yaml`` name them as ``genframe.callbacks.<Class>``)."""
 
+from genframe.callbacks.alignment import PromptAlignment
 from genframe.callbacks.finite_loss import FiniteLossGuard
 from genframe.callbacks.progress import ProgressLine, SplitProgressBar
 from genframe.callbacks.sample_grid import SampleGrid
 from genframe.callbacks.sample_quality import SampleQuality
 
-__all__ = ["FiniteLossGuard", "ProgressLine", "SampleGrid", "SampleQuality", "SplitProgressBar"]
+__all__ = [
+    "FiniteLossGuard", "ProgressLine", "PromptAlignment", "SampleGrid", "SampleQuality",
+    "SplitProgressBar",
+]

@@ -46,7 +46,10 @@ class SampleGrid(pl.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         # generate() runs on every rank (a model may sync inside it); only rank zero writes.
-        samples = pl_module.generate(self.num_samples, seed=self.seed)
+        from genframe.data.base import caption_condition
+
+        condition = caption_condition(pl_module, trainer.datamodule, self.num_samples)
+        samples = pl_module.generate(self.num_samples, condition=condition, seed=self.seed)
         samples.metadata = {**samples.metadata, "epoch": trainer.current_epoch}
         self._write(trainer, samples)
 

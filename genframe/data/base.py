@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from genframe.errors import UserError
+from genframe.errors import UserError, valid_list
 
 log = logging.getLogger("genframe")
 
@@ -35,6 +35,46 @@ class DictDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {k: v[i] for k, v in self.columns.items()}
+
+
+class CaptionTokenizer:
+    """For image + caption data modules: the tokenizer a text-to-image model reads the
+    captions with.
+
+    `fit_caption_tokenizer` (called in ``setup``) trains one of kind ``tokenizer_kind``
+    (``"char"`` or ``"bpe"``, as for text data) on the training split's captions, unless
+    the model brought its own (`use_tokenizer`, when fine-tuning or evaluating); either
+    way ``vocab_size`` is its size afterwards.
+    """
+
+    tokenizer: Any = None
+    tokenizer_kind: str = "char"
+    vocab_size: int | None = None
+    #: Token budget of a BPE tokenizer trained on the captions.
+    bpe_vocab_size: int = 512
+
+    def check_tokenizer_kind(self, kind: str) -> None:
+        from genframe.text.tokenize import TOKENIZERS
+
+        if kind not in TOKENIZERS:
+            raise UserError(f"data.tokenizer={kind!r}: expected one of {valid_list(TOKENIZERS)} "
+                            "(the captions' tokenizer for text-to-image models)")
+        self.tokenizer_kind = kind
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Read captions with `tokenizer` (the model's) instead of training one."""
+        if getattr(self, "train_set", None) is not None:
+            raise RuntimeError("use_tokenizer() must come before setup()")
+        self.tokenizer = tokenizer
+        self.tokenizer_kind = tokenizer.kind
+
+    def fit_caption_tokenizer(self, captions: list[str]) -> None:
+        """Train the tokenizer on the training captions (unless one was given)."""
+        from genframe.text.tokenize import build_tokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = build_tokenizer(self.tokenizer_kind, captions, self.bpe_vocab_size)
+        self.vocab_size = self.tokenizer.vocab_size
 
 
 class GenerativeDataModule(pl.LightningDataModule):
@@ -215,3 +255,17 @@ def split_indices(n: int, val_fraction: float | None, test_fraction: float | Non
     n_train, n_val, n_test = split_counts(n, val_fraction, test_fraction, what=what, where=where)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_test + n_val:], perm[n_test:n_test + n_val], perm[:n_test]
+
+
+def caption_condition(model: Any, data: Any, num_samples: int, split: str = "val") -> dict[str, Any] | None:
+    """``{"prompt": [...]}`` of `num_samples` captions of `split` (cycled) for a model that
+    makes images from prompts and data with captions -- what a text-to-image model's
+    sample grids show during and after training -- or None for other models and data."""
+    if ("prompt" not in getattr(model, "condition_keys", ()) or "image" not in getattr(model, "needs", ())
+            or "caption" not in getattr(data, "provides", ())):
+        return None
+    dataset = data.dataset(split)
+    count = min(len(dataset), num_samples)
+    captions = [str(dataset[i]["caption"]) for i in range(count)]
+    return {"prompt": [captions[i % count] for i in range(num_samples)]} if count else None
+

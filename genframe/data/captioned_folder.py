@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from genframe.data.base import SPLITS, split_counts, split_indices
+from genframe.data.base import SPLITS, CaptionTokenizer, split_counts, split_indices
 from genframe.data.image_folder import ImageFolderDataModule
 from genframe.errors import UserError, plural
 from genframe.text.sources import jsonl_records, read_text
@@ -46,7 +46,7 @@ class _CaptionedImages(Dataset):
         return {"image": self.images[i].float() / self.half - 1.0, "caption": self.captions[i]}
 
 
-class CaptionedFolderDataModule(ImageFolderDataModule):
+class CaptionedFolderDataModule(CaptionTokenizer, ImageFolderDataModule):
     """Images from a folder tree with a caption each, for text-to-image models.
 
     Images are found, decoded, resized and centre-cropped exactly as ``data=image_folder``
@@ -76,6 +76,8 @@ class CaptionedFolderDataModule(ImageFolderDataModule):
         test_fraction: share held out for testing; 0 turns the test split off.
         seed: seed of the split.
         num_workers: DataLoader worker processes.
+        tokenizer: the captions' tokenizer for text-to-image models, ``"char"`` or
+            ``"bpe"``, trained on the training captions (`CaptionTokenizer`).
     """
 
     def __init__(
@@ -91,7 +93,9 @@ class CaptionedFolderDataModule(ImageFolderDataModule):
         test_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        tokenizer: str = "char",
     ) -> None:
+        self.check_tokenizer_kind(tokenizer)
         if captions not in CAPTION_SOURCES:
             raise UserError(f"data.captions must be one of {', '.join(CAPTION_SOURCES)}, "
                             f"got {captions!r}")
@@ -210,9 +214,11 @@ class CaptionedFolderDataModule(ImageFolderDataModule):
                             what="readable captioned images", where=f"data.root {self.root}")
         for split, split_idx in zip(SPLITS, idx):
             if len(split_idx):
+                split_captions = [captions[i] for i in split_idx.tolist()]
                 setattr(self, f"{split}_set", _CaptionedImages(
-                    images[split_idx], [captions[i] for i in split_idx.tolist()],
-                    self.num_levels))
+                    images[split_idx], split_captions, self.num_levels))
+                if split == "train":
+                    self.fit_caption_tokenizer(split_captions)
         self.summarize_splits("captioned images", detail=f"seed {self.seed}")
         log.info("captioned_folder: decoded %d images at %dx%d in %.1f s", len(keep),
                  self.image_size, self.image_size, time.perf_counter() - start)

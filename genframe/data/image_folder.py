@@ -290,7 +290,7 @@ class ImageFolderDataModule(GenerativeDataModule):
     def _load(self, path: Path) -> tuple[np.ndarray | None, str]:
         """One file as an (H, W, C) uint8 array, or (None, why it could not be read)."""
         try:
-            return _decode(path, self.image_size, "L" if self.channels == 1 else "RGB"), ""
+            return decode_image(path, self.image_size, "L" if self.channels == 1 else "RGB"), ""
         except Exception as exc:  # noqa: BLE001
             # Pillow's decoders raise a zoo of types for bad bytes (UnidentifiedImageError,
             # OSError for truncated files, SyntaxError, ValueError, EOFError, struct.error,
@@ -299,7 +299,14 @@ class ImageFolderDataModule(GenerativeDataModule):
             return None, _reason(exc, path)
 
 
-def _decode(path: Path, size: int, mode: str) -> np.ndarray:
+def decode_image(path: Path, size: int, mode: str) -> np.ndarray:
+    """One image file as a (size, size, C) uint8 array, C = 1 for `mode` "L", 3 for "RGB".
+
+    Decoded with Pillow: EXIF rotation applied, 16-bit and float images scaled to 8 bits,
+    transparency composited onto white, converted to `mode`, the centre cropped to a
+    square and resized to `size` (Lanczos). Pillow's errors pass through (bad bytes raise
+    one of several types; callers catch them).
+    """
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:

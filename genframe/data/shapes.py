@@ -20,7 +20,13 @@ from collections.abc import Mapping
 
 import torch
 
-from genframe.data.base import DictDataset, GenerativeDataModule, check_fractions, split_indices
+from genframe.data.base import (
+    CaptionTokenizer,
+    DictDataset,
+    GenerativeDataModule,
+    check_fractions,
+    split_indices,
+)
 from genframe.errors import UserError, did_you_mean, valid_list
 
 __all__ = [
@@ -179,7 +185,7 @@ def held_out_pairs(count: int, seed: int) -> list[tuple[str, str]]:
 MAX_HELD_OUT = len(COLOURS)
 
 
-class ShapesDataModule(GenerativeDataModule):
+class ShapesDataModule(CaptionTokenizer, GenerativeDataModule):
     """Captioned shapes, drawn deterministically: images in [-1, 1] and their captions.
 
     Every combination of shape (3), colour (4), size (2) and position (5) -- 120 in all --
@@ -204,6 +210,8 @@ class ShapesDataModule(GenerativeDataModule):
         num_levels: levels per channel (256, as for 8-bit images; the drawn values are 0
             and 1 only), for models that score a grid of levels.
         num_workers: DataLoader worker processes.
+        tokenizer: the captions' tokenizer for text-to-image models, ``"char"`` or
+            ``"bpe"``, trained on the training captions (`CaptionTokenizer`).
 
     After ``setup``, ``held_out_pairs`` lists the test split's pairs and ``attributes``
     maps each split to its items' attribute dicts (in the order of the dataset).
@@ -224,9 +232,11 @@ class ShapesDataModule(GenerativeDataModule):
         num_classes: int = 0,
         num_levels: int = 256,
         num_workers: int = 0,
+        tokenizer: str = "char",
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         check_fractions(val_fraction, None)
+        self.check_tokenizer_kind(tokenizer)
         _check_image_size(image_size, "data.image_size")
 
         def integer(key: str, value, low: int, high: int | None, why: str = "") -> None:
@@ -287,6 +297,8 @@ class ShapesDataModule(GenerativeDataModule):
             setattr(self, f"{split}_set", DictDataset(
                 {"image": images[idx], "caption": [captions[i] for i in idx]}))
             self.attributes[split] = [items[i] for i in idx]
+            if split == "train":
+                self.fit_caption_tokenizer([captions[i] for i in idx])
         if unseen:
             images, captions, items = self._draw(unseen, gen)
             self.test_set = DictDataset({"image": images, "caption": captions})

@@ -246,7 +246,9 @@ class TransformerBlock(nn.Module):
     x + attn(ln(x)); x + cross_attn(ln(x), context); x + ff(ln(x)) — Stable Diffusion's
     `BasicTransformerBlock` (Rombach et al. 2022). The cross-attention step is skipped
     when `context` is None (or when the block has no `context_dim`).
-    (B, N, dim), context (B, T, context_dim), mask (B, T) -> (B, N, dim).
+    (B, N, dim), context (B, T, context_dim), mask (B, T) -> (B, N, dim). `x_mask` (B, N)
+    bool, True = a real token, keeps the self-attention off padded positions of `x` (a
+    text encoder over padded captions).
 
     Args:
         dim: token width.
@@ -281,8 +283,9 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        x_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, N, dim)
+        x = x + self.attn1(self.norm1(x), mask=x_mask)  # (B, N, dim)
         if context is not None:
             if self.attn2 is None:
                 raise ValueError("context given to a TransformerBlock built without context_dim")

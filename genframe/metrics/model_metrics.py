@@ -28,6 +28,7 @@ def check_metric_options(
     timm_image_size: Any = None,
     k: Any = 3,
     real: Any = "all",
+    alignment_prompts: Any = None,
     key: str = "metrics",
     real_choices: tuple[str, ...] = REAL_CHOICES,
 ) -> None:
@@ -43,6 +44,10 @@ def check_metric_options(
 
     def integer(v: Any, low: int) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if alignment_prompts is not None and not integer(alignment_prompts, 1):
+        raise UserError(f"{key}.alignment_prompts={_shown(alignment_prompts)}: expected an "
+                        "integer >= 1 (captions of the split to generate from), or null for all")
 
     checks = (("num_samples", num_samples, 2), ("batch_size", batch_size, 1), ("k", k, 1))
     for name, value, low in checks:
@@ -140,6 +145,39 @@ def model_image_metrics(model, metrics, num_samples: int, *, batch_size: int = 2
     finally:
         model.train(was_training)
     return metrics.of_samples(samples)
+
+
+def split_captions(data: Any, split: str, limit: int | None = None) -> list[str]:
+    """The captions of a captioned data module's `split` (the first `limit`), in order."""
+    dataset = data.dataset(split)
+    count = len(dataset) if limit is None else min(int(limit), len(dataset))
+    return [str(dataset[i]["caption"]) for i in range(count)]
+
+
+def model_alignment(model, prompts: list[str], *, batch_size: int = 250, seed: int = 0,
+                    **options: Any) -> dict[str, float]:
+    """`genframe.metrics.alignment.alignment_scores` of one image generated for each of
+    `prompts` (shapes captions), in batches (batch b uses seed + b); `options` go to
+    ``model.generate`` (guidance, sampler, ...).
+
+    Raises:
+        UserError: no prompt, or none that is a shapes caption.
+    """
+    from genframe.metrics.alignment import alignment_scores
+
+    if not prompts:
+        raise UserError("alignment: no prompts to generate images for")
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = prompts[start:start + batch_size]
+            parts.append(model.generate(len(chunk), condition={"prompt": chunk}, seed=seed + b,
+                                        **options).images.cpu())
+    finally:
+        model.train(was_training)
+    return alignment_scores(torch.cat(parts), prompts)
 
 
 def _shown(value) -> str:

@@ -3,6 +3,7 @@ where a task's model came from, and the metrics report printed at the end."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from omegaconf import DictConfig
 
 from genframe.errors import UserError
 from genframe.tasks.build import build_sampler, to_plain
+
+log = logging.getLogger("genframe")
 
 
 def resolve_device(name: str):
@@ -38,16 +41,59 @@ def generation_options(cfg: DictConfig, model) -> dict[str, Any]:
     """
     options = mapping_of(cfg, "sampling", "sampling.temperature=0.8")
     accepted = set(model.sampling_options())
-    for key in ("sampler", "guidance"):
+    for key in ("sampler", "guidance", "negative_prompt", "strength", "init_image"):
         value = to_plain(cfg.get(key))
         if value is None:
             continue
         if key not in accepted:
-            shown = f"sampler={value.get('name')}" if key == "sampler" else f"guidance={value}"
+            shown = f"sampler={value.get('name')}" if key == "sampler" else f"{key}={value}"
+            which = ("text-to-image models do" if key == "negative_prompt"
+                     else "diffusion-style models do")
             raise UserError(f"{shown}: model '{model.registered_name}' takes no {key} "
-                            "(only diffusion-style models do)")
-        options[key] = build_sampler(value) if key == "sampler" else value
+                            f"(only {which})")
+        if key == "sampler":
+            value = build_sampler(value)
+        elif key == "init_image":
+            value = read_init_image(value, model)
+        options[key] = value
     return options
+
+
+def read_init_image(path: str, model) -> Any:
+    """The image file `path` as a float tensor (C, H, W) in [0, 1] for `model`'s
+    ``init_image``: decoded with Pillow as ``data=image_folder`` decodes (transparency
+    onto white, the centre cropped to a square, resized to the model's ``image_size``).
+
+    Raises:
+        UserError: the file is missing or not an image Pillow can read, or its colours
+            do not fit the model (a grey image for an RGB model, or the reverse).
+    """
+    import torch
+    from PIL import Image
+
+    from genframe.data.image_folder import decode_image
+
+    hp = model.hparams
+    channels, size = int(hp.in_channels), int(hp.image_size)
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise UserError(f"init_image={path}: no such file" + (" (a folder)" if p.is_dir() else ""))
+    try:
+        with Image.open(p) as im:
+            mode, (width, height) = im.mode, im.size
+        array = decode_image(p, size, "L" if channels == 1 else "RGB")
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
+        raise UserError(f"init_image={path}: not an image Pillow can read ({exc})") from None
+    grey = mode in ("1", "L", "LA", "La", "I", "F") or mode.startswith("I;16")
+    if grey != (channels == 1):
+        have = f"a grey image (mode {mode})" if grey else f"a colour image (mode {mode})"
+        want = "grey (1 channel)" if channels == 1 else "RGB (3 channels)"
+        raise UserError(f"init_image={path}: {have}, but this model makes {want} images; "
+                        f"give {'a grey' if channels == 1 else 'an RGB'} image")
+    if (width, height) != (size, size):
+        log.info("init_image %s: %dx%d, centre-cropped and resized to the model's %dx%d",
+                 p, width, height, size, size)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0  # (C, H, W)
 
 
 def mapping_of(cfg: DictConfig, key: str, example: str) -> dict[str, Any]:

@@ -44,6 +44,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model, run, weights, data, data_cfg = trained_model_and_data(cfg, "evaluate")
     loader = data.dataloader(split)  # refuses data without this split before any output
     image_metrics = cfg.metrics.enabled and "image" in model.needs
+    prompts = alignment_prompts(cfg, model, data, split)
+    if image_metrics and cfg.metrics.extractor == "classifier" and "label" not in data.provides:
+        if prompts is None:
+            raise UserError(
+                f"metrics.extractor=classifier needs labelled images, and data "
+                f"'{data_cfg.get('name')}' has no labels; use metrics.extractor=timm with local "
+                "weights (metrics.timm_model, metrics.timm_weights), or metrics.enabled=false")
+        log.warning("image metrics (FD, precision, recall) are left out: metrics.extractor="
+                    "classifier needs labelled images and data '%s' has captions, not labels "
+                    "(metrics.extractor=timm with local weights measures them); text-image "
+                    "alignment is measured", data_cfg.get("name"))
+        image_metrics = False
     # sampler.*, guidance and sampling.* now, not after the validation loop.
     check_generation(cfg, model, num_samples=1 if image_metrics else 0)
     if run is not None and cfg.get("data") is None:
@@ -61,6 +73,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                for k, v in sorted((results[0] if results else {}).items())}
     if image_metrics:
         metrics.update(_image_metrics(cfg, model, data, split))
+    if prompts:
+        metrics.update(_alignment_metrics(cfg, model, prompts, split))
     atomic_write_json(out_dir / "metrics.json", metrics)
     update_run(out_dir, status="completed")
     if run is not None:
@@ -98,6 +112,37 @@ def _warn_if_trained_before_test_splits(run_path: Path, data, data_cfg: dict, sp
             "%s/* figures are optimistic; split=test holds images it never trained on "
             "while test_fraction (%s) <= its val_fraction (%s)",
             run_path, split, split, test_fraction, val_fraction)
+
+
+def alignment_prompts(cfg: DictConfig, model, data, split: str) -> list[str] | None:
+    """The captions of `split` to measure text-image alignment with, or None when it
+    does not apply: metrics off, a model without prompts, data without captions, or
+    captions that are not shapes captions (the metric reads shapes; said in the log)."""
+    from genframe.data.shapes import parse_caption
+    from genframe.metrics.model_metrics import split_captions
+
+    if not (cfg.metrics.enabled and "prompt" in model.condition_keys and "image" in model.needs
+            and "caption" in getattr(data, "provides", ())):
+        return None
+    limit = cfg.metrics.get("alignment_prompts")
+    captions = split_captions(data, split, limit)
+    if not any(parse_caption(c) is not None for c in captions):
+        log.info("text-image alignment is not measured: the %s captions are not shapes "
+                 "captions (data=shapes), which the alignment metric reads", split)
+        return None
+    return captions
+
+
+def _alignment_metrics(cfg: DictConfig, model, prompts: list[str], split: str) -> dict[str, float]:
+    """Alignment of one generated image per caption of the split, keyed ``<split>/...``."""
+    from genframe.metrics.model_metrics import model_alignment
+
+    started = time.perf_counter()
+    values = model_alignment(model, prompts, batch_size=cfg.metrics.batch_size, seed=cfg.seed,
+                             **generation_options(cfg, model))
+    log.info("alignment: %d images generated and read in %.0f s", len(prompts),
+             time.perf_counter() - started)
+    return {f"{split}/{k}": v for k, v in values.items()}
 
 
 def _image_metrics(cfg: DictConfig, model, data, split: str) -> dict[str, float]:

@@ -146,6 +146,17 @@ def _apply_lora(model, lora_cfg: dict[str, Any]) -> dict[str, Any]:
         key = min(unknown)
         raise UserError(f"finetune.lora.{key}: unknown key.{did_you_mean(key, _LORA_KEYS)}"
                         f" Valid keys: {valid_list(_LORA_KEYS)}")
+    if lora_cfg.get("target_modules") is None:  # the model's own choice
+        targets = getattr(model, "lora_target_modules", None)
+        if not targets:
+            from genframe.lora import supported_modules
+
+            names = valid_list(generalise_names(supported_modules(model)), 30)
+            raise UserError(
+                f"finetune.lora.target_modules: model '{model.registered_name}' names no default "
+                f"layers for LoRA; give patterns, e.g. finetune.lora.target_modules='[encoder.*]'. "
+                f"This model's layers LoRA can adapt: {names}")
+        lora_cfg = {**lora_cfg, "target_modules": list(targets)}
     try:
         summary = apply_lora(model, r=lora_cfg["r"], alpha=lora_cfg["alpha"],
                              dropout=lora_cfg.get("dropout", 0.0),

@@ -85,7 +85,11 @@ def fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None = None) -> 
     samples = None
     if cfg.num_samples > 0:
         model.eval()
-        samples = model.generate(cfg.num_samples, seed=cfg.seed, **generation_options(cfg, model))
+        from genframe.data.base import caption_condition
+
+        samples = model.generate(cfg.num_samples, seed=cfg.seed,
+                                 condition=caption_condition(model, data, cfg.num_samples),
+                                 **generation_options(cfg, model))
         write_samples(samples, out_dir)
     atomic_write_json(out_dir / METRICS, metrics)
     update_run(out_dir, status="completed", best_checkpoint=str(best) if best else None,

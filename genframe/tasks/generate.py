@@ -72,7 +72,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     prompts = prompts_of(cfg)
     if prompts is not None:
         if "prompt" not in getattr(model, "condition_keys", ()):
-            raise UserError(f"prompt: model '{name}' takes no prompt (it is not a text model)")
+            raise UserError(f"prompt: model '{name}' takes no prompt (it is neither a text nor "
+                            "a text-to-image model)")
         if "prompt" in condition:
             raise UserError("give the prompt once: prompt=... or condition.prompt=..., not both")
     elif "prompt" in condition:
@@ -83,10 +84,13 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         note = report_unknown(model.tokenizer, prompts, "the prompt" if len(prompts) == 1 else "the prompts")
         if note:
             print(f"({note})", file=sys.stderr, flush=True)
-    text_model = "prompt" in getattr(model, "condition_keys", ())
+    # A model that trains on images makes images, prompt or not (text-to-image).
+    text_model = "prompt" in getattr(model, "condition_keys", ()) and "image" not in model.needs
     per_prompt = cfg.num_samples or (1 if prompts else 4 if text_model else 64)
     total = per_prompt * len(prompts) if prompts else per_prompt
     sampling = generation_options(cfg, model)
+    # What the manifest records beside the model's own metadata: the file, not its pixels.
+    recorded = {"init_image": str(Path(cfg.init_image).expanduser())} if "init_image" in sampling else {}
     live = bool(cfg.get("stream")) and text_model
     out_dir = Path(cfg.paths.output_dir)
     folder = out_dir / "samples"
@@ -115,6 +119,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             printer = SampleStreamPrinter(start, first_prompt) if live else None
             extra = {"stream": printer} if printer else {}
             samples = model.generate(n, condition=cond, seed=cfg.seed + b, **sampling, **extra)
+            samples.metadata = {**samples.metadata, **recorded}
             if printer:
                 printer.finish(samples)
             writer.add(samples)

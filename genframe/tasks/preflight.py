@@ -88,6 +88,11 @@ GENERATE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_samples": (_optional(_int_at_least(1)),
                     "an integer >= 1, or null (64 images; 1 text per prompt)"),
     "batch_size": (_int_at_least(1), "an integer >= 1 (samples made at once), e.g. batch_size=64"),
+    "negative_prompt": (_optional(lambda v: isinstance(v, str)),
+                        'a text, e.g. negative_prompt="a blue square", or null'),
+    "init_image": (_optional(_path), "an image file, e.g. init_image=photo.png, or null"),
+    "strength": (_optional(lambda v: _is_number(v) and 0 < v <= 1),
+                 "a number in (0, 1] (how much of the reverse process runs from init_image), or null"),
 }
 
 #: ``trainer.*`` values Lightning would refuse late, or accept and then do nothing with.
@@ -141,9 +146,10 @@ FINETUNE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora.r": (_int_at_least(1), "an integer >= 1 (the adapters' rank)"),
     "lora.alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "lora.dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "lora.target_modules": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0
-                            and all(_path(p) for p in v),
-                            'a non-empty list of module-name patterns, e.g. ["*.attn.*"]'),
+    "lora.target_modules": (_optional(lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                                      and all(_path(p) for p in v)),
+                            'a non-empty list of module-name patterns, e.g. ["*.attn.*"], or '
+                            "null for the model's default"),
     "lora.merge": (lambda v: isinstance(v, bool), "true or false"),
 }
 

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from genframe.errors import UserError, argument_check, valid_list
 from genframe.module import GenerativeModule
 from genframe.samplers.base import Sampler
@@ -86,6 +88,8 @@ class Diffusion(GenerativeModule):
 
     # Runs saved before the rename called the width list `channels`.
     renamed_arguments = {"channels": "block_out_channels"}
+    # LoRA on the U-Net's attention layers (the online copy; the EMA copy follows it).
+    lora_target_modules = ("unet.*.qkv", "unet.*.proj")
 
     def __init__(
         self,
@@ -132,6 +136,7 @@ class Diffusion(GenerativeModule):
             blocks_per_level=blocks_per_level,
             attention_resolutions=attention_resolutions,
             num_heads=num_heads, dropout=dropout, num_classes=num_classes,
+            **self.unet_conditioning(),
         )
         # The EMA is a second copy of the network: a submodule, so `state_dict()` (and
         # with it Lightning checkpoints and the safetensors weights) carries it, but with
@@ -145,6 +150,12 @@ class Diffusion(GenerativeModule):
         self._ema_updated_at = -1  # the global step of the last EMA update
 
     # -- networks ---------------------------------------------------------------------
+
+    def unet_conditioning(self) -> dict[str, Any]:
+        """More `UNet` arguments, for a subclass that conditions it on more than a label
+        (a text model returns ``context_dim``). Called once from ``__init__``, after the
+        hyperparameters are saved and before the U-Net is built."""
+        return {}
 
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None
@@ -179,18 +190,20 @@ class Diffusion(GenerativeModule):
         x0: torch.Tensor,
         label: torch.Tensor | None,
         generator: torch.Generator | None = None,
+        **net_kwargs: Any,
     ) -> torch.Tensor:
         """The simple loss: MSE between the network's output and its eps/v target.
 
         x0: (B, C, H, W) in [-1, 1]; t ~ U{0..T-1} and eps ~ N(0, I) are drawn from
-        `generator` (the global RNG when None).
+        `generator` (the global RNG when None). `net_kwargs` go to the network with the
+        label (a text-conditional U-Net's ``context`` and ``mask``).
         """
         B = x0.shape[0]
         t = torch.randint(0, self.schedule.num_steps, (B,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.schedule.q_sample(x0, t, noise)  # (B, C, H, W)
         target = self.schedule.target(x0, noise, t, self.prediction)
-        out = net(x_t, t, label)
+        out = net(x_t, t, label, **net_kwargs)
         return F.mse_loss(out.float(), target.float())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -213,9 +226,11 @@ class Diffusion(GenerativeModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        # Only the online network: the EMA copy is updated by hand, not by gradients.
+        # Only what trains: the EMA copies are updated by hand, not by gradients, and
+        # frozen weights (LoRA's base layers) have none.
         opt = torch.optim.AdamW(
-            self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            [p for p in self.parameters() if p.requires_grad],
+            lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
         )
         warmup = self.hparams.warmup_steps
         if warmup <= 0:
@@ -237,28 +252,50 @@ class Diffusion(GenerativeModule):
             return 0.0
         return min(self.hparams.ema_decay, (1 + n) / (10 + n))
 
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online network, its EMA copy) for every averaged network: here the U-Net.
+        A subclass with more trained parts (a text encoder) adds its own pairs."""
+        return [(self.unet, self.ema_unet)] if self.ema_unet is not None else []
+
     @torch.no_grad()
     def update_ema(self, step: int | None = None) -> None:
         """ema <- decay * ema + (1 - decay) * online, for every parameter and buffer."""
-        if self.ema_unet is None:
-            return
         decay = self.ema_decay_at(self.global_step if step is None else step)
-        ema_params = list(self.ema_unet.parameters())
-        params = [p.detach() for p in self.unet.parameters()]
-        if len(ema_params) != len(params):
-            from genframe.errors import UserError
+        for online, ema in self.ema_pairs():
+            ema_params = list(ema.parameters())
+            params = [p.detach() for p in online.parameters()]
+            if len(ema_params) != len(params):
+                # Layers on one copy only (adapters added to one by hand, not through
+                # genframe.lora): sampling from the EMA copy would not see them.
+                raise UserError(
+                    f"{type(online).__name__} and its EMA copy have different layers; add LoRA "
+                    "adapters with genframe.lora.apply_lora, which keeps the EMA copy in step"
+                )
+            # One fused kernel over all tensors (as timm's ModelEmaV3 does):
+            # ema + (1 - decay) * (online - ema) = decay * ema + (1 - decay) * online.
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+            for b_ema, b in zip(ema.buffers(), online.buffers()):
+                b_ema.copy_(b)
 
-            # LoRA layers on one copy only: sampling (from the EMA copy) would not see them.
-            raise UserError(
-                "the diffusion model's unet and its EMA copy (ema_unet) have different "
-                "layers (LoRA adapters on one of them); LoRA fine-tuning of this diffusion "
-                "model is not supported yet: use finetune=full"
-            )
-        # One fused kernel over all tensors (as timm's ModelEmaV3 does):
-        # ema + (1 - decay) * (online - ema) = decay * ema + (1 - decay) * online.
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for b_ema, b in zip(self.ema_unet.buffers(), self.unet.buffers()):
-            b_ema.copy_(b)
+    @torch.no_grad()
+    def on_lora_applied(self) -> None:
+        """Give every EMA copy the adapters of its online network.
+
+        Sampling uses the EMA weights, so LoRA fine-tuning starts from them: the online
+        network's base weights are set to the EMA's (they are what the trained model
+        generates with; the online ones are a noisier copy), then the EMA copy is
+        rebuilt from the adapted online network. The two then differ only in the
+        adapters, which the EMA averages as it does any weight.
+        """
+        for online, ema in self.ema_pairs():
+            averaged = {_base_name(k): v for k, v in ema.state_dict().items() if "lora_" not in k}
+            for key, value in online.state_dict().items():
+                if _base_name(key) in averaged and "lora_" not in key:
+                    value.copy_(averaged[_base_name(key)])
+            fresh = copy.deepcopy(online).requires_grad_(False)
+            for name, module in self.named_children():
+                if module is ema:
+                    setattr(self, name, fresh)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step counts optimizer steps; with gradient accumulation some batches end
@@ -282,6 +319,13 @@ class Diffusion(GenerativeModule):
                     "(num_classes=0); classifier-free guidance needs a class-conditional model"
                 )
             return None
+        return self.guidance_scale(guidance, "label_dropout", "class")
+
+    def guidance_scale(self, guidance: float | None, dropout_key: str, what: str) -> float:
+        """`guidance` (None: the model's ``guidance``) checked: a number in [0, 50], and
+        not != 1 for a model trained without dropping its condition (hparams
+        `dropout_key` = 0), which has no unconditional prediction. `what` names the
+        condition in the message ("class", "prompt")."""
         if guidance is None:
             guidance = self.hparams.guidance
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not (
@@ -289,15 +333,14 @@ class Diffusion(GenerativeModule):
         ):
             raise UserError(
                 f"guidance must be a number between 0 and {MAX_GUIDANCE:g} (1: plain "
-                f"conditional, 0: unconditional, >1: stronger class), got {guidance!r}"
+                f"conditional, 0: unconditional, >1: follow the {what} more closely), got {guidance!r}"
             )
-        if guidance != 1 and self.hparams.label_dropout <= 0:
+        if guidance != 1 and self.hparams[dropout_key] <= 0:
             raise UserError(
-                f"guidance={guidance}: this model was trained with label_dropout=0, so it "
+                f"guidance={guidance}: this model was trained with {dropout_key}=0, so it "
                 "has no unconditional prediction to guide with; use guidance=1"
             )
         return float(guidance)
-
 
     def denoiser(self, labels: torch.Tensor | None = None, guidance: float | None = None):
         """The ``denoise(x_t, t)`` function samplers call, with guidance folded in.
@@ -379,6 +422,18 @@ class Diffusion(GenerativeModule):
             UserError: a bad `sampler` or `guidance`; `strength` outside (0, 1] or given
                 without `init_image`; an `init_image` of another shape or outside [0, 1].
         """
+        sampler = self.check_sampler(sampler)
+        labels, conditions = self.labels_for(num_samples, condition, self.num_classes)
+        w = self._guidance(guidance)
+        images, metadata = self.reverse_process(
+            self.denoiser(labels, w), num_samples, generator=generator, sampler=sampler,
+            clip_x0=clip_x0, init_image=init_image, strength=strength,
+        )
+        return Samples(images=images, conditions=conditions, metadata={"guidance": w, **metadata})
+
+    def check_sampler(self, sampler: Sampler | None) -> Sampler:
+        """`sampler`, or the default one; refuses what is not a `Sampler` or does not fit
+        this model's T, before any work."""
         if sampler is None:
             sampler = self.default_sampler()
         if not isinstance(sampler, Sampler):
@@ -386,9 +441,27 @@ class Diffusion(GenerativeModule):
                 f"sampler: expected a genframe.samplers.Sampler such as DDIMSampler(steps=50), "
                 f"got {sampler!r} (on the command line: sampler=ddim sampler.steps=50)"
             )
-        labels, conditions = self.labels_for(num_samples, condition, self.num_classes)
-        w = self._guidance(guidance)
-        sampler.num_model_calls(self.schedule)  # checks the sampler fits T before any work
+        sampler.num_model_calls(self.schedule)  # checks the sampler fits T
+        return sampler
+
+    def reverse_process(
+        self,
+        denoise: Any,
+        num_samples: int,
+        *,
+        generator: torch.Generator,
+        sampler: Sampler,
+        clip_x0: bool = True,
+        init_image: torch.Tensor | None = None,
+        strength: float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Run `sampler` with `denoise(x_t, t)` from noise, or from `init_image` noised to
+        the step `strength` picks (SDEdit; see `sample` for the arguments).
+
+        Returns (images (N, C, H, W) float in [0, 1], the metadata that describes the
+        run: sampler, EMA, clip_x0, and the strength and start timestep of an
+        image-to-image run).
+        """
         shape = (num_samples, self.in_channels, self.image_size, self.image_size)
         start, x_start = 0, None
         if strength is not None:
@@ -404,21 +477,20 @@ class Diffusion(GenerativeModule):
             x0 = self._init_image(init_image, num_samples) * 2 - 1  # (N, C, H, W) in [-1, 1]
             x_start = sampler.noise_to_start(x0, self.schedule, start, generator=generator)
         x = sampler.sample(
-            self.denoiser(labels, w), self.schedule, shape,
+            denoise, self.schedule, shape,
             prediction=self.prediction, generator=generator, device=self.device,
             clip_x0=bool(clip_x0), start=start, x_start=x_start,
         )  # (N, C, H, W) in [-1, 1]
         images = ((x.float() + 1) / 2).clamp(0, 1)
         metadata = {
             "sampler": sampler.describe(),
-            "guidance": w,
             "ema": self.ema_unet is not None,
             "clip_x0": bool(clip_x0),
         }
         if init_image is not None:
             metadata["strength"] = float(strength)
             metadata["start_timestep"] = sampler.timesteps(self.schedule)[start]
-        return Samples(images=images, conditions=conditions, metadata=metadata)
+        return images, metadata
 
     def _init_image(self, image: Any, num_samples: int) -> torch.Tensor:
         """`init_image` checked and shaped (N, C, H, W), float32 on the model's device."""
@@ -442,6 +514,12 @@ class Diffusion(GenerativeModule):
                 f"{float(image.max()):.3g}] (images scaled to [-1, 1]? pass (x + 1) / 2)"
             )
         return image.expand(num_samples, C, S, S)
+
+
+def _base_name(key: str) -> str:
+    """A state-dict key as the plain layer names it: peft's LoRA layer keeps the
+    original weight under ``base_layer``."""
+    return key.replace(".base_layer.", ".")
 
 
 def _validate(args: dict[str, Any]) -> None:

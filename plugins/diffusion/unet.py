@@ -24,6 +24,7 @@ from genframe.layers import (
     Downsample,
     ResBlock,
     SelfAttention2d,
+    SpatialTransformer,
     Upsample,
     downsampled_sizes,
     group_norm,
@@ -52,9 +53,18 @@ class UNet(nn.Module):
         dropout: dropout inside the ResBlocks.
         num_classes: 0 for an unconditional net; K > 0 adds a label embedding with K + 1
             entries, index K being the "null" label used for classifier-free guidance.
+        context_dim: None for a net without text; D > 0 makes every attention layer a
+            `genframe.layers.SpatialTransformer` (self-attention, then cross-attention to a
+            context of D-wide token features, then a feed-forward), as in Stable
+            Diffusion's U-Net (Rombach et al. 2022), and adds a projection of the tokens'
+            mean to the timestep embedding, as Imagen does with its pooled text embedding
+            (Saharia et al. 2022), so every residual block sees the text.
+        transformer_depth: transformer blocks in each of those layers.
 
-    ``forward(x, t, label=None)``: x (B, C, H, W), t (B,) integer or float timesteps,
-    label (B,) long in 0..K (K = null) -> (B, C, H, W).
+    ``forward(x, t, label=None, context=None, mask=None)``: x (B, C, H, W), t (B,) integer
+    or float timesteps, label (B,) long in 0..K (K = null), context (B, T, D) token
+    features and mask (B, T) bool (True = a real token; a row without one is "no text",
+    the unconditional pass) -> (B, C, H, W).
     """
 
     def __init__(
@@ -68,6 +78,8 @@ class UNet(nn.Module):
         num_heads: int = 4,
         dropout: float = 0.0,
         num_classes: int = 0,
+        context_dim: int | None = None,
+        transformer_depth: int = 1,
     ) -> None:
         super().__init__()
         widths = [int(c) for c in block_out_channels]
@@ -92,12 +104,19 @@ class UNet(nn.Module):
         )
         # Class embedding added to the time embedding (ADM's class-conditional models).
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        # Pooled text embedding added to the time embedding (Imagen).
+        self.context_embed = nn.Linear(context_dim, emb_dim) if context_dim else None
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim=emb_dim, dropout=dropout)
 
-        def attn(width: int) -> SelfAttention2d:
-            return SelfAttention2d(width, num_heads)
+        self.context_dim = context_dim
+
+        def attn(width: int) -> nn.Module:
+            if context_dim is None:
+                return SelfAttention2d(width, num_heads)
+            return SpatialTransformer(width, context_dim, num_heads, depth=transformer_depth,
+                                      dropout=dropout)
 
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
 
@@ -137,19 +156,43 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def embed(self, t: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self,
+        t: torch.Tensor,
+        label: torch.Tensor | None,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The conditioning vector of each sample: (B, 4 * block_out_channels[0])."""
         emb = self.time_mlp(timestep_embedding(t, self.base_width))  # (B, E)
         if self.label_embed is not None:
             if label is None:  # an unlabelled call of a conditional net: unconditional
                 label = torch.full_like(t, self.null_label, dtype=torch.long)
             emb = emb + self.label_embed(label.long().reshape(-1))
+        if self.context_embed is not None and context is not None:
+            # The mean of the real tokens' features; zero for "no text" (an all-False mask).
+            keep = (torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+                    if mask is None else mask.to(torch.bool))[..., None]  # (B, T, 1)
+            pooled = (context * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, D)
+            emb = emb + self.context_embed(pooled)
         return emb
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        label: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.embed(t, label)  # (B, E)
+        if (context is None) != (self.context_dim is None):
+            raise ValueError("context (B, T, context_dim) is needed exactly when the U-Net was "
+                             f"built with context_dim (here {self.context_dim})")
+
+        def attend(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            return layer(h, context, mask) if isinstance(layer, SpatialTransformer) else layer(h)
+
+        emb = self.embed(t, label, context, mask)  # (B, E)
         h = self.stem(x)  # (B, block_out_channels[0], H, W)
         skips = [h]
         level = 0
@@ -161,11 +204,11 @@ class UNet(nn.Module):
                     h = layer(h)
                     level += 1
                 else:
-                    h = layer(h)
+                    h = attend(layer, h)
             skips.append(h)
 
         for layer in self.middle:  # (B, block_out_channels[-1], h, w)
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(h, emb) if isinstance(layer, ResBlock) else attend(layer, h)
 
         for block in self.up:
             for layer in block:
@@ -175,5 +218,5 @@ class UNet(nn.Module):
                     level -= 1
                     h = layer(h, self.sizes[level])  # exact size of the level above
                 else:
-                    h = layer(h)
+                    h = attend(layer, h)
         return self.head(F.silu(self.norm_out(h)))  # (B, C, H, W)

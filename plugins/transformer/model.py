@@ -83,6 +83,7 @@ class Transformer(GenerativeModule):
     needs = frozenset({"tokens"})
     condition_keys = frozenset({"prompt", "prompt_ids"})
     uses_tokenizer = True
+    lora_target_modules = ("*.attn.*", "*.mlp.*")  # attention and MLP layers (Hu et al. 2021)
 
     def __init__(
         self,
@@ -120,6 +121,29 @@ class Transformer(GenerativeModule):
     def forward(self, idx: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); see `GPT.forward` for the options."""
         return self.net(idx, **kwargs)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of `text_features`: the model's ``n_embd``."""
+        return int(self.hparams.n_embd)
+
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token features of right-padded texts for another model to read: (B, T) ids
+        -> (B, T, n_embd), the final LayerNorm's output (`GPT.hidden_states`).
+
+        The attention is causal, so a real token never sees the padding after it; the
+        padded positions' features are meaningless and `mask` (B, T) bool (True = a real
+        token) is only checked for shape -- the reader must ignore those positions.
+
+        Raises:
+            UserError: texts longer than ``block_size`` tokens.
+        """
+        if mask is not None and mask.shape != ids.shape:
+            raise ValueError(f"mask must be shaped like ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
+        if ids.shape[1] > self.block_size:
+            raise UserError(f"a text of {ids.shape[1]} tokens is longer than this language "
+                            f"model's context window (block_size={self.block_size})")
+        return self.net.hidden_states(ids)
 
     # -- tokenizer ----------------------------------------------------------------------
 

@@ -227,6 +227,22 @@ class GPT(nn.Module):
             cache: a `KVCache` to read past keys/values from and append the new ones to.
             last_only: project only the last position to logits (generation).
         """
+        x = self.hidden_states(idx, positions=positions, attn_mask=attn_mask, cache=cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # (B, T, V)
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The last block's features after the final LayerNorm, (B, T, n_embd), for
+        token ids `idx` (B, T): what the LM head reads, and what a text-to-image model
+        uses as text features. Options as for `forward`."""
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if positions is None:
@@ -250,7 +266,4 @@ class GPT(nn.Module):
             x = block(x, rope, attn_mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        x = self.transformer["ln_f"](x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)  # (B, T, V)
+        return self.transformer["ln_f"](x)  # (B, T, C)

@@ -1,0 +1,400 @@
+"""Text-to-image diffusion: a text encoder whose token features condition a U-Net through
+cross-attention, with classifier-free guidance and image-to-image.
+
+Composed as Stable Diffusion composes its parts (Rombach et al. 2022, "High-Resolution
+Image Synthesis with Latent Diffusion Models", https://arxiv.org/abs/2112.10752): a text
+encoder turns a caption into token features (B, T, D); the diffusion plugin's public
+`UNet`, built with ``context_dim=D``, reads them in `genframe.layers.SpatialTransformer`
+blocks at its attention levels. Training, the noise schedule, the EMA, the samplers and
+SDEdit image-to-image are the diffusion plugin's (`Diffusion`, which this model extends);
+this module adds the text.
+
+Classifier-free guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598): training
+drops a caption with probability ``caption_dropout`` -- its mask becomes all False, which
+the cross-attention reads as "no text" -- so one network learns both predictions, mixed
+at sampling time as ``eps = eps_u + w (eps_c - eps_u)``, where eps_u is the prediction
+without text, or for a negative prompt the prediction for that prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Literal
+
+import torch
+
+from genframe.errors import UserError, argument_check
+from genframe.samplers.base import Sampler
+from genframe.samples import Samples
+from genframe_plugins.diffusion.model import MAX_GUIDANCE, Diffusion
+
+from .text_encoder import LanguageModelEncoder, TextEncoder, encode_texts
+
+log = logging.getLogger("genframe")
+
+_EXAMPLE_CAPTIONS = ("a small red circle at the top left", "a large blue square in the centre",
+                     "a small green triangle at the bottom right", "a large yellow circle at the top right")
+
+
+class Text2Image(Diffusion):
+    """Text-conditional denoising diffusion model on images in [-1, 1].
+
+    Args:
+        in_channels, image_size, block_out_channels, blocks_per_level,
+        attention_resolutions, num_heads, dropout, timesteps, schedule, prediction,
+        ema_decay, ema_start_step, lr, weight_decay, warmup_steps, default_sampler_steps:
+            as for `Diffusion`; every attention level of the U-Net (and its middle
+            block) is a spatial transformer with cross-attention to the text.
+        transformer_depth: transformer blocks in each spatial transformer.
+        caption_dropout: probability of training on an image without its caption (the
+            unconditional half of classifier-free guidance).
+        guidance: the default guidance scale w of `generate` (1: plain conditional).
+        vocab_size: token ids of the tokenizer (null in the config: the data's); unused
+            with `text_encoder_run`.
+        max_length: the most tokens of a caption the encoder reads; longer captions are
+            truncated, with a warning, in training and in generation alike.
+        text_width, text_depth, text_heads: width, blocks and heads of the text encoder
+            trained with the model (unused with `text_encoder_run`).
+        text_encoder_run: the run directory of a trained genframe language model
+            (``model=transformer``) whose hidden states serve as the text features, with
+            its tokenizer. Its weights and description are copied into this model
+            (`text_encoder_spec`), so this run needs that directory no more.
+        text_encoder_spec: the borrowed language model's description, recorded from
+            `text_encoder_run` (not set by hand).
+        text_encoder_trainable: tune the borrowed language model with the U-Net (True)
+            or keep it frozen (False, the default, as Imagen keeps T5 frozen).
+
+    The batch needs ``image`` and ``caption`` (a list of str). ``generate(n,
+    condition={"prompt": ...}, guidance=..., negative_prompt=..., sampler=...,
+    init_image=..., strength=...)``: see `sample`.
+    """
+
+    needs = frozenset({"image", "caption"})
+    condition_keys = frozenset({"prompt"})
+    uses_tokenizer = True
+    # LoRA on the spatial transformers' attention projections, as diffusers' text-to-image
+    # LoRA training does; the EMA copy gets the same adapters.
+    lora_target_modules = ("unet.*.to_q", "unet.*.to_k", "unet.*.to_v", "unet.*.to_out.0")
+    renamed_arguments: dict[str, str] = {}
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        block_out_channels: list[int] = (64, 128),  # type: ignore[assignment]  # immutable default
+        blocks_per_level: int = 2,
+        attention_resolutions: list[int] | None = None,
+        num_heads: int = 4,
+        transformer_depth: int = 1,
+        dropout: float = 0.0,
+        timesteps: int = 1000,
+        schedule: Literal["linear", "cosine"] = "cosine",
+        prediction: Literal["eps", "v"] = "eps",
+        caption_dropout: float = 0.1,
+        guidance: float = 3.0,
+        ema_decay: float = 0.999,
+        ema_start_step: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        default_sampler_steps: int = 50,
+        vocab_size: int | None = None,
+        max_length: int = 64,
+        text_width: int = 64,
+        text_depth: int = 2,
+        text_heads: int = 4,
+        text_encoder_run: str | None = None,
+        text_encoder_spec: dict[str, Any] | None = None,
+        text_encoder_trainable: bool = False,
+    ) -> None:
+        _validate(locals())
+        self._borrowed = _borrowed_language_model(text_encoder_run, text_encoder_spec)
+        super().__init__(
+            in_channels=in_channels, image_size=image_size, num_classes=0,
+            block_out_channels=block_out_channels, blocks_per_level=blocks_per_level,
+            attention_resolutions=attention_resolutions, num_heads=num_heads,
+            dropout=dropout, timesteps=timesteps, schedule=schedule, prediction=prediction,
+            label_dropout=0.0, guidance=1.0, ema_decay=ema_decay,
+            ema_start_step=ema_start_step, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, default_sampler_steps=default_sampler_steps,
+        )
+        # Diffusion saved its own arguments too (Lightning merges a subclass's): keep ours.
+        self.save_hyperparameters()
+        for key in ("num_classes", "label_dropout"):
+            self.hparams.pop(key, None)
+        self.needs = type(self).needs
+        self.condition_keys = type(self).condition_keys
+        self._warned_truncation = False
+        if self._borrowed is not None:
+            spec, _ = self._borrowed
+            # The spec goes in this model's own description: the run needs no other.
+            self.resolved_arguments = {"text_encoder_spec": spec}
+            super().set_tokenizer(self.text_encoder.language_model.tokenizer)
+        del self._borrowed
+
+    # -- networks ---------------------------------------------------------------------
+
+    def unet_conditioning(self) -> dict[str, Any]:
+        """Builds the text encoder (and its EMA copy) and asks the U-Net for
+        cross-attention to its features."""
+        hp = self.hparams
+        if self._borrowed is not None:
+            _, language_model = self._borrowed
+            self.text_encoder = LanguageModelEncoder(language_model, bool(hp.text_encoder_trainable))
+        else:
+            if hp.vocab_size is None:
+                raise UserError("model.vocab_size is null and no data gave a tokenizer's size; "
+                                "train on captioned data (data=shapes, data=captioned_folder) "
+                                "or set model.vocab_size")
+            self.text_encoder = TextEncoder(hp.vocab_size, hp.max_length, hp.text_width,
+                                            hp.text_depth, hp.text_heads, hp.dropout)
+        trains = self._borrowed is None or bool(hp.text_encoder_trainable)
+        self.ema_text_encoder = (copy.deepcopy(self.text_encoder).requires_grad_(False)
+                                 if trains and hp.ema_decay > 0 else None)
+        return {"context_dim": self.text_encoder.feature_dim,
+                "transformer_depth": hp.transformer_depth}
+
+    def ema_pairs(self):
+        pairs = super().ema_pairs()
+        if self.ema_text_encoder is not None:
+            pairs.append((self.text_encoder, self.ema_text_encoder))
+        return pairs
+
+    @property
+    def sampling_text_encoder(self):
+        """The text encoder validation and sampling use: the EMA copy when there is one."""
+        return self.ema_text_encoder if self.ema_text_encoder is not None else self.text_encoder
+
+    @property
+    def max_length(self) -> int:
+        """Tokens of a text the encoder reads (``max_length``, at most the borrowed
+        language model's context)."""
+        return min(int(self.hparams.max_length), int(self.text_encoder.max_length))
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        if isinstance(self.text_encoder, LanguageModelEncoder):
+            # The borrowed language model's tokenizer stays (its ids are what it learned),
+            # whatever the data's; recorded in the spec like any model's.
+            super().set_tokenizer(self.text_encoder.language_model.tokenizer)
+            return
+        vocab = self.hparams.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
+                            f"{vocab}; set model.vocab_size=null to take the data's size")
+        super().set_tokenizer(tokenizer)
+
+    # -- text -------------------------------------------------------------------------
+
+    def encode(self, texts: list[str], encoder=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token features (B, T, D) and mask (B, T) of `texts` ("" = no text), with
+        `encoder` (default: the sampling one). Longer texts are truncated to
+        `max_length` tokens with a warning (once per run while training)."""
+        if self.tokenizer is None:
+            raise UserError("this text-to-image model has no tokenizer: train it on captioned "
+                            "data (data=shapes, data=captioned_folder), which gives it one")
+        ids, mask, truncated = encode_texts(self.tokenizer, texts, self.max_length, self.device)
+        if truncated and not (self.training and self._warned_truncation):
+            self._warned_truncation = self._warned_truncation or self.training
+            example = texts[truncated[0]]
+            log.warning("%d of %d texts are longer than this model's %d tokens and were cut "
+                        "to their first %d (e.g. %r)", len(truncated), len(texts),
+                        self.max_length, self.max_length, example[:80])
+        encoder = encoder if encoder is not None else self.sampling_text_encoder
+        return encoder(ids, mask), mask
+
+    # -- objective --------------------------------------------------------------------
+
+    def _captions(self, batch: dict[str, Any]) -> list[str]:
+        captions = batch.get("caption")
+        if captions is None:
+            raise UserError("text2image needs batch['caption'] (a list of str): use captioned "
+                            "data such as data=shapes or data=captioned_folder")
+        return [str(c) for c in captions]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x = batch["image"]
+        context, mask = self.encode(self._captions(batch), self.text_encoder)
+        if self.hparams.caption_dropout > 0:
+            # Classifier-free guidance training: some images are seen without their text.
+            drop = torch.rand(mask.shape[0], device=mask.device) < self.hparams.caption_dropout
+            mask = mask & ~drop[:, None]
+        loss = self.diffusion_loss(self.unet, x, None, context=context, mask=mask)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x = batch["image"]
+        context, mask = self.encode(self._captions(batch))
+        gen = torch.Generator(device=x.device).manual_seed(10_000 + batch_idx)
+        loss = self.diffusion_loss(self.sampling_net, x, None, generator=gen, context=context, mask=mask)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        return loss
+
+    def example_batch(self, batch_size: int = 4) -> dict[str, Any]:
+        """Random images with shapes captions; a model without a tokenizer gets a char
+        tokenizer over those captions, as captioned data would give it."""
+        if self.tokenizer is None and not isinstance(self.text_encoder, LanguageModelEncoder):
+            from genframe.text.tokenize import build_tokenizer
+
+            self.set_tokenizer(build_tokenizer("char", _EXAMPLE_CAPTIONS))
+        batch = super().example_batch(batch_size)
+        batch["caption"] = [_EXAMPLE_CAPTIONS[i % len(_EXAMPLE_CAPTIONS)] for i in range(batch_size)]
+        return batch
+
+    def train(self, mode: bool = True) -> Text2Image:
+        super().train(mode)
+        self.text_encoder.train(mode)  # a frozen language model stays in eval mode
+        return self
+
+    # -- generation -------------------------------------------------------------------
+
+    def _guidance(self, guidance: float | None) -> float:
+        return self.guidance_scale(guidance, "caption_dropout", "prompt")
+
+    def _texts(self, value: Any, n: int, key: str) -> list[str]:
+        """`value` (one text or a list of `n`) as `n` non-empty texts."""
+        if isinstance(value, torch.Tensor) or not isinstance(value, (str, list, tuple)):
+            raise UserError(f"{key}: expected a text or a list of {n} texts, got {type(value).__name__}")
+        texts = [value] * n if isinstance(value, str) else list(value)
+        if len(texts) != n:
+            raise UserError(f"{key}: got {len(texts)} texts for {n} samples")
+        for text in texts:
+            if not isinstance(text, str):
+                raise UserError(f"{key}: expected texts, got {text!r}")
+            if not text.strip():
+                raise UserError(
+                    f"{key}: an empty text; give a description such as "
+                    f"'a red circle at the top left' (leave prompt out for unconditional samples)"
+                )
+        return texts
+
+    def text_denoiser(self, prompts: list[str] | None, negative: list[str] | None, w: float):
+        """The ``denoise(x_t, t)`` samplers call, for `prompts` with guidance scale `w`.
+
+        The unconditional branch reads no text, or the `negative` prompts (a negative
+        prompt replaces the unconditional prediction, so the samples move away from
+        it). w = 1 runs only the conditional branch, w = 0 only the unconditional one,
+        otherwise both run in one doubled batch.
+        """
+        net = self.sampling_net
+        n = len(prompts) if prompts is not None else 0
+        if prompts is None:  # no text at all: the unconditional model
+            def unconditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                context, mask = self.encode([""] * x.shape[0])
+                return net(x, t, None, context=context, mask=mask)
+            return unconditional
+        uncond = negative if negative is not None else [""] * n
+        if w == 1.0:
+            context, mask = self.encode(prompts)
+            return lambda x, t: net(x, t, None, context=context, mask=mask)
+        if w == 0.0:
+            context, mask = self.encode(uncond)
+            return lambda x, t: net(x, t, None, context=context, mask=mask)
+        context, mask = self.encode(prompts + uncond)  # (2N, T, D): one padding for both
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = net(torch.cat([x, x]), torch.cat([t, t]), None, context=context, mask=mask)
+            cond, un = out.chunk(2)
+            return un + w * (cond - un)
+
+        return guided
+
+    def sample(
+        self,
+        num_samples: int,
+        *,
+        condition: dict[str, Any],
+        generator: torch.Generator,
+        sampler: Sampler | None = None,
+        guidance: float | None = None,
+        negative_prompt: str | None = None,
+        clip_x0: bool = True,
+        init_image: torch.Tensor | None = None,
+        strength: float | None = None,
+    ) -> Samples:
+        """Images for ``condition["prompt"]`` (one text, or a list of `num_samples`).
+
+        Args:
+            num_samples: how many images.
+            condition: ``{"prompt": "a red circle at the top left"}``; without a prompt
+                the samples are unconditional (guidance does not apply).
+            generator: the seeded generator.
+            sampler: a `genframe.samplers.Sampler` (None: DDIM with
+                ``default_sampler_steps``).
+            guidance: the classifier-free guidance scale w in [0, 50] (None: the model's
+                ``guidance``).
+            negative_prompt: a text the samples should not show; it replaces the
+                unconditional prediction, so it needs a prompt and w != 1.
+            clip_x0: clip the predicted clean image to [-1, 1] at every step.
+            init_image, strength: image-to-image (SDEdit), as for `Diffusion.sample`.
+
+        Raises:
+            UserError: an empty prompt or negative prompt, a negative prompt without a
+                prompt or with w = 1, a bad guidance, sampler, init image or strength.
+        """
+        sampler = self.check_sampler(sampler)
+        prompt = condition.get("prompt")
+        prompts = None if prompt is None else self._texts(prompt, num_samples, "prompt")
+        w = self._guidance(guidance) if prompts is not None else None
+        negative = None
+        if negative_prompt is not None:
+            if prompts is None:
+                raise UserError("negative_prompt needs a prompt: it steers the samples of a "
+                                "prompt away from a text")
+            if w == 1.0:
+                raise UserError(
+                    "negative_prompt has no effect at guidance=1: it replaces the "
+                    "unconditional prediction, which guidance 1 does not use; give guidance > 1")
+            negative = self._texts(negative_prompt, num_samples, "negative_prompt")
+        images, metadata = self.reverse_process(
+            self.text_denoiser(prompts, negative, w if w is not None else 1.0), num_samples,
+            generator=generator, sampler=sampler, clip_x0=clip_x0, init_image=init_image,
+            strength=strength,
+        )
+        conditions = [{"prompt": p} for p in prompts] if prompts else [{} for _ in range(num_samples)]
+        return Samples(images=images, conditions=conditions, metadata={
+            "guidance": w, "negative_prompt": negative_prompt, **metadata})
+
+
+def _borrowed_language_model(run: str | None, spec: dict[str, Any] | None):
+    """(description, model) of the language model the text encoder borrows, or None.
+
+    From `spec` (a rebuilt run: the weights come with this model's own) or else from the
+    run directory `run` (its weights loaded here).
+    """
+    from genframe.spec import ModelSpec
+    from genframe.weights import build_from_spec, load_model
+
+    if spec is not None:
+        model = build_from_spec(ModelSpec.from_dict(spec, where="model.text_encoder_spec"),
+                                where="model.text_encoder_spec")
+    elif run is not None:
+        model, _, _ = load_model(str(run))
+        model = model.cpu()
+    else:
+        return None
+    if not callable(getattr(model, "text_features", None)):
+        raise UserError(
+            f"model.text_encoder_run={run}: holds model '{model.registered_name}', which gives no "
+            "text features; name the run directory of a language model (model=transformer)")
+    if model.tokenizer is None:
+        raise UserError(f"model.text_encoder_run={run}: the language model has no tokenizer")
+    description = model.model_spec.to_dict()
+    return description, model
+
+
+def _validate(args: dict[str, Any]) -> None:
+    """Refuse bad text-side values with a message naming the ``model.`` key (the image
+    side is `Diffusion`'s)."""
+    need = argument_check(args)
+    need(0 <= args["caption_dropout"] < 1, "caption_dropout", "in [0, 1)")
+    need(0 <= args["guidance"] <= MAX_GUIDANCE, "guidance", f"between 0 and {MAX_GUIDANCE:g}")
+    need(args["vocab_size"] is None or args["vocab_size"] >= 2, "vocab_size", "null or at least 2")
+    for key in ("max_length", "text_width", "text_depth", "text_heads", "transformer_depth"):
+        need(args[key] >= 1, key, "at least 1")
+    need(args["text_width"] % args["text_heads"] == 0, "text_heads", "a divisor of text_width")
+    if args["guidance"] != 1 and args["caption_dropout"] <= 0:
+        raise UserError(
+            f"model.guidance={args['guidance']} needs model.caption_dropout > 0 (classifier-free "
+            "guidance mixes in the unconditional prediction, which caption dropout trains)")
