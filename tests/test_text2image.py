@@ -137,7 +137,10 @@ def test_long_prompts_are_cut_the_same_way_with_a_warning(tiny, caplog):
     cut = long[: tiny.max_length]  # a char tokenizer: one token per character
     with caplog.at_level(logging.WARNING, logger="genframe"):
         a = tiny.generate(1, condition={"prompt": long}, seed=0)
-    assert "cut to their first 48" in caplog.text
+    assert "1 text is longer than this model's 48 tokens" in caplog.text
+    caplog.clear()
+    tiny.generate(1, condition={"prompt": long}, seed=0, guidance=3.0)
+    assert "longer" not in caplog.text  # said once per text
     b = tiny.generate(1, condition={"prompt": cut}, seed=0)
     assert torch.equal(a.images, b.images)
 
@@ -183,7 +186,7 @@ def test_generate_prompt_file_negative_prompt_and_init_image(t2i_run, compose_ta
     assert [line["condition"]["prompt"] for line in lines] == [PROMPT] * 2 + ["a small green circle in the centre"] * 2
     for line in lines:
         assert line["negative_prompt"] == "a blue square" and line["guidance"] == 3.0
-        assert line["init_image"] == str(tmp_path / "init.png") and line["strength"] == 0.6
+        assert line["init_image"] == str((tmp_path / "init.png").resolve()) and line["strength"] == 0.6
         assert line["sampler"]["name"] == "ddpm" and "seed" in line
 
 
@@ -219,6 +222,26 @@ def test_a_prompt_or_negative_prompt_to_an_image_model_exits_2(cli, compose_task
         result = cli("generate", f"run={run}", extra, "num_samples=1")
         assert result.returncode == 2, result.stderr[-2000:]
         assert match in result.stderr
+
+
+def test_train_on_a_captioned_folder(compose_task, tmp_path):
+    from genframe.data.shapes import render
+    from genframe.sample_writer import png_bytes
+    from genframe.tasks.train import train
+
+    root = tmp_path / "pairs"
+    root.mkdir()
+    rows = []
+    for i, colour in enumerate(["red", "green", "blue", "yellow"] * 3):
+        attrs = {"size": "large", "colour": colour, "shape": "circle", "position": "centre"}
+        (root / f"{i}.png").write_bytes(png_bytes(render(attrs, 24)))
+        rows.append({"file": f"{i}.png", "caption": f"a large {colour} circle in the centre"})
+    rows.append({"file": "missing.png", "caption": "no such image"})
+    (root / "uncaptioned.png").write_bytes(png_bytes(render(attrs, 24)))
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = train(compose_task("train", "data=captioned_folder", f"data.root={root}",
+                                "data.image_size=24", "data.batch_size=4", *TINY_T2I, *FAST_TRAINING))
+    assert json.loads((result["run_dir"] / "run.json").read_text())["status"] == "completed"
 
 
 def test_evaluate_reports_alignment_on_the_held_out_pairs(t2i_run, compose_task):
@@ -317,3 +340,28 @@ def test_finetune_lora_on_text2image(t2i_run, compose_task):
     ema_lora_b = [v for k, v in state.items() if k.startswith("ema_unet.") and "lora_B" in k]
     assert ema_lora_b and any(float(v.abs().sum()) > 0 for v in ema_lora_b)  # the EMA moved
     assert (result["run_dir"] / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_a_language_model_encoder_frozen_or_tuned(trainable):
+    from genframe.testing import build_tiny
+    from genframe.text.tokenize import build_tokenizer
+    from genframe.plugins import get_registry
+
+    torch.manual_seed(0)
+    lm = build_tiny("transformer")
+    lm.set_tokenizer(build_tokenizer("char", [PROMPT, "a small blue circle in the centre"]))
+    tiny = dict(get_registry().model("text2image").tiny)
+    model = build_tiny("text2image", {**tiny, "max_length": 40, "text_encoder_trainable": trainable,
+                                      "text_encoder_spec": lm.model_spec.to_dict()})
+    assert model.max_length == 16  # the language model's context window is the limit
+    assert (model.ema_text_encoder is not None) == trainable  # a frozen encoder needs no EMA
+    before = {k: v.clone() for k, v in model.text_encoder.state_dict().items()}
+    batch = model.example_batch(2)
+    model.train()
+    assert model.text_encoder.language_model.training == trainable  # frozen: no dropout
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.training_step(batch, 0).backward()
+    opt.step()
+    changed = any(not torch.equal(before[k], v) for k, v in model.text_encoder.state_dict().items())
+    assert changed == trainable

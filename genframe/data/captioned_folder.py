@@ -80,6 +80,9 @@ class CaptionedFolderDataModule(CaptionTokenizer, ImageFolderDataModule):
             ``"bpe"``, trained on the training captions (`CaptionTokenizer`).
     """
 
+    #: The class says it too: the model/data check reads it before building the data.
+    provides = frozenset({"image", "caption"})
+
     def __init__(
         self,
         root: str,

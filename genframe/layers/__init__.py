@@ -7,6 +7,7 @@ from genframe.layers.attention import (
     SpatialTransformer,
     TransformerBlock,
     multihead_attention,
+    sincos_positions_2d,
     timestep_embedding,
 )
 from genframe.layers.conv import (
@@ -37,5 +38,6 @@ __all__ = [
     "group_norm",
     "multihead_attention",
     "norm_groups",
+    "sincos_positions_2d",
     "timestep_embedding",
 ]

@@ -41,6 +41,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def sincos_positions_2d(height: int, width: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings of an H x W grid: (H*W, dim), row-major.
+
+    Half the features encode the row, half the column, each with the 1-D sinusoids of
+    `timestep_embedding` (as MAE and DiT embed image patches: He et al. 2022; Peebles &
+    Xie 2023). No parameters, so any grid size works.
+    """
+    rows = torch.arange(height, device=device).repeat_interleave(width)  # (H*W,)
+    cols = torch.arange(width, device=device).repeat(height)  # (H*W,)
+    half = dim // 2
+    return torch.cat([timestep_embedding(rows, half, 100.0),
+                      timestep_embedding(cols, dim - half, 100.0)], dim=1)  # (H*W, dim)
+
+
 def multihead_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -316,6 +330,11 @@ class SpatialTransformer(nn.Module):
         depth: number of transformer blocks.
         dropout: dropout inside the blocks.
         ff_mult, gated_ff: feed-forward hidden width multiplier, GEGLU (True) or GELU.
+        positions: add fixed 2-D sine-cosine position embeddings (`sincos_positions_2d`)
+            to the tokens, so attention knows where each one is: what a caption's "top
+            left" must be matched against. Convolutions alone see position only through
+            the padding at the borders (Liu et al. 2018, "An intriguing failing of
+            convolutional neural networks and the CoordConv solution").
     """
 
     def __init__(
@@ -328,12 +347,14 @@ class SpatialTransformer(nn.Module):
         dropout: float = 0.0,
         ff_mult: int = 4,
         gated_ff: bool = True,
+        positions: bool = False,
     ) -> None:
         super().__init__()
         _check_dims(depth=depth, context_dim=context_dim)
         head_dim = _head_dim(channels, num_heads, head_dim, "channels")
         inner = num_heads * head_dim
         self.channels = channels
+        self.positions = positions
         self.norm = group_norm(channels)
         self.proj_in = nn.Conv2d(channels, inner, 1)
         self.blocks = nn.ModuleList(
@@ -355,6 +376,8 @@ class SpatialTransformer(nn.Module):
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))  # (B, inner, H, W)
         h = h.flatten(2).transpose(1, 2)  # (B, H*W, inner): one token per position
+        if self.positions:
+            h = h + sincos_positions_2d(H, W, h.shape[-1], h.device).to(h.dtype)
         for block in self.blocks:
             h = block(h, context, mask)  # (B, H*W, inner)
         h = h.transpose(1, 2).reshape(B, -1, H, W)  # (B, inner, H, W)

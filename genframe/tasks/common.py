@@ -76,8 +76,10 @@ def read_init_image(path: str, model) -> Any:
     hp = model.hparams
     channels, size = int(hp.in_channels), int(hp.image_size)
     p = Path(str(path)).expanduser()
+    if p.is_dir():
+        raise UserError(f"init_image={path}: a folder, not an image file")
     if not p.is_file():
-        raise UserError(f"init_image={path}: no such file" + (" (a folder)" if p.is_dir() else ""))
+        raise UserError(f"init_image={path}: no such file")
     try:
         with Image.open(p) as im:
             mode, (width, height) = im.mode, im.size
@@ -90,6 +92,8 @@ def read_init_image(path: str, model) -> Any:
         want = "grey (1 channel)" if channels == 1 else "RGB (3 channels)"
         raise UserError(f"init_image={path}: {have}, but this model makes {want} images; "
                         f"give {'a grey' if channels == 1 else 'an RGB'} image")
+    if "A" in mode or mode == "P":
+        log.info("init_image %s: transparency (mode %s) composited onto white", p, mode)
     if (width, height) != (size, size):
         log.info("init_image %s: %dx%d, centre-cropped and resized to the model's %dx%d",
                  p, width, height, size, size)

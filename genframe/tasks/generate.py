@@ -90,7 +90,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     total = per_prompt * len(prompts) if prompts else per_prompt
     sampling = generation_options(cfg, model)
     # What the manifest records beside the model's own metadata: the file, not its pixels.
-    recorded = {"init_image": str(Path(cfg.init_image).expanduser())} if "init_image" in sampling else {}
+    recorded = ({"init_image": str(Path(cfg.init_image).expanduser().resolve())}
+                if "init_image" in sampling else {})
     live = bool(cfg.get("stream")) and text_model
     out_dir = Path(cfg.paths.output_dir)
     folder = out_dir / "samples"

@@ -58,7 +58,9 @@ class UNet(nn.Module):
             context of D-wide token features, then a feed-forward), as in Stable
             Diffusion's U-Net (Rombach et al. 2022), and adds a projection of the tokens'
             mean to the timestep embedding, as Imagen does with its pooled text embedding
-            (Saharia et al. 2022), so every residual block sees the text.
+            (Saharia et al. 2022), so every residual block sees the text. The spatial
+            transformers' tokens carry 2-D position embeddings, so words about places
+            ("top left") can be matched to positions.
         transformer_depth: transformer blocks in each of those layers.
 
     ``forward(x, t, label=None, context=None, mask=None)``: x (B, C, H, W), t (B,) integer
@@ -116,7 +118,7 @@ class UNet(nn.Module):
             if context_dim is None:
                 return SelfAttention2d(width, num_heads)
             return SpatialTransformer(width, context_dim, num_heads, depth=transformer_depth,
-                                      dropout=dropout)
+                                      dropout=dropout, positions=True)
 
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
 

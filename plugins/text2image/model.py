@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -76,7 +76,7 @@ class Text2Image(Diffusion):
     # LoRA on the spatial transformers' attention projections, as diffusers' text-to-image
     # LoRA training does; the EMA copy gets the same adapters.
     lora_target_modules = ("unet.*.to_q", "unet.*.to_k", "unet.*.to_v", "unet.*.to_out.0")
-    renamed_arguments: dict[str, str] = {}
+    renamed_arguments: ClassVar[dict[str, str]] = {}  # none of Diffusion's old names
 
     def __init__(
         self,
@@ -125,7 +125,7 @@ class Text2Image(Diffusion):
             self.hparams.pop(key, None)
         self.needs = type(self).needs
         self.condition_keys = type(self).condition_keys
-        self._warned_truncation = False
+        self._warned_texts: set[str] = set()  # over-long texts already warned about
         if self._borrowed is not None:
             spec, _ = self._borrowed
             # The spec goes in this model's own description: the run needs no other.
@@ -194,12 +194,14 @@ class Text2Image(Diffusion):
             raise UserError("this text-to-image model has no tokenizer: train it on captioned "
                             "data (data=shapes, data=captioned_folder), which gives it one")
         ids, mask, truncated = encode_texts(self.tokenizer, texts, self.max_length, self.device)
-        if truncated and not (self.training and self._warned_truncation):
-            self._warned_truncation = self._warned_truncation or self.training
-            example = texts[truncated[0]]
-            log.warning("%d of %d texts are longer than this model's %d tokens and were cut "
-                        "to their first %d (e.g. %r)", len(truncated), len(texts),
-                        self.max_length, self.max_length, example[:80])
+        new = sorted({texts[i] for i in truncated} - self._warned_texts)
+        if new and not (self.training and self._warned_texts):
+            # Once per text (generate encodes a prompt for its size probe and again), and
+            # once per run while training (captions repeat every epoch).
+            self._warned_texts.update(new)
+            log.warning("%d %s longer than this model's %d tokens and cut to the first %d "
+                        "(e.g. %r)", len(new), "text is" if len(new) == 1 else "texts are",
+                        self.max_length, self.max_length, new[0][:80])
         encoder = encoder if encoder is not None else self.sampling_text_encoder
         return encoder(ids, mask), mask
 
@@ -241,11 +243,6 @@ class Text2Image(Diffusion):
         batch = super().example_batch(batch_size)
         batch["caption"] = [_EXAMPLE_CAPTIONS[i % len(_EXAMPLE_CAPTIONS)] for i in range(batch_size)]
         return batch
-
-    def train(self, mode: bool = True) -> Text2Image:
-        super().train(mode)
-        self.text_encoder.train(mode)  # a frozen language model stays in eval mode
-        return self
 
     # -- generation -------------------------------------------------------------------
 
