@@ -27,8 +27,10 @@ def test_experiment_runs(experiment, compose_task):
     model = compose("train", [f"experiment={experiment}"]).model.name
     tiny = [f"model.{k}={_override(v)}" for k, v in (get_registry().model(model).tiny or {}).items()
             if k not in ("in_channels", "image_size", "num_classes", "num_levels",
-                         "vocab_size", "block_size")]
+                         "vocab_size", "block_size", "attention_resolutions")]
     overrides = [*FAST_TRAINING, *tiny]
+    if "attention_resolutions" in (get_registry().model(model).tiny or {}):
+        overrides.append("model.attention_resolutions=null")  # the lowest level of any size
     if "sample_metrics" in str(compose("train", [f"experiment={experiment}"]).get("callbacks")):
         overrides.append("callbacks.sample_metrics.num_samples=20")
     result = train(compose_task("train", f"experiment={experiment}", *overrides))
@@ -95,7 +97,13 @@ def test_callbacks_preset_runs(callbacks, compose_task):
     from genframe.tasks.train import train
 
     bar = "true" if callbacks == "rich" else "false"  # the rich preset brings a progress bar
-    result = train(compose_task("train", f"callbacks={callbacks}", *FAST, f"trainer.enable_progress_bar={bar}"))
+    run = FAST
+    if callbacks == "alignment":  # text-to-image on shapes captions only
+        from tests.test_text2image import TINY_DATA, TINY_T2I
+
+        run = [*FAST_TRAINING, *TINY_DATA, *TINY_T2I, "callbacks.alignment.num_prompts=2",
+               "callbacks.alignment.steps=2"]
+    result = train(compose_task("train", f"callbacks={callbacks}", *run, f"trainer.enable_progress_bar={bar}"))
     has_ckpt = (result["run_dir"] / "checkpoints" / "last.ckpt").exists()
     assert has_ckpt == (callbacks != "none")
     assert (result["run_dir"] / "model.safetensors").exists()
