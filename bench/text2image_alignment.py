@@ -26,7 +26,8 @@ import torch
 def main() -> None:
     from genframe.data.shapes import ShapesDataModule, parse_caption
     from genframe.metrics.alignment import alignment_scores
-    from genframe.metrics.model_metrics import model_alignment, split_captions
+    from genframe.data.base import split_captions
+    from genframe.metrics.model_metrics import model_alignment
     from genframe.samplers.ddim import DDIMSampler
     from genframe.weights import instantiate_model, load_model
 

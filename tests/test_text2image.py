@@ -224,7 +224,7 @@ def test_a_prompt_or_negative_prompt_to_an_image_model_exits_2(cli, compose_task
         assert match in result.stderr
 
 
-def test_train_on_a_captioned_folder(compose_task, tmp_path):
+def test_train_on_a_captioned_folder(compose_task, tmp_path, caplog):
     from genframe.data.shapes import render
     from genframe.sample_writer import png_bytes
     from genframe.tasks.train import train
@@ -239,9 +239,14 @@ def test_train_on_a_captioned_folder(compose_task, tmp_path):
     rows.append({"file": "missing.png", "caption": "no such image"})
     (root / "uncaptioned.png").write_bytes(png_bytes(render(attrs, 24)))
     (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = train(compose_task("train", "data=captioned_folder", f"data.root={root}",
-                                "data.image_size=24", "data.batch_size=4", *TINY_T2I, *FAST_TRAINING))
+    with caplog.at_level(logging.WARNING, logger="genframe"):
+        result = train(compose_task("train", "data=captioned_folder", f"data.root={root}",
+                                    "data.image_size=24", "data.batch_size=4", *TINY_T2I, *FAST_TRAINING))
     assert json.loads((result["run_dir"] / "run.json").read_text())["status"] == "completed"
+    assert "1 image without a caption" in caplog.text and "missing.png" in caplog.text
+    captions = {r["caption"] for r in rows}
+    lines = [json.loads(x) for x in (result["run_dir"] / "samples" / "manifest.jsonl").read_text().splitlines()]
+    assert lines and all(line["condition"]["prompt"] in captions for line in lines)
 
 
 def test_evaluate_reports_alignment_on_the_held_out_pairs(t2i_run, compose_task):

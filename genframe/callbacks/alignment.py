@@ -56,7 +56,7 @@ class PromptAlignment(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         from genframe.data.shapes import parse_caption
-        from genframe.metrics.model_metrics import split_captions
+        from genframe.data.base import split_captions
 
         name = getattr(pl_module, "registered_name", type(pl_module).__name__)
         if "prompt" not in getattr(pl_module, "condition_keys", ()) or "image" not in pl_module.needs:

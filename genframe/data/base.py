@@ -264,8 +264,13 @@ def caption_condition(model: Any, data: Any, num_samples: int, split: str = "val
     if ("prompt" not in getattr(model, "condition_keys", ()) or "image" not in getattr(model, "needs", ())
             or "caption" not in getattr(data, "provides", ())):
         return None
+    captions = split_captions(data, split, num_samples)
+    return {"prompt": [captions[i % len(captions)] for i in range(num_samples)]} if captions else None
+
+
+def split_captions(data: Any, split: str, limit: int | None = None) -> list[str]:
+    """The captions of a captioned data module's `split` (the first `limit`), in order."""
     dataset = data.dataset(split)
-    count = min(len(dataset), num_samples)
-    captions = [str(dataset[i]["caption"]) for i in range(count)]
-    return {"prompt": [captions[i % count] for i in range(num_samples)]} if count else None
+    count = len(dataset) if limit is None else min(int(limit), len(dataset))
+    return [str(dataset[i]["caption"]) for i in range(count)]
 

@@ -147,13 +147,6 @@ def model_image_metrics(model, metrics, num_samples: int, *, batch_size: int = 2
     return metrics.of_samples(samples)
 
 
-def split_captions(data: Any, split: str, limit: int | None = None) -> list[str]:
-    """The captions of a captioned data module's `split` (the first `limit`), in order."""
-    dataset = data.dataset(split)
-    count = len(dataset) if limit is None else min(int(limit), len(dataset))
-    return [str(dataset[i]["caption"]) for i in range(count)]
-
-
 def model_alignment(model, prompts: list[str], *, batch_size: int = 250, seed: int = 0,
                     **options: Any) -> dict[str, float]:
     """`genframe.metrics.alignment.alignment_scores` of one image generated for each of

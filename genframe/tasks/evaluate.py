@@ -119,7 +119,7 @@ def alignment_prompts(cfg: DictConfig, model, data, split: str) -> list[str] | N
     does not apply: metrics off, a model without prompts, data without captions, or
     captions that are not shapes captions (the metric reads shapes; said in the log)."""
     from genframe.data.shapes import parse_caption
-    from genframe.metrics.model_metrics import split_captions
+    from genframe.data.base import split_captions
 
     if not (cfg.metrics.enabled and "prompt" in model.condition_keys and "image" in model.needs
             and "caption" in getattr(data, "provides", ())):

@@ -251,7 +251,7 @@ class Text2Image(Diffusion):
 
     def _texts(self, value: Any, n: int, key: str) -> list[str]:
         """`value` (one text or a list of `n`) as `n` non-empty texts."""
-        if isinstance(value, torch.Tensor) or not isinstance(value, (str, list, tuple)):
+        if not isinstance(value, (str, list, tuple)):
             raise UserError(f"{key}: expected a text or a list of {n} texts, got {type(value).__name__}")
         texts = [value] * n if isinstance(value, str) else list(value)
         if len(texts) != n:
@@ -266,8 +266,11 @@ class Text2Image(Diffusion):
                 )
         return texts
 
-    def text_denoiser(self, prompts: list[str] | None, negative: list[str] | None, w: float):
-        """The ``denoise(x_t, t)`` samplers call, for `prompts` with guidance scale `w`.
+    def text_denoiser(self, prompts: list[str] | None, negative: list[str] | None, w: float,
+                      num_samples: int | None = None):
+        """The ``denoise(x_t, t)`` samplers call, for `prompts` with guidance scale `w`
+        (or for `num_samples` unconditional images when `prompts` is None). The texts are
+        encoded once, here, not at every step.
 
         The unconditional branch reads no text, or the `negative` prompts (a negative
         prompt replaces the unconditional prediction, so the samples move away from
@@ -275,13 +278,12 @@ class Text2Image(Diffusion):
         otherwise both run in one doubled batch.
         """
         net = self.sampling_net
-        n = len(prompts) if prompts is not None else 0
         if prompts is None:  # no text at all: the unconditional model
-            def unconditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                context, mask = self.encode([""] * x.shape[0])
-                return net(x, t, None, context=context, mask=mask)
-            return unconditional
-        uncond = negative if negative is not None else [""] * n
+            if num_samples is None:
+                raise ValueError("text_denoiser without prompts needs num_samples")
+            context, mask = self.encode([""] * num_samples)
+            return lambda x, t: net(x, t, None, context=context, mask=mask)
+        uncond = negative if negative is not None else [""] * len(prompts)
         if w == 1.0:
             context, mask = self.encode(prompts)
             return lambda x, t: net(x, t, None, context=context, mask=mask)
@@ -345,7 +347,7 @@ class Text2Image(Diffusion):
                     "unconditional prediction, which guidance 1 does not use; give guidance > 1")
             negative = self._texts(negative_prompt, num_samples, "negative_prompt")
         images, metadata = self.reverse_process(
-            self.text_denoiser(prompts, negative, w if w is not None else 1.0), num_samples,
+            self.text_denoiser(prompts, negative, w if w is not None else 1.0, num_samples), num_samples,
             generator=generator, sampler=sampler, clip_x0=clip_x0, init_image=init_image,
             strength=strength,
         )
