@@ -85,6 +85,38 @@ def test_unet_reads_the_context_and_ignores_padding():
         net(x, t)
 
 
+def test_pooled_text_off_conditions_through_cross_attention_only():
+    from genframe.plugins import get_registry
+    from genframe.testing import build_tiny
+
+    model = build_tiny("text2image", {**get_registry().model("text2image").tiny, "pooled_text": False})
+    assert model.unet.context_embed is None
+    assert build_tiny("text2image").unet.context_embed is not None
+    model.example_batch(2)
+    _randomise(model)
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([5])
+    with torch.no_grad():
+        a = model.unet(x, t, context=model.encode([PROMPT])[0], mask=model.encode([PROMPT])[1])
+        other = "a small blue circle in the centre"
+        b = model.unet(x, t, context=model.encode([other])[0], mask=model.encode([other])[1])
+    assert not torch.allclose(a, b)  # the text still gets in
+
+
+def test_a_fresh_text_encoder_keeps_each_word_apart():
+    """The encoder learns only from the image loss; if a word's features start out drowned
+    by the blocks' outputs, the words the U-Net reads late collapse into one ("top left"
+    and "bottom right" ended 0.2 apart in trained encoders, a colour 3-10 apart)."""
+    from genframe_plugins.text2image.text_encoder import TextEncoder
+
+    torch.manual_seed(0)
+    encoder = TextEncoder(vocab_size=20, max_length=8, width=64, depth=2, num_heads=4).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]])  # the last word differs
+    with torch.no_grad():
+        features = encoder(ids, torch.ones_like(ids, dtype=torch.bool))  # (2, 5, 64)
+    gap = (features[0, -1] - features[1, -1]).norm()
+    assert gap > 0.5 * features[0, -1].norm(), float(gap)
+
+
 def test_guidance_mixes_the_prompt_with_no_text_or_the_negative_prompt(tiny):
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 20])
     net = tiny.sampling_net

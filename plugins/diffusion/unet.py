@@ -62,6 +62,8 @@ class UNet(nn.Module):
             transformers' tokens carry 2-D position embeddings, so words about places
             ("top left") can be matched to positions.
         transformer_depth: transformer blocks in each of those layers.
+        pooled_context: with `context_dim`, add the pooled text embedding to the timestep
+            embedding (True) or let the text in through cross-attention only (False).
 
     ``forward(x, t, label=None, context=None, mask=None)``: x (B, C, H, W), t (B,) integer
     or float timesteps, label (B,) long in 0..K (K = null), context (B, T, D) token
@@ -82,6 +84,7 @@ class UNet(nn.Module):
         num_classes: int = 0,
         context_dim: int | None = None,
         transformer_depth: int = 1,
+        pooled_context: bool = True,
     ) -> None:
         super().__init__()
         widths = [int(c) for c in block_out_channels]
@@ -107,7 +110,8 @@ class UNet(nn.Module):
         # Class embedding added to the time embedding (ADM's class-conditional models).
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         # Pooled text embedding added to the time embedding (Imagen).
-        self.context_embed = nn.Linear(context_dim, emb_dim) if context_dim else None
+        self.context_embed = (nn.Linear(context_dim, emb_dim)
+                              if context_dim and pooled_context else None)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim=emb_dim, dropout=dropout)

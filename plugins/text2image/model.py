@@ -42,11 +42,20 @@ class Text2Image(Diffusion):
 
     Args:
         in_channels, image_size, block_out_channels, blocks_per_level,
-        attention_resolutions, num_heads, dropout, timesteps, schedule, prediction,
+        attention_resolutions, num_heads, dropout, timesteps, schedule,
         ema_decay, ema_start_step, lr, weight_decay, warmup_steps, default_sampler_steps:
             as for `Diffusion`; every attention level of the U-Net (and its middle
             block) is a spatial transformer with cross-attention to the text.
+        prediction: as for `Diffusion`, but ``"v"`` by default (Salimans & Ho 2022): its
+            loss weighs the noisiest steps, where the caption alone decides the layout,
+            far more than eps-prediction does. On the shapes, eps-prediction learned the
+            position words barely at all and v-prediction strongly, once the text
+            encoder's embeddings kept the words apart (see `TextEncoder`;
+            ``bench/text2image_alignment.py`` prints the loss with each word changed).
         transformer_depth: transformer blocks in each spatial transformer.
+        pooled_text: also add the mean of the caption's token features to the timestep
+            embedding (Imagen's pooled embedding), or condition through cross-attention
+            only.
         caption_dropout: probability of training on an image without its caption (the
             unconditional half of classifier-free guidance).
         guidance: the default guidance scale w of `generate` (1: plain conditional).
@@ -87,10 +96,11 @@ class Text2Image(Diffusion):
         attention_resolutions: list[int] | None = None,
         num_heads: int = 4,
         transformer_depth: int = 1,
+        pooled_text: bool = True,
         dropout: float = 0.0,
         timesteps: int = 1000,
         schedule: Literal["linear", "cosine"] = "cosine",
-        prediction: Literal["eps", "v"] = "eps",
+        prediction: Literal["eps", "v"] = "v",
         caption_dropout: float = 0.1,
         guidance: float = 3.0,
         ema_decay: float = 0.999,
@@ -153,7 +163,8 @@ class Text2Image(Diffusion):
         self.ema_text_encoder = (copy.deepcopy(self.text_encoder).requires_grad_(False)
                                  if trains and hp.ema_decay > 0 else None)
         return {"context_dim": self.text_encoder.feature_dim,
-                "transformer_depth": hp.transformer_depth}
+                "transformer_depth": hp.transformer_depth,
+                "pooled_context": bool(hp.pooled_text)}
 
     def ema_pairs(self):
         pairs = super().ema_pairs()

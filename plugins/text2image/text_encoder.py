@@ -52,8 +52,12 @@ class TextEncoder(nn.Module):
             TransformerBlock(width, num_heads, dropout=dropout) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        # Unit-scale embeddings (PyTorch's default), not GPT's 0.02: the encoder learns only
+        # from the image loss, which pulls two words apart only once the U-Net uses them.
+        # At 0.02 the blocks' outputs drown a word's identity and words the U-Net reads
+        # late ("left", "right") collapse to one feature; at unit scale they stay apart.
+        nn.init.normal_(self.token_embedding.weight, std=1.0)
+        nn.init.normal_(self.position_embedding.weight, std=1.0)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         T = ids.shape[1]
