@@ -44,6 +44,11 @@ def main() -> None:
     parser.add_argument("--tables", default="guidance,strength,sensitivity",
                         help="which tables to print (comma-separated)")
     args = parser.parse_args()
+    tables = set(args.tables.split(","))
+    unknown = tables - {"guidance", "strength", "sensitivity"}
+    if unknown:
+        parser.error(f"--tables: unknown {', '.join(sorted(unknown))}; "
+                     "choose from guidance, strength, sensitivity")
 
     model, run, _ = load_model(args.run)
     model.eval()
@@ -54,7 +59,6 @@ def main() -> None:
     print(f"{len(prompts)} held-out prompts ({', '.join(f'{c} {s}' for c, s in data.held_out_pairs)}), "
           f"DDIM-{args.steps}")
 
-    tables = set(args.tables.split(","))
     if "guidance" in tables:
         guidance_table(model, prompts, sampler, args.guidance)
     if "strength" in tables:

@@ -56,9 +56,10 @@ class UNet(nn.Module):
         context_dim: None for a net without text; D > 0 makes every attention layer a
             `genframe.layers.SpatialTransformer` (self-attention, then cross-attention to a
             context of D-wide token features, then a feed-forward), as in Stable
-            Diffusion's U-Net (Rombach et al. 2022), and adds a projection of the tokens'
-            mean to the timestep embedding, as Imagen does with its pooled text embedding
-            (Saharia et al. 2022), so every residual block sees the text. The spatial
+            Diffusion's U-Net (Rombach et al. 2022), and (unless `pooled_context` is
+            False) adds a projection of the tokens' mean to the timestep embedding, as
+            Imagen does with its pooled text embedding (Saharia et al. 2022), so every
+            residual block sees the text. The spatial
             transformers' tokens carry 2-D position embeddings, so words about places
             ("top left") can be matched to positions.
         transformer_depth: transformer blocks in each of those layers.
