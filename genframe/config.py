@@ -42,9 +42,26 @@ def config_groups(extra_dirs: Sequence[Path] = ()) -> dict[str, list[str]]:
 _STORED: list[tuple[str | None, str]] | None = None
 
 
+def required_value(hint: str) -> Any:
+    """The ``${genframe.required:'<hint>'}`` resolver: a value a config cannot have a
+    default for (an experiment's ``model.autoencoder``), which stays required even where
+    it is merged over a default (OmegaConf's ``???`` does not override a set value).
+
+    Raises:
+        UserError: always, with `hint` (what to give); reached only when the value was
+            not overridden.
+    """
+    raise UserError(f"required but not set: {hint}")
+
+
 def register_plugin_configs() -> None:
-    """Add each plugin's config directory to Hydra's ConfigStore (once per process)."""
+    """Add each plugin's config directory to Hydra's ConfigStore (once per process), and
+    register genframe's config resolvers (`required_value`)."""
     global _STORED
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("genframe.required"):
+        OmegaConf.register_new_resolver("genframe.required", required_value)
     if _STORED is not None:
         return
     from hydra.core.config_store import ConfigStore

@@ -342,3 +342,32 @@ def load_model(run: str | None = None, ckpt: str | None = None,
                             "adapters; give the base model's run or weights")
         load_adapter(model, Path(adapter).expanduser(), where=f"adapter={adapter}")
     return model, opened, Path(path).resolve()
+
+
+def borrowed_model(run: str | None, spec: Mapping[str, Any] | None, *, run_key: str,
+                   spec_key: str) -> tuple[dict[str, Any], Any] | None:
+    """(description, model) of a trained model another model composes (a text-to-image
+    model's language model, a latent diffusion model's autoencoder), or None.
+
+    From `spec`, the description recorded when the composing model was first built (its
+    weights then come with the composing model's own, so the other run is no longer
+    needed), or else from the run directory `run`, weights loaded, on the CPU.
+
+    Args:
+        run_key, spec_key: the config keys of `run` and `spec` (``model.autoencoder``),
+            named in messages.
+
+    Raises:
+        UserError: `run` is not a readable run directory, or `spec` builds no model.
+    """
+    if spec is not None:
+        model = build_from_spec(ModelSpec.from_dict(dict(spec), where=spec_key), where=spec_key)
+    elif run is not None:
+        try:
+            model, _, _ = load_model(str(run))
+        except UserError as exc:
+            raise UserError(f"{run_key}={run}: {exc}") from exc
+        model = model.cpu()
+    else:
+        return None
+    return model.model_spec.to_dict(), model

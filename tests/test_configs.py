@@ -33,6 +33,13 @@ def test_experiment_runs(experiment, compose_task):
         overrides.append("model.attention_resolutions=null")  # the lowest level of any size
     if "sample_metrics" in str(compose("train", [f"experiment={experiment}"]).get("callbacks")):
         overrides.append("callbacks.sample_metrics.num_samples=20")
+    composed = compose("train", [f"experiment={experiment}"])
+    needs_ae = "genframe.required" in str(OmegaConf.to_container(composed.model, resolve=False).get("autoencoder"))
+    if needs_ae:  # a latent diffusion experiment: a tiny autoencoder on its data first
+        ae = train(compose_task("train", f"data={composed.data.name}", "model=autoencoder",
+                                "model.block_out_channels=[8,16]", "model.latent_channels=2",
+                                *FAST_TRAINING))
+        overrides.append(f"model.autoencoder={ae['run_dir']}")
     result = train(compose_task("train", f"experiment={experiment}", *overrides))
     # The same config and seed, built but not trained: the untrained weights.
     untrained = prepare_training(compose_task("train", f"experiment={experiment}", *overrides))

@@ -281,6 +281,11 @@ def resolved_model_config(cfg: DictConfig) -> dict[str, Any]:
     except InterpolationResolutionError as exc:
         key = str(getattr(exc, "full_key", "") or "model")
         text = str(exc).splitlines()[0]
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # a resolver's own message (genframe.required)
+            raise UserError(f"{key}: {cause} (set in {origin('model')})") from exc
         data = cfg.get("data")
         dname = data.get("name") if data is not None else None
         raise UserError(

@@ -7,6 +7,11 @@ loss. Sampling runs the reverse process with a `genframe.samplers.Sampler` chose
 generate time (DDIM by default, Song et al. 2021), using an exponential moving average of
 the weights.
 
+With ``autoencoder`` (the run directory of a ``model=autoencoder`` run) the model is a
+latent diffusion model (Rombach et al. 2022, https://arxiv.org/abs/2112.10752): the U-Net
+denoises the autoencoder's spatial latent, scaled to unit variance, and samples are
+decoded to images at the end; the autoencoder's weights are copied into this model.
+
 With ``num_classes > 0`` the U-Net also sees a label embedding; training replaces the
 label by a "null" label with probability ``label_dropout`` so one network learns both the
 conditional and the unconditional model, and sampling mixes the two predictions with a
@@ -20,7 +25,9 @@ separate objects; this module holds the objective, the EMA and the generate() gl
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 from typing import Any, Literal
 
 import torch
@@ -36,6 +43,8 @@ from genframe.samplers.schedules import make_schedule
 from genframe.samples import Samples
 
 from .unet import UNet, level_sides
+
+log = logging.getLogger("genframe")
 
 MAX_GUIDANCE = 50.0
 DEFAULT_STRENGTH = 0.8  # image-to-image without a strength: diffusers' img2img default
@@ -80,6 +89,18 @@ class Diffusion(GenerativeModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps; 0 = off.
         default_sampler_steps: DDIM steps used when ``generate`` gets no sampler.
+        autoencoder: the run directory of a trained ``model=autoencoder`` whose latent
+            space the U-Net works in (latent diffusion): batches are encoded (a draw from
+            q(z|x)), multiplied by ``latent_scale``, and samples decoded at the end. Its
+            ``in_channels`` and ``image_size`` must be this model's; the U-Net is built at
+            the latent's shape (c, h, w), so ``attention_resolutions`` names latent sides.
+            Its weights and description are copied into this model (``autoencoder_spec``),
+            so the run needs that directory no more. None: pixel space.
+        autoencoder_spec: the autoencoder's description, recorded from `autoencoder`
+            (not set by hand).
+        latent_scale: the factor that scales the latent to unit variance (Stable
+            Diffusion's 0.18215). None: 1 / std of the latents of the first batch the
+            model encodes, as Latent Diffusion measures it, kept with the weights.
 
     Logs ``train/loss`` (the simple loss: MSE of the eps or v prediction) and ``val/loss``
     (the same loss with the EMA weights, at noise levels and noise drawn from a fixed seed
@@ -112,12 +133,19 @@ class Diffusion(GenerativeModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         default_sampler_steps: int = 50,
+        autoencoder: str | None = None,
+        autoencoder_spec: dict[str, Any] | None = None,
+        latent_scale: float | None = None,
     ) -> None:
         super().__init__()
         # Plain lists in hparams, whatever sequence came in.
         block_out_channels = [int(c) for c in block_out_channels]
+        first_stage = _borrowed_autoencoder(autoencoder, autoencoder_spec, in_channels, image_size)
+        # The U-Net's space: the image's, or the autoencoder's latent (c, h, w).
+        net_shape = (in_channels, image_size, image_size) if first_stage is None else \
+            tuple(first_stage[1].latent_shape)
         if attention_resolutions is None:  # the lowest-resolution level, whatever the size
-            attention_resolutions = [level_sides(image_size, len(block_out_channels))[-1]]
+            attention_resolutions = [level_sides(net_shape[1:], len(block_out_channels))[-1]]
         attention_resolutions = [int(r) for r in attention_resolutions]
         _validate(locals())
         self.save_hyperparameters()
@@ -126,13 +154,23 @@ class Diffusion(GenerativeModule):
         self.image_size = image_size
         self.num_classes = num_classes
         self.prediction = prediction
+        self.net_shape: tuple[int, int, int] = net_shape  # (C, H, W) the U-Net denoises
         self.set_class_conditional(num_classes)
+        self.autoencoder: nn.Module | None = None
+        if first_stage is not None:
+            description, ae = first_stage
+            # Frozen (only the U-Net learns) and run in eval mode (`_eval_mode`).
+            self.autoencoder = ae.requires_grad_(False)
+            # 0 = not measured yet (`to_latent` measures it on the first batch).
+            self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
+            # The description goes in this model's own: the run needs no other.
+            self.resolved_arguments = {**self.resolved_arguments, "autoencoder_spec": description}
 
         # A plain object, not a module: it is fixed by (schedule, timesteps), so it is
         # rebuilt from the hyperparameters rather than stored in checkpoints.
         self.schedule = make_schedule(schedule, timesteps)
         self.unet = UNet(
-            in_channels, image_size, block_out_channels,
+            net_shape[0], net_shape[1:], block_out_channels,
             blocks_per_level=blocks_per_level,
             attention_resolutions=attention_resolutions,
             num_heads=num_heads, dropout=dropout, num_classes=num_classes,
@@ -162,6 +200,44 @@ class Diffusion(GenerativeModule):
     ) -> torch.Tensor:
         """The online network's raw prediction (eps or v) at (x_t, t): (B, C, H, W)."""
         return self.unet(x_t, t, label)
+
+    # -- latent space ---------------------------------------------------------------
+
+    def to_latent(self, x: torch.Tensor, *, sample: bool = False) -> torch.Tensor:
+        """What the U-Net denoises for images x (B, C, H, W) in [-1, 1]: x itself, or with
+        an autoencoder its latent (B, c, h, w) times ``latent_scale`` -- the posterior
+        mean, or a draw from q(z|x) with `sample` (training, as Latent Diffusion does)."""
+        if self.autoencoder is None:
+            return x
+        with torch.no_grad(), _eval_mode(self.autoencoder):
+            z = self.autoencoder.encode_latents(x, sample=sample)
+        if float(self.latent_scale) <= 0:
+            self._measure_latent_scale(z)
+        return z * self.latent_scale
+
+    def from_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] for what the U-Net made (identity in pixel space).
+
+        A latent model that has not yet measured ``latent_scale`` (no batch seen: an
+        untrained model, as in the checks before training) decodes with scale 1; the
+        samples' metadata then records ``latent_scale: null``.
+        """
+        if self.autoencoder is None:
+            return z
+        scale = float(self.latent_scale)
+        with _eval_mode(self.autoencoder):
+            return self.autoencoder.decode_latents(z / scale if scale > 0 else z)
+
+    @torch.no_grad()
+    def _measure_latent_scale(self, z: torch.Tensor) -> None:
+        """latent_scale = 1 / std(z) of the first batch (Latent Diffusion's
+        ``scale_by_std``), the mean over processes when several train."""
+        std = z.float().std()
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            std = trainer.strategy.reduce(std, reduce_op="mean")
+        self.latent_scale.fill_(1.0 / float(std.clamp_min(1e-8)))
+        log.info("latent_scale = 1 / std of the first batch's latents = %.5g", float(self.latent_scale))
 
     @property
     def sampling_net(self) -> UNet:
@@ -194,7 +270,7 @@ class Diffusion(GenerativeModule):
     ) -> torch.Tensor:
         """The simple loss: MSE between the network's output and its eps/v target.
 
-        x0: (B, C, H, W) in [-1, 1]; t ~ U{0..T-1} and eps ~ N(0, I) are drawn from
+        x0: (B, C, H, W), the images in [-1, 1] or their scaled latents (`to_latent`); t ~ U{0..T-1} and eps ~ N(0, I) are drawn from
         `generator` (the global RNG when None). `net_kwargs` go to the network with the
         label (a text-conditional U-Net's ``context`` and ``mask``).
         """
@@ -212,7 +288,7 @@ class Diffusion(GenerativeModule):
             # Classifier-free guidance training: drop labels to the null class.
             drop = torch.rand(label.shape, device=label.device) < self.hparams.label_dropout
             label = torch.where(drop, torch.full_like(label, self.null_label), label)
-        loss = self.diffusion_loss(self.unet, x, label)
+        loss = self.diffusion_loss(self.unet, self.to_latent(x, sample=True), label)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         return loss
 
@@ -221,7 +297,7 @@ class Diffusion(GenerativeModule):
         # A fixed draw of t and noise per batch: val/loss then measures the weights, not
         # the luck of the draw, and is comparable across epochs (and runs).
         gen = torch.Generator(device=x.device).manual_seed(10_000 + batch_idx)
-        loss = self.diffusion_loss(self.sampling_net, x, label, generator=gen)
+        loss = self.diffusion_loss(self.sampling_net, self.to_latent(x), label, generator=gen)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
         return loss
 
@@ -385,7 +461,7 @@ class Diffusion(GenerativeModule):
         generator: torch.Generator,
         sampler: Sampler | None = None,
         guidance: float | None = None,
-        clip_x0: bool = True,
+        clip_x0: bool | None = None,
         init_image: torch.Tensor | None = None,
         strength: float | None = None,
     ) -> Samples:
@@ -410,7 +486,9 @@ class Diffusion(GenerativeModule):
                 ``sampler=<name>`` builds in the tasks); None: `default_sampler`.
             guidance: classifier-free guidance scale in [0, 50] for a conditional model
                 (None: the model's ``guidance``); refused for an unconditional one.
-            clip_x0: clip the predicted clean image to [-1, 1] at every step.
+            clip_x0: clip the predicted clean image to [-1, 1] at every step (None: in
+                pixel space yes, in a latent space no; True is refused there, since a
+                unit-variance latent is not bounded by 1).
             init_image: the starting image(s), float in [0, 1], (N, C, H, W) or one image
                 (C, H, W) / (1, C, H, W) used for every sample; C and H = W must be the
                 model's ``in_channels`` and ``image_size`` (no resizing here: the caller
@@ -451,7 +529,7 @@ class Diffusion(GenerativeModule):
         *,
         generator: torch.Generator,
         sampler: Sampler,
-        clip_x0: bool = True,
+        clip_x0: bool | None = None,
         init_image: torch.Tensor | None = None,
         strength: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -462,7 +540,14 @@ class Diffusion(GenerativeModule):
         run: sampler, EMA, clip_x0, and the strength and start timestep of an
         image-to-image run).
         """
-        shape = (num_samples, self.in_channels, self.image_size, self.image_size)
+        shape = (num_samples, *self.net_shape)
+        latent = self.autoencoder is not None
+        if clip_x0 is None:
+            clip_x0 = not latent
+        elif clip_x0 and latent:
+            raise UserError("clip_x0=true clips the predicted clean image to [-1, 1], but this "
+                            "model denoises a unit-variance latent, which is not bounded by 1; "
+                            "leave clip_x0 out (it is off in a latent space)")
         start, x_start = 0, None
         if strength is not None:
             start = sampler.start_for_strength(self.schedule, strength)  # checks (0, 1]
@@ -475,18 +560,23 @@ class Diffusion(GenerativeModule):
             strength = DEFAULT_STRENGTH if strength is None else strength
             start = sampler.start_for_strength(self.schedule, strength)
             x0 = self._init_image(init_image, num_samples) * 2 - 1  # (N, C, H, W) in [-1, 1]
+            x0 = self.to_latent(x0)  # (N, *net_shape)
             x_start = sampler.noise_to_start(x0, self.schedule, start, generator=generator)
         x = sampler.sample(
             denoise, self.schedule, shape,
             prediction=self.prediction, generator=generator, device=self.device,
             clip_x0=bool(clip_x0), start=start, x_start=x_start,
-        )  # (N, C, H, W) in [-1, 1]
-        images = ((x.float() + 1) / 2).clamp(0, 1)
+        )  # (N, *net_shape): images in [-1, 1] or scaled latents
+        images = ((self.from_latent(x).float() + 1) / 2).clamp(0, 1)  # (N, C, H, W)
         metadata = {
             "sampler": sampler.describe(),
             "ema": self.ema_unet is not None,
             "clip_x0": bool(clip_x0),
         }
+        if latent:
+            scale = float(self.latent_scale)
+            metadata["latent_space"] = {"shape": list(self.net_shape),
+                                        "latent_scale": scale if scale > 0 else None}
         if init_image is not None:
             metadata["strength"] = float(strength)
             metadata["start_timestep"] = sampler.timesteps(self.schedule)[start]
@@ -514,6 +604,50 @@ class Diffusion(GenerativeModule):
                 f"{float(image.max()):.3g}] (images scaled to [-1, 1]? pass (x + 1) / 2)"
             )
         return image.expand(num_samples, C, S, S)
+
+
+def _borrowed_autoencoder(run: str | None, spec: dict[str, Any] | None, in_channels: int,
+                          image_size: int) -> tuple[dict[str, Any], nn.Module] | None:
+    """(description, model) of the autoencoder of a latent diffusion model, or None.
+
+    Raises:
+        UserError: the run holds no autoencoder with a spatial latent, or one made for
+            images of another shape than this model's.
+    """
+    from genframe.weights import borrowed_model
+
+    borrowed = borrowed_model(run, spec, run_key="model.autoencoder", spec_key="model.autoencoder_spec")
+    if borrowed is None:
+        return None
+    description, ae = borrowed
+    where = f"model.autoencoder={run}" if spec is None else "model.autoencoder_spec"
+    shape = getattr(ae, "latent_shape", None)
+    if not (callable(getattr(ae, "encode_latents", None)) and callable(getattr(ae, "decode_latents", None))
+            and isinstance(shape, tuple) and len(shape) == 3):
+        raise UserError(
+            f"{where}: holds model '{ae.registered_name}', which has no spatial latent (encode_latents, "
+            "decode_latents, latent_shape (c, h, w)); name the run directory of a model=autoencoder run")
+    ae_image = (int(ae.hparams.get("in_channels", -1)), int(ae.hparams.get("image_size", -1)))
+    if ae_image != (in_channels, image_size):
+        raise UserError(
+            f"{where}: the autoencoder encodes {ae_image[0]}x{ae_image[1]}x{ae_image[1]} images, but "
+            f"this model's are {in_channels}x{image_size}x{image_size} (model.in_channels, "
+            "model.image_size, from data.channels and data.image_size); train an autoencoder "
+            "on this data, or use data of its size")
+    return description, ae
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Run a frozen part in eval mode (no dropout, running statistics) even while the
+    model trains, restoring its mode after. Not by overriding ``train()``: Lightning
+    checks at the start of training that every module is in train mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _base_name(key: str) -> str:
@@ -559,14 +693,28 @@ def _validate(args: dict[str, Any]) -> None:
         if args[key] not in allowed:
             raise UserError(f"model.{key} must be one of {valid_list(allowed)}, got {args[key]!r}")
 
-    sides = level_sides(args["image_size"], len(block_out_channels))
+    net_shape = args["net_shape"]
+    space = (f"image_size={args['image_size']}" if args["first_stage"] is None else
+             f"the autoencoder's {net_shape[0]}x{net_shape[1]}x{net_shape[2]} latent")
+    levels = len(block_out_channels)
+    if args["first_stage"] is not None and min(net_shape[1:]) < 2 ** (levels - 1):
+        raise UserError(
+            f"model.block_out_channels: {levels} U-Net levels halve the input {levels - 1} times, "
+            f"more than {space} allows (its side is {min(net_shape[1:])}); use at most "
+            f"{min(net_shape[1:]).bit_length()} levels, or an autoencoder with fewer levels "
+            "(a larger latent)")
+    sides = level_sides(net_shape[1:], levels)
     unknown = sorted(set(args["attention_resolutions"]) - set(sides))
     if unknown:
         raise UserError(
             f"model.attention_resolutions: {unknown} match no U-Net level; with "
-            f"image_size={args['image_size']} and {len(block_out_channels)} levels the level sides are "
+            f"{space} and {levels} levels the level sides are "
             f"{sides}. Choose from those, or [] for attention only in the middle block"
         )
+    if args["latent_scale"] is not None and not args["latent_scale"] > 0:
+        raise UserError(f"model.latent_scale must be > 0 (or null: measured), got {args['latent_scale']}")
+    if args["first_stage"] is None and args["latent_scale"] is not None:
+        raise UserError("model.latent_scale scales an autoencoder's latent; set model.autoencoder too")
     heads = args["num_heads"]
     attn_widths = {c for c, s in zip(block_out_channels, sides) if s in args["attention_resolutions"]}
     attn_widths.add(block_out_channels[-1])  # the middle block

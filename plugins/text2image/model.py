@@ -43,7 +43,8 @@ class Text2Image(Diffusion):
     Args:
         in_channels, image_size, block_out_channels, blocks_per_level,
         attention_resolutions, num_heads, dropout, timesteps, schedule,
-        ema_decay, ema_start_step, lr, weight_decay, warmup_steps, default_sampler_steps:
+        ema_decay, ema_start_step, lr, weight_decay, warmup_steps, default_sampler_steps,
+        autoencoder, autoencoder_spec, latent_scale:
             as for `Diffusion`; every attention level of the U-Net (and its middle
             block) is a spatial transformer with cross-attention to the text.
         prediction: as for `Diffusion`, but ``"v"`` by default (Salimans & Ho 2022): its
@@ -117,6 +118,9 @@ class Text2Image(Diffusion):
         text_encoder_run: str | None = None,
         text_encoder_spec: dict[str, Any] | None = None,
         text_encoder_trainable: bool = False,
+        autoencoder: str | None = None,
+        autoencoder_spec: dict[str, Any] | None = None,
+        latent_scale: float | None = None,
     ) -> None:
         _validate(locals())
         self._borrowed = _borrowed_language_model(text_encoder_run, text_encoder_spec)
@@ -128,6 +132,7 @@ class Text2Image(Diffusion):
             label_dropout=0.0, guidance=1.0, ema_decay=ema_decay,
             ema_start_step=ema_start_step, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, default_sampler_steps=default_sampler_steps,
+            autoencoder=autoencoder, autoencoder_spec=autoencoder_spec, latent_scale=latent_scale,
         )
         # Diffusion saved its own arguments too (Lightning merges a subclass's): keep ours.
         self.save_hyperparameters()
@@ -139,7 +144,7 @@ class Text2Image(Diffusion):
         if self._borrowed is not None:
             spec, _ = self._borrowed
             # The spec goes in this model's own description: the run needs no other.
-            self.resolved_arguments = {"text_encoder_spec": spec}
+            self.resolved_arguments = {**self.resolved_arguments, "text_encoder_spec": spec}
             super().set_tokenizer(self.text_encoder.language_model.tokenizer)
         del self._borrowed
 
@@ -232,7 +237,8 @@ class Text2Image(Diffusion):
             # Classifier-free guidance training: some images are seen without their text.
             drop = torch.rand(mask.shape[0], device=mask.device) < self.hparams.caption_dropout
             mask = mask & ~drop[:, None]
-        loss = self.diffusion_loss(self.unet, x, None, context=context, mask=mask)
+        loss = self.diffusion_loss(self.unet, self.to_latent(x, sample=True), None,
+                                   context=context, mask=mask)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         return loss
 
@@ -240,7 +246,8 @@ class Text2Image(Diffusion):
         x = batch["image"]
         context, mask = self.encode(self._captions(batch))
         gen = torch.Generator(device=x.device).manual_seed(10_000 + batch_idx)
-        loss = self.diffusion_loss(self.sampling_net, x, None, generator=gen, context=context, mask=mask)
+        loss = self.diffusion_loss(self.sampling_net, self.to_latent(x), None, generator=gen,
+                                   context=context, mask=mask)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
         return loss
 
@@ -319,7 +326,7 @@ class Text2Image(Diffusion):
         sampler: Sampler | None = None,
         guidance: float | None = None,
         negative_prompt: str | None = None,
-        clip_x0: bool = True,
+        clip_x0: bool | None = None,
         init_image: torch.Tensor | None = None,
         strength: float | None = None,
     ) -> Samples:
@@ -336,7 +343,8 @@ class Text2Image(Diffusion):
                 ``guidance``).
             negative_prompt: a text the samples should not show; it replaces the
                 unconditional prediction, so it needs a prompt and w != 1.
-            clip_x0: clip the predicted clean image to [-1, 1] at every step.
+            clip_x0: as for `Diffusion.sample` (None: on in pixel space, off in a latent
+                space).
             init_image, strength: image-to-image (SDEdit), as for `Diffusion.sample`.
 
         Raises:
@@ -373,24 +381,19 @@ def _borrowed_language_model(run: str | None, spec: dict[str, Any] | None):
     From `spec` (a rebuilt run: the weights come with this model's own) or else from the
     run directory `run` (its weights loaded here).
     """
-    from genframe.spec import ModelSpec
-    from genframe.weights import build_from_spec, load_model
+    from genframe.weights import borrowed_model
 
-    if spec is not None:
-        model = build_from_spec(ModelSpec.from_dict(spec, where="model.text_encoder_spec"),
-                                where="model.text_encoder_spec")
-    elif run is not None:
-        model, _, _ = load_model(str(run))
-        model = model.cpu()
-    else:
+    borrowed = borrowed_model(run, spec, run_key="model.text_encoder_run",
+                              spec_key="model.text_encoder_spec")
+    if borrowed is None:
         return None
+    description, model = borrowed
     if not callable(getattr(model, "text_features", None)):
         raise UserError(
             f"model.text_encoder_run={run}: holds model '{model.registered_name}', which gives no "
             "text features; name the run directory of a language model (model=transformer)")
     if model.tokenizer is None:
         raise UserError(f"model.text_encoder_run={run}: the language model has no tokenizer")
-    description = model.model_spec.to_dict()
     return description, model
 
 
