@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--strength-guidance", type=float, default=None)
     parser.add_argument("--sensitivity-steps", default="500,900,990",
                         help="timesteps of the caption-sensitivity table")
+    parser.add_argument("--no-untrained", action="store_true",
+                        help="leave the untrained row out of the guidance table")
     parser.add_argument("--tables", default="guidance,strength,sensitivity",
                         help="which tables to print (comma-separated)")
     args = parser.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
           f"DDIM-{args.steps}")
 
     if "guidance" in tables:
-        guidance_table(model, prompts, sampler, args.guidance)
+        guidance_table(model, prompts, sampler, args.guidance, untrained=not args.no_untrained)
     if "strength" in tables:
         strength_table(model, data, prompts, sampler, args.strengths, args.strength_guidance)
     if "sensitivity" in tables:
@@ -73,16 +75,18 @@ def row(label: str, values: dict[str, float], seconds: float) -> None:
           f"  {seconds:.0f} s")
 
 
-def guidance_table(model, prompts, sampler, guidance: str) -> None:
-    """Alignment of the untrained architecture and of the model at each guidance."""
+def guidance_table(model, prompts, sampler, guidance: str, *, untrained: bool = True) -> None:
+    """Alignment of the untrained architecture (unless `untrained` is False) and of the
+    model at each guidance."""
     from genframe.metrics.model_metrics import model_alignment
     from genframe.weights import instantiate_model
 
-    untrained = instantiate_model(model.registered_name, model.model_spec.kwargs)
-    untrained.set_tokenizer(model.tokenizer)
-    start = time.perf_counter()
-    row("untrained", model_alignment(untrained.eval(), prompts, batch_size=160, sampler=sampler),
-        time.perf_counter() - start)
+    if untrained:
+        fresh = instantiate_model(model.registered_name, model.model_spec.kwargs)
+        fresh.set_tokenizer(model.tokenizer)
+        start = time.perf_counter()
+        row("untrained", model_alignment(fresh.eval(), prompts, batch_size=160, sampler=sampler),
+            time.perf_counter() - start)
     for w in (float(g) for g in guidance.split(",")):
         start = time.perf_counter()
         row(f"guidance {w:g}", model_alignment(model, prompts, batch_size=160, sampler=sampler,

@@ -183,6 +183,19 @@ def test_ddpm_with_a_point_oracle_returns_the_point():
     assert torch.allclose(out, x_star.expand(2, -1, -1, -1), atol=1e-4)
 
 
+@pytest.mark.parametrize("sampler", [DDPMSampler(), DDIMSampler(steps=20)], ids=repr)
+def test_without_clip_x0_data_beyond_one_is_returned_as_it_is(sampler):
+    """A latent diffusion model's scaled latents reach |x| > 1: no clamp without clip_x0."""
+    s = make_schedule("linear", 200)
+    x_star = torch.linspace(-3.0, 3.0, 16).view(1, 4, 4)
+    free = sampler.sample(point_oracle(s, x_star), s, (2, 1, 4, 4), prediction="eps",
+                          generator=gen(), device="cpu", clip_x0=False)
+    assert torch.allclose(free, x_star.expand(2, -1, -1, -1), atol=1e-3)
+    clipped = sampler.sample(point_oracle(s, x_star), s, (2, 1, 4, 4), prediction="eps",
+                             generator=gen(), device="cpu", clip_x0=True)
+    assert float(clipped.abs().max()) <= 1.0
+
+
 @pytest.mark.parametrize("sampler", [DDPMSampler(), DDIMSampler(steps=50, eta=0.0),
                                      DDIMSampler(steps=50, eta=1.0)], ids=repr)
 def test_samplers_reproduce_a_gaussian_data_distribution(sampler):

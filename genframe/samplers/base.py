@@ -71,8 +71,10 @@ class Sampler:
             generator: the source of every random draw (the same generator state gives
                 the same samples).
             device: where to run.
-            clip_x0: clip the predicted x_0 to the data range [-1, 1] at every step
-                (Ho et al. 2020's sampler does; it keeps few-step sampling stable).
+            clip_x0: clip the predicted x_0 to the data range [-1, 1] at every step, and
+                the result (Ho et al. 2020's sampler does; it keeps few-step sampling
+                stable). Off for data not bounded by 1, such as a latent diffusion
+                model's scaled latents.
             start: the index in ``timesteps(schedule)`` of the first step to run; the
                 steps ``timesteps(schedule)[start:]`` run (one model call each). 0: all.
             x_start: x_t at t = ``timesteps(schedule)[start]``, shaped `shape` (e.g. from
@@ -80,7 +82,7 @@ class Sampler:
                 which only fits ``start=0``.
 
         Returns:
-            float32 tensor of `shape` in [-1, 1].
+            float32 tensor of `shape`, in [-1, 1] with `clip_x0`.
         """
         raise NotImplementedError
 

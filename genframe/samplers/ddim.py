@@ -112,4 +112,5 @@ class DDIMSampler(Sampler):
             x = math.sqrt(ab_prev) * x0 + dir_coef * eps
             if sigma > 0:  # never at the last step, nor for eta = 0: no draw, no RNG use
                 x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return x.clamp(-1.0, 1.0)
+        # Data in [-1, 1] ends there; a latent (clip_x0 off) is not bounded by 1.
+        return x.clamp(-1.0, 1.0) if clip_x0 else x

@@ -66,4 +66,5 @@ class DDPMSampler(Sampler):
                 x = mean + std * noise
             else:
                 x = mean  # beta_tilde_0 = 0 and mean = x0_hat: the sample
-        return x.clamp(-1.0, 1.0)
+        # Data in [-1, 1] ends there; a latent (clip_x0 off) is not bounded by 1.
+        return x.clamp(-1.0, 1.0) if clip_x0 else x
