@@ -9,8 +9,10 @@ PIXEL_RUN is a `genframe train experiment=shapes_text2image` run, LATENT_RUN a
 times, for each model in turn: one optimizer step (forward, backward, AdamW) on a batch
 of the shapes training images with their captions, the encoding into the latent included;
 and DDIM sampling of `--samples` images at the model's guidance, the decoding included.
-Prints the median over rounds, the spread (min-max) and the latent/pixel ratio. Alignment
-of the two runs: `python bench/text2image_alignment.py RUN --tables guidance`.
+Prints the median over rounds, the spread (min-max) and the latent/pixel ratio; then the
+first stage's ceiling: the alignment of the autoencoder's reconstructions of the held-out
+test images (a latent model cannot draw better than its autoencoder decodes) and their
+PSNR. Alignment of the two runs: `python bench/text2image_alignment.py RUN --tables guidance`.
 """
 
 from __future__ import annotations
@@ -79,6 +81,25 @@ def main() -> None:
             cells.append(f"{statistics.median(xs):.3f} ({min(xs):.2f}-{max(xs):.2f})")
         ratio = statistics.median(times["latent"][what]) / statistics.median(times["pixel"][what])
         print(f"{what:<12}{cells[0]:>16}{cells[1]:>16}{ratio:>14.2f}")
+    first_stage_ceiling(models["latent"][0], data)
+
+
+def first_stage_ceiling(model, data) -> None:
+    """Alignment and PSNR of the autoencoder's reconstructions of the test images."""
+    from genframe.metrics.alignment import alignment_scores
+
+    test = data.dataset("test")
+    x = torch.stack([test[i]["image"] for i in range(len(test))])  # (N, 3, H, W) in [-1, 1]
+    captions = [test[i]["caption"] for i in range(len(test))]
+    model.eval()
+    with torch.no_grad():
+        recon = model.from_latent(model.to_latent(x)).clamp(-1, 1)
+    mse = ((recon - x) / 2).pow(2).flatten(1).mean(1)
+    psnr = float((-10 * torch.log10(mse.clamp_min(1e-10))).mean())
+    scores = alignment_scores((recon + 1) / 2, captions)
+    parts = " ".join(f"{scores[f'alignment_{a}']:.2f}" for a in ("colour", "shape", "size", "position"))
+    print(f"autoencoder reconstructions of the {len(x)} held-out test images: PSNR {psnr:.1f} dB, "
+          f"alignment {scores['alignment']:.3f} (colour shape size position: {parts})")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Text-image alignment of a text-to-image run on the held-out shapes pairs.
 
     python bench/text2image_alignment.py RUN_DIR [--guidance 1,2,3,4,6] [--steps 50]
-        [--every 1] [--strengths 0.2,0.4,0.6,0.8,1.0]
+        [--every 1] [--strengths 0.2,0.4,0.6,0.8,1.0] [--split test|val] [--no-untrained]
 
-Prints, for the test split's captions (colour x shape pairs training never showed):
+Prints, for the test split's captions (colour x shape pairs training never showed; or
+with ``--split val`` the validation captions, pairs training showed):
 
 1. alignment of the same architecture untrained (random weights, as the run's config
    builds it) and of the trained model at each guidance scale;
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--strength-guidance", type=float, default=None)
     parser.add_argument("--sensitivity-steps", default="500,900,990",
                         help="timesteps of the caption-sensitivity table")
+    parser.add_argument("--split", default="test", choices=("test", "val"),
+                        help="test: the held-out colour x shape pairs; val: seen pairs")
     parser.add_argument("--no-untrained", action="store_true",
                         help="leave the untrained row out of the guidance table")
     parser.add_argument("--tables", default="guidance,strength,sensitivity",
@@ -56,9 +59,10 @@ def main() -> None:
     model.eval()
     data = ShapesDataModule(**{k: v for k, v in run.data_config.items() if k != "name"})
     data.setup("fit")
-    prompts = split_captions(data, "test")[:: args.every]
+    prompts = split_captions(data, args.split)[:: args.every]
     sampler = DDIMSampler(steps=args.steps)
-    print(f"{len(prompts)} held-out prompts ({', '.join(f'{c} {s}' for c, s in data.held_out_pairs)}), "
+    which = "held-out" if args.split == "test" else "validation (seen pairs)"
+    print(f"{len(prompts)} {which} prompts (held out: {', '.join(f'{c} {s}' for c, s in data.held_out_pairs)}), "
           f"DDIM-{args.steps}")
 
     if "guidance" in tables:

@@ -187,7 +187,7 @@ def _where_it_lives(key: str, node: str, value: str, valid: list[str], root, tas
     options = _sampling_options() if root is not None and "sampling" in root else {}
     if key in options:
         return _did_you_mean([f"sampling.{key}={value} ({_options_of(options[key])})"])
-    elsewhere = [f"{group}={choice} {group}.{path}={value}"
+    elsewhere = [f"{group}={choice} {path}={value}"
                  for group, choice, path in _keys_of_other_choices(task, root) if path.rpartition(".")[2] == key]
     if elsewhere:
         return _did_you_mean(elsewhere[:3])
@@ -370,7 +370,7 @@ def _group_choices(group: str) -> dict[str, Any]:
 
 
 def _keys_of_other_choices(task: str, root) -> list[tuple[str, str, str]]:
-    """(group, choice, dotted key) for the keys of the task's group choices that are not
+    """(group, choice, full dotted key) for the keys of the task's group choices that are not
     the chosen ones (``sampler=ddim`` holds ``steps`` when generate has no sampler)."""
     from omegaconf import OmegaConf
 
@@ -390,7 +390,11 @@ def _keys_of_other_choices(task: str, root) -> list[tuple[str, str, str]]:
                 node = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
             except Exception:
                 continue
-            found += [(group, choice, p) for p in _walk(node, "")]
+            # A choice packaged elsewhere (method=lora is `# @package finetune`) sets keys
+            # under that package, not under its group's name.
+            package = re.search(r"^#\s*@package\s+(\S+)", text, flags=re.M)
+            prefix = package.group(1) if package else group
+            found += [(group, choice, f"{prefix}.{p}") for p in _walk(node, "")]
     return found
 
 
@@ -428,10 +432,22 @@ def _missing_choice(text: str, task: str, overrides: list[str]) -> str:
             hint = (" No model plugin is loaded: check `genframe plugins`, "
                     "GENFRAME_PLUGINS and GENFRAME_DISABLE_PLUGIN_AUTOLOAD.")
         return f"{group}={choice}: config group '{group}' has no choices at all {where}.{hint}"
+    moved = _MOVED_CHOICES.get((group, choice))
+    if moved:
+        return f"{group}={choice}: {moved} {where}. Valid choices of {group}: {valid_list(options)}"
     return (
         f"{group}={choice}: no such choice in config group '{group}' {where}."
         f"{did_you_mean(choice, options)} Valid choices: {valid_list(options)}"
     )
+
+
+# Choices that moved to another group: (group, choice) -> where they are now.
+_MOVED_CHOICES = {
+    ("finetune", "lora"): "how fine-tuning trains is now its own group: use method=lora "
+                          "(finetune= says what is learned: data or subject)",
+    ("finetune", "full"): "how fine-tuning trains is now its own group: use method=full "
+                          "(the default; finetune= says what is learned: data or subject)",
+}
 
 
 def _defaults_error(first: str, task: str, overrides: list[str]) -> str | None:

@@ -268,7 +268,7 @@ def _read_adapter(path: str | Path, *, where: str):
         hint = (" (it holds a whole model: give it as ckpt=, or its run as run=)"
                 if "genframe" in meta else "")
         raise UserError(f"{where}: not a genframe LoRA adapter file (no '{ADAPTER_KEY}' "
-                        f"metadata){hint}; give the adapter.safetensors of a finetune=lora run")
+                        f"metadata){hint}; give the adapter.safetensors of a method=lora run")
     try:
         config = json.loads(meta[ADAPTER_KEY])
         base = json.loads(meta.get(BASE_KEY, "{}"))

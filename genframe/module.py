@@ -49,7 +49,7 @@ class GenerativeModule(pl.LightningModule):
             before a rename still load (``{"channels": "block_out_channels"}``).
         added_arguments: arguments added later -> their value in runs saved before.
         lora_target_modules: module-name patterns LoRA adapts by default
-            (``finetune=lora`` with ``finetune.lora.target_modules=null``).
+            (``method=lora`` with ``finetune.lora.target_modules=null``).
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"image"})
@@ -60,7 +60,7 @@ class GenerativeModule(pl.LightningModule):
     #: Constructor arguments added in a later version -> the value that reproduces the
     #: behaviour before they existed; a saved run without them is rebuilt with these.
     added_arguments: ClassVar[dict[str, Any]] = {}
-    #: Module-name patterns `finetune=lora` adapts when ``finetune.lora.target_modules``
+    #: Module-name patterns `method=lora` adapts when ``finetune.lora.target_modules``
     #: is null (None: the user must name them).
     lora_target_modules: ClassVar[tuple[str, ...] | None] = None
     #: Constructor arguments the model resolved itself, recorded in its spec in place of

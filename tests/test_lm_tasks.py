@@ -183,7 +183,7 @@ def test_base_weights_plus_adapter_file_equal_the_lora_run(lm_run, compose_task)
     from genframe.tasks.finetune import finetune
     from genframe.weights import load_model
 
-    lora = finetune(compose_task("finetune", f"run={lm_run['run_dir']}", "finetune=lora",
+    lora = finetune(compose_task("finetune", f"run={lm_run['run_dir']}", "method=lora",
                                  "finetune.lr=0.05", "++finetune.hparams.warmup_steps=1",
                                  *FAST_TRAINING))["run_dir"]
     base = str(lm_run["run_dir"])
@@ -225,7 +225,7 @@ def test_a_lora_finetune_run_resumes_with_its_adapters(lm_run, compose_task):
     from genframe.tasks.finetune import finetune
     from genframe.tasks.train import train
 
-    first = finetune(compose_task("finetune", f"run={lm_run['run_dir']}", "finetune=lora",
+    first = finetune(compose_task("finetune", f"run={lm_run['run_dir']}", "method=lora",
                                   *FAST_TRAINING))
     more = train(compose_task("train", f"resume={first['run_dir']}"),
                  overrides=["trainer.max_epochs=2"])

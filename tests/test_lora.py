@@ -1,4 +1,4 @@
-"""LoRA through peft (genframe.lora), `finetune=lora`, and `genframe export`."""
+"""LoRA through peft (genframe.lora), `method=lora`, and `genframe export`."""
 
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ def test_tied_weights_are_refused():
         apply_lora(m, r=2, alpha=2, target_modules=["1"])
 
 
-# -- finetune=lora and export on a trained VAE ------------------------------------------
+# -- method=lora and export on a trained VAE ------------------------------------------
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -210,7 +210,7 @@ def lora_run(trained, tmp_path_factory):
     from genframe.tasks.finetune import finetune
 
     out = tmp_path_factory.mktemp("finetune") / "run"
-    cfg = compose("finetune", [f"run={trained['run_dir']}", "finetune=lora", "finetune.lora.r=2",
+    cfg = compose("finetune", [f"run={trained['run_dir']}", "method=lora", "finetune.lora.r=2",
                                VAE_TARGETS_CLI, *NOT_MODEL, f"paths.output_dir={out}"])
     return finetune(cfg)
 
@@ -269,7 +269,7 @@ def test_finetune_lora_merge_writes_a_plain_model(trained, compose_task):
     from genframe.tasks.finetune import finetune
     from genframe.weights import read_weights
 
-    result = finetune(compose_task("finetune", f"run={trained['run_dir']}", "finetune=lora",
+    result = finetune(compose_task("finetune", f"run={trained['run_dir']}", "method=lora",
                                    VAE_TARGETS_CLI, "finetune.lora.merge=true", *NOT_MODEL))
     run = result["run_dir"]
     spec, state = read_weights(run / "model.safetensors")
@@ -305,19 +305,19 @@ def test_export_refuses_merge_without_adapters(trained, compose_task, tmp_path):
 
 
 def test_cli_reports_a_pattern_that_matches_nothing(trained, cli):
-    res = cli("finetune", f"run={trained['run_dir']}", "finetune=lora",
+    res = cli("finetune", f"run={trained['run_dir']}", "method=lora",
               "finetune.lora.target_modules=[*.attn.*]", *NOT_MODEL)
     assert res.returncode == 2, res.stderr
     assert "finetune.lora.target_modules: pattern '*.attn.*' matches no module" in res.stderr
     assert "to_posterior" in res.stderr and "Traceback" not in res.stderr
     # The VAE names no default layers: the message lists those it could adapt.
-    res = cli("finetune", f"run={trained['run_dir']}", "finetune=lora", *NOT_MODEL)
+    res = cli("finetune", f"run={trained['run_dir']}", "method=lora", *NOT_MODEL)
     assert res.returncode == 2 and "names no default layers" in res.stderr, res.stderr
     assert "to_posterior" in res.stderr
 
 
 def test_finetune_group_choices(cli):
-    res = cli("finetune", "finetune=lroa")
+    res = cli("finetune", "method=lroa")
     assert res.returncode == 2 and "lora" in res.stderr
 
 
@@ -331,11 +331,11 @@ def _transformer():
 
 
 def _default_targets() -> list[str]:
-    """finetune=lora leaves target_modules null: the model's own default applies."""
+    """method=lora leaves target_modules null: the model's own default applies."""
     from genframe.config import compose
     from genframe_plugins.transformer.model import Transformer
 
-    assert compose("finetune", ["finetune=lora"]).finetune.lora.target_modules is None
+    assert compose("finetune", ["method=lora"]).finetune.lora.target_modules is None
     return list(Transformer.lora_target_modules)
 
 
@@ -364,7 +364,7 @@ TINY_LM = ["data=text", "model=transformer", "model.n_layer=1", "model.n_head=2"
 
 
 def test_lora_finetune_generate_export_on_a_tiny_transformer(cli, compose_task, tmp_path):
-    """train -> `genframe finetune finetune=lora` -> generate -> `genframe export merge=true`
+    """train -> `genframe finetune method=lora` -> generate -> `genframe export merge=true`
     -> generate from the exported file (the two LoRA commands through the CLI)."""
     from genframe.tasks.generate import generate
     from genframe.tasks.train import train
@@ -377,7 +377,7 @@ def test_lora_finetune_generate_export_on_a_tiny_transformer(cli, compose_task, 
 
     base = train(compose_task("train", *TINY_LM, *FAST_TRAINING))["run_dir"]
     lora, out = tmp_path / "lora", tmp_path / "exported"
-    shown = ok("finetune", f"run={base}", "finetune=lora", *FAST_TRAINING, f"hydra.run.dir={lora}")
+    shown = ok("finetune", f"run={base}", "method=lora", *FAST_TRAINING, f"hydra.run.dir={lora}")
     assert "LoRA (r=8, alpha=16) on 4 modules" in shown and "net.transformer.h.*.mlp.c_fc" in shown
     assert "trainable parameters: 2,048 of" in shown
     assert (lora / "adapter.safetensors").exists() and (lora / "tokenizer.json").exists()

@@ -369,7 +369,7 @@ def test_finetune_lora_on_text2image(t2i_run, compose_task):
     from genframe.tasks.finetune import finetune
     from genframe.weights import read_weights
 
-    result = finetune(compose_task("finetune", f"run={t2i_run['run_dir']}", "finetune=lora",
+    result = finetune(compose_task("finetune", f"run={t2i_run['run_dir']}", "method=lora",
                                    "finetune.lora.r=2", *FAST_TRAINING))
     spec, state = read_weights(result["run_dir"] / "model.safetensors")
     assert any(t.endswith("to_q") for t in spec.lora["target_modules"])

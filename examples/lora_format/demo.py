@@ -7,7 +7,7 @@
 1. the base model: ``genframe train experiment=pydoc_char_lm`` (skipped with --base);
 2. the data: make_data.py writes train.jsonl (100) and heldout.jsonl (50), disjoint words;
 3. score.py scores the base on the held-out conversations;
-4. ``genframe finetune finetune=lora data=chat`` trains LoRA adapters on train.jsonl;
+4. ``genframe finetune method=lora data=chat`` trains LoRA adapters on train.jsonl;
 5. score.py scores the fine-tuned run; the before/after table is printed and written to
    OUT/summary.json with the trainable fraction, the settings and the wall times.
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("== 4. LoRA fine-tuning", flush=True)
     overrides = [
-        "finetune", f"run={base}", "finetune=lora", "data=chat", f"data.path={train}",
+        "finetune", f"run={base}", "method=lora", "data=chat", f"data.path={train}",
         "data.block_size=64", f"finetune.lr={args.lr}", f"finetune.lora.r={args.rank}",
         f"finetune.lora.alpha={args.alpha}", f"finetune.hparams.warmup_steps={args.warmup}",
         f"trainer.max_epochs={args.epochs}", f"seed={args.seed}", "num_samples=0",

@@ -17,3 +17,5 @@ def genframe_register_data(register):
              description="captioned shapes genframe draws (offline); test = held-out pairs")
     register("chat", "genframe.data.chat:ChatDataModule",
              description="chat conversations from JSONL; the loss covers the assistant's turns")
+    register("subject", "genframe.data.subject:SubjectDataModule",
+             description="a few images of one subject for finetune=subject (DreamBooth)")

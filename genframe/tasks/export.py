@@ -38,7 +38,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if cfg.merge and not adapted:
         raise UserError(
             f"merge=true: the model of {weights} carries no LoRA adapters, so there is nothing "
-            "to merge; export without merge=true (or from a `finetune=lora` run)"
+            "to merge; export without merge=true (or from a `method=lora` run)"
         )
     out_dir = Path(cfg.out).expanduser().resolve() if cfg.get("out") else Path(cfg.paths.output_dir)
     if cfg.get("out"):

@@ -1,4 +1,5 @@
-"""`genframe finetune`: continue from trained weights, optionally on new data."""
+"""`genframe finetune`: continue from trained weights; what is learned (the data, or a subject
+from a few images) and how (all weights, or LoRA adapters) are two separate choices."""
 
 from __future__ import annotations
 
@@ -20,45 +21,77 @@ from genframe.lora import (
     save_adapter,
 )
 from genframe.runs import update_run
-from genframe.tasks.build import check_fit, to_plain, trained_model_and_data
+from genframe.tasks.build import build_data, check_fit, to_plain, trained_model_and_data
 from genframe.tasks.common import source_record
 from genframe.tasks.fit import Prepared, fit
 from genframe.tasks.preflight import check_generation, check_monitor, check_task_config
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
-    """Fine-tune a trained model, fully or with LoRA adapters.
+    """Fine-tune a trained model: WHAT it learns (``finetune=``) and HOW (``method=``)
+    are two choices that compose.
+
+    What (``finetune=``, recorded as ``finetune.learns``):
+
+    - ``data`` (default): the run's own data, or ``data=<choice>``.
+    - ``subject``: one subject from a few images (``data.root``), bound to a rare word
+      (``token``) of a class the model knows (``class_word``), with prior preservation:
+      images of the class the model made itself before tuning (``num_class_images``,
+      ``class_prompts``, ``prior_loss_weight``, ``class_guidance``,
+      ``class_sampler_steps``; ``prior_preservation=false`` turns it off). DreamBooth,
+      Ruiz et al. 2023, https://arxiv.org/abs/2208.12242. Text-to-image models only.
+
+    How (``method=``, recorded as ``finetune.method``), keys under ``finetune.``: ``lr``
+    (a new learning rate), ``hparams`` (other constructor arguments to change, such as
+    ``warmup_steps`` or ``dropout``; not sizes), ``freeze`` (parameter-name patterns such
+    as ``"encoder.*"``) and, for ``method=lora``, ``lora`` (``r``, ``alpha``,
+    ``dropout``, ``target_modules`` as module-name patterns, ``merge``).
 
     Args:
         cfg: the composed `finetune` config: ``run`` or ``ckpt`` to start from, ``data``
-            (default: the data of that run) and the ``finetune`` group: ``lr`` (a new
-            learning rate), ``hparams`` (other constructor arguments to change, such as
-            ``warmup_steps`` or ``dropout``; not sizes), ``freeze`` (parameter-name patterns such as ``"encoder.*"``)
-            and, for ``finetune=lora``, ``lora`` (``r``, ``alpha``, ``dropout``,
-            ``target_modules`` as module-name patterns, ``merge``).
+            (default: the data of that run), the ``finetune`` node and, for
+            ``finetune=subject``, the keys above.
 
     A model that already carries LoRA adapters (a LoRA run) has them merged into its base
-    weights first; ``finetune=lora`` then trains fresh adapters on top. A LoRA run writes
+    weights first; ``method=lora`` then trains fresh adapters on top. A LoRA run writes
     ``adapter.safetensors`` (the adapters alone) next to ``model.safetensors`` (base and
-    adapters, or the merged model with ``finetune.lora.merge=true``).
+    adapters, or the merged model with ``finetune.lora.merge=true``). A subject run also
+    writes ``class_images/`` (the class images, their prompts in ``manifest.jsonl``).
 
     ``genframe train resume=<finetune run>`` continues a fine-tuning run (through
     `prepare_finetuning`).
 
     Returns:
-        As `genframe.tasks.train.train`; the run records where it started from.
+        As `genframe.tasks.train.train`; run.json records where it started from and both
+        choices (``finetune_choices``), and for a subject its token, class and data
+        (``subject``).
+
+    Raises:
+        UserError: a bad value; for ``finetune=subject`` also a model without captions, a
+            subject folder with no readable image, a token the model already knows or
+            cannot read, a class word it never saw (`genframe.data.subject.check_token`).
     """
     return fit(cfg, prepare_finetuning(cfg), task="finetune")
 
 
 def prepare_finetuning(cfg: DictConfig) -> Prepared:
     """The trained model of a `finetune` config, changed as it asks (learning rates,
-    hyperparameters, merged adapters, new LoRA adapters, frozen parameters), and its data."""
+    hyperparameters, merged adapters, new LoRA adapters, frozen parameters), and its data
+    (for ``finetune=subject``: the subject's images mixed with class images)."""
     import pytorch_lightning as pl
 
     check_task_config(cfg, "finetune")  # every value, before anything is read or built
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    model, run, weights, data, data_cfg = trained_model_and_data(cfg, "finetune")
+    choices = finetune_choices(cfg)
+    subject = None
+    if choices["finetune"] == "subject":
+        model, run, weights, data, data_cfg, subject = subject_model_and_data(cfg)
+    else:
+        for key in ("token", "class_word"):
+            if cfg.get(key) is not None:
+                raise UserError(f"{key}={cfg.get(key)}: only finetune=subject reads it; add "
+                                f"finetune=subject (and data.root=<the subject's images>)")
+        model, run, weights, data, data_cfg = trained_model_and_data(cfg, "finetune")
 
     changes = dict(to_plain(cfg.finetune.get("hparams")) or {})
     if cfg.finetune.lr is not None:
@@ -66,7 +99,10 @@ def prepare_finetuning(cfg: DictConfig) -> Prepared:
     if changes:
         model = with_hparams(model, changes)
         check_fit(model, data, data_cfg)
-    lineage: dict[str, Any] = {"started_from": source_record(run, weights)}
+    lineage: dict[str, Any] = {"started_from": source_record(run, weights),
+                               "finetune_choices": choices}
+    if subject is not None:
+        lineage["subject"] = subject
     if has_lora(model):
         merge_lora(model)
         lineage["merged_adapters_of_start"] = True
@@ -85,6 +121,169 @@ def prepare_finetuning(cfg: DictConfig) -> Prepared:
     print(describe(counts), flush=True)
     return Prepared(model=model, data=data, data_cfg=data_cfg, lineage=lineage,
                     before_save=before_save)
+
+
+#: The choices of the two groups: what is learned, and how.
+LEARNS = ("data", "subject")
+METHODS = ("full", "lora")
+
+
+def finetune_choices(cfg: DictConfig) -> dict[str, str]:
+    """``{"finetune": what is learned, "method": how}`` of a finetune config.
+
+    Each group's file records its choice (``finetune.learns``, ``finetune.method``); a
+    config stored before the groups were split (no such keys) is read as ``data`` and
+    ``lora`` or ``full`` by whether it holds ``finetune.lora``.
+
+    Raises:
+        UserError: a recorded choice that is not one of the group's, a method that does
+            not match the keys (``finetune.method=lora`` set by hand without
+            ``method=lora``), ``finetune=subject`` with other data than ``data=subject``.
+    """
+    node = cfg.finetune
+    learns = node.get("learns", "data")
+    has_lora_keys = node.get("lora") is not None
+    method = node.get("method", "lora" if has_lora_keys else "full")
+    if learns not in LEARNS:
+        raise UserError(f"finetune.learns={learns}: expected one of {valid_list(LEARNS)}; choose "
+                        "what is learned with finetune=<choice> (finetune=data, finetune=subject)")
+    if method not in METHODS or (method == "lora") != has_lora_keys:
+        raise UserError(f"finetune.method={method}: set by the method group, not by hand; choose "
+                        f"it with method=<choice> ({valid_list(METHODS)})"
+                        + ("" if has_lora_keys else ", e.g. method=lora for LoRA adapters"))
+    if learns == "subject":
+        data = cfg.get("data")
+        name = data.get("name") if data is not None else None
+        if name != "subject":
+            raise UserError(f"finetune=subject reads the subject's images with data=subject "
+                            f"(data.root=<folder>), but data={name} was chosen; leave data out")
+    return {"finetune": str(learns), "method": str(method)}
+
+
+# -- finetune=subject ------------------------------------------------------------------
+
+
+def subject_model_and_data(cfg: DictConfig):
+    """The model of ``cfg.run``/``cfg.ckpt`` and the subject data of a
+    ``finetune=subject`` config, the class images made and handed to it.
+
+    Order: load the model; refuse a model without captions; read the base run's training
+    captions (to check the token and class word, and for the class prompts); check
+    the token (`genframe.data.subject.check_token`); build the data at the model's image
+    size and channels; generate the class images with the model as it is, before any
+    change, write them to ``<run dir>/class_images/`` and hand them to the data; read
+    the subject's images.
+
+    Returns:
+        (model, run or None, weights path, data module, plain data config, what run.json
+        records under ``subject``).
+    """
+    from genframe.data.subject import check_token, class_prompts_from
+    from genframe.weights import load_model
+
+    model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"))
+    name = model.registered_name
+    if "prompt" not in getattr(model, "condition_keys", ()) or "caption" not in getattr(model, "needs", ()):
+        raise UserError(
+            f"finetune=subject binds a subject to a word of the captions, but model '{name}' reads "
+            f"no captions (it needs {valid_list(getattr(model, 'needs', ()))}); start from a "
+            "text-to-image run (model=text2image), or fine-tune this model with finetune=data")
+    if getattr(model, "tokenizer", None) is None:
+        raise UserError(f"model '{name}' has no tokenizer to read the token with; start from a run "
+                        "trained on captioned data")
+    data_cfg = to_plain(cfg.data)
+    hp = model.hparams
+    for key, arg in (("image_size", "image_size"), ("channels", "in_channels")):
+        if data_cfg.get(key) is None and arg in hp:
+            data_cfg[key] = int(hp[arg])
+    captions = _base_captions(run)
+    token, class_word = cfg.get("token"), cfg.get("class_word")
+    found = check_token(token, class_word, model.tokenizer, captions,
+                        data_cfg.get("instance_prompt") or "a {token} {class_word}")
+    data = build_data(data_cfg)
+    data.use_tokenizer(model.tokenizer)
+    check_fit(model, data, data_cfg)
+    data.load_subject()  # a folder with no readable image is refused before any generation
+    record: dict[str, Any] = {"token": token, "class_word": class_word, **found,
+                              "prior_preservation": bool(cfg.prior_preservation)}
+    if cfg.prior_preservation:
+        given = to_plain(cfg.get("class_prompts"))
+        count = int(cfg.num_class_images)
+        prompts = ([given[i % len(given)] for i in range(count)] if given
+                   else class_prompts_from(captions, class_word, count, seed=int(cfg.seed)))
+        samples = class_images(model, prompts, seed=int(cfg.seed), guidance=cfg.get("class_guidance"),
+                               steps=cfg.get("class_sampler_steps"))
+        from genframe.sample_writer import write_samples
+
+        folder = write_samples(samples, folder=Path(cfg.paths.output_dir) / "class_images")
+        import torch
+
+        data.set_class_images(torch.cat([s.images for s in samples]), prompts)
+        record.update(class_images_dir=str(folder), class_prompts=sorted(set(prompts)),
+                      class_prompts_from=("class_prompts" if given else
+                                          "the base run's captions" if captions else f"'a {class_word}'"))
+    data.setup("fit")
+    record.update(data.summary())
+    return model, run, weights, data, data_cfg, record
+
+
+def _base_captions(run) -> list[str] | None:
+    """The training captions of the run a model was trained on, or None (a bare
+    checkpoint, data without captions, data no longer there)."""
+    import logging
+
+    from genframe.data.base import split_captions
+
+    if run is None or not run.data_config:
+        return None
+    try:
+        base = build_data(run.data_config)
+        if "caption" not in getattr(base, "provides", ()):
+            return None
+        base.setup("fit")
+        return split_captions(base, "train")
+    except UserError as exc:
+        logging.getLogger("genframe").warning(
+            "finetune=subject: cannot read the base run's captions (%s); the token and class word "
+            "are checked against the tokenizer only", str(exc).splitlines()[0])
+        return None
+
+
+def class_images(model, prompts: list[str], *, seed: int, guidance: float | None = None,
+                 steps: int | None = None, batch_size: int = 64):
+    """Images of the class for prior preservation, made by `model` as it is (before
+    tuning): one per prompt, in batches of `batch_size`, batch b seeded ``seed + b``.
+
+    Args:
+        model: a text-to-image model.
+        prompts: one prompt per image.
+        seed: the first batch's seed.
+        guidance: the guidance scale (None: the model's default).
+        steps: DDIM steps (None: the model's default sampler).
+
+    Returns:
+        a list of `Samples` (images (n, C, H, W) in [0, 1] with their prompts).
+    """
+    import time
+
+    from genframe.tasks.build import build_sampler
+
+    options: dict[str, Any] = {}
+    if steps is not None:
+        options["sampler"] = build_sampler({"name": "ddim", "steps": int(steps)})
+    if guidance is not None:
+        options["guidance"] = float(guidance)
+    distinct = len(set(prompts))
+    print(f"prior preservation: {len(prompts)} class images from {distinct} "
+          f"prompt{'s' if distinct != 1 else ''} (e.g. '{prompts[0]}'), made by the model "
+          "before tuning ...", flush=True)
+    start = time.perf_counter()
+    batches = [model.generate(len(prompts[b:b + batch_size]), condition={"prompt": prompts[b:b + batch_size]},
+                              seed=seed + b, **options)
+               for b in range(0, len(prompts), batch_size)]
+    print(f"prior preservation: {len(prompts)} class images in {time.perf_counter() - start:.0f} s",
+          flush=True)
+    return batches
 
 
 def learning_rate_changes(model, lr: Any) -> dict[str, float]:
@@ -164,7 +363,7 @@ def _apply_lora(model, lora_cfg: dict[str, Any]) -> dict[str, Any]:
     except UserError as exc:
         raise UserError(f"finetune.{exc}") from exc
     except KeyError as exc:
-        raise UserError(f"finetune.lora.{exc.args[0]}: missing (see conf/finetune/lora.yaml)") from exc
+        raise UserError(f"finetune.lora.{exc.args[0]}: missing (see conf/method/lora.yaml)") from exc
     names = summary["target_modules"]  # exact names in run.json; layer indices as * here
     print(f"LoRA (r={lora_cfg['r']}, alpha={lora_cfg['alpha']}) on {len(names)} modules matching "
           f"{list(lora_cfg['target_modules'])}: {', '.join(generalise_names(names))}", flush=True)

@@ -81,6 +81,17 @@ TOP_LEVEL: dict[str, tuple[Callable[[Any], bool], str]] = {
               "test (held out from training and checkpoint choice) or val"),
     "sampling": (_optional(lambda v: isinstance(v, Mapping)),
                  "keys under sampling, e.g. sampling.temperature=0.8"),
+    # finetune=subject (the token and class word are checked against the model)
+    "prior_preservation": (lambda v: isinstance(v, bool), "true or false"),
+    "num_class_images": (_int_at_least(1), "an integer >= 1 (class images made before tuning)"),
+    "class_prompts": (_optional(lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                                and all(_path(p) for p in v)),
+                      'a non-empty list of prompts, e.g. \'class_prompts=["a circle"]\', or null'),
+    "prior_loss_weight": (lambda v: _is_number(v) and 0 < v <= 10,
+                          "a number in (0, 10] (class examples per subject example in a batch)"),
+    "class_guidance": (_optional(lambda v: _is_number(v) and v >= 0),
+                       "a number >= 0 (guidance of the class images), or null"),
+    "class_sampler_steps": (_optional(_int_at_least(1)), "an integer >= 1 (DDIM steps), or null"),
 }
 
 #: Keys `genframe generate` reads differently from the training tasks.

@@ -15,7 +15,7 @@ from genframe.runs import Run, open_run
 
 # Config groups a resumed run keeps: changing one would make it another run.
 GROUPS = ("data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "paths",
-          "finetune")
+          "finetune", "method")
 
 
 @dataclass

@@ -84,7 +84,8 @@ class Text2Image(Diffusion):
     condition_keys = frozenset({"prompt"})
     uses_tokenizer = True
     # LoRA on the spatial transformers' attention projections, as diffusers' text-to-image
-    # LoRA training does; the EMA copy gets the same adapters.
+    # LoRA training does; each model adds the layers through which a caption's words
+    # reach the U-Net besides (`__init__`). The EMA copies get the same adapters.
     lora_target_modules = ("unet.*.to_q", "unet.*.to_k", "unet.*.to_v", "unet.*.to_out.0")
     renamed_arguments: ClassVar[dict[str, str]] = {}  # none of Diffusion's old names
 
@@ -141,6 +142,14 @@ class Text2Image(Diffusion):
         self.needs = type(self).needs
         self.condition_keys = type(self).condition_keys
         self._warned_texts: set[str] = set()  # over-long texts already warned about
+        # Default LoRA targets beyond attention: the pooled text embedding's projection
+        # and the own text encoder's token embedding. Subject tuning with attention
+        # adapters alone drew a new subject's outline but never its colour, which these
+        # models carry mostly through the pooled embedding (white rings: 0.00 white with
+        # attention only, 1.00 with these two added).
+        extra = (("unet.context_embed",) if pooled_text else ()) + (
+            ("text_encoder.token_embedding",) if self._borrowed is None else ())
+        self.lora_target_modules = type(self).lora_target_modules + extra
         if self._borrowed is not None:
             spec, _ = self._borrowed
             # The spec goes in this model's own description: the run needs no other.
