@@ -73,14 +73,14 @@ def main() -> None:
             model.generate(args.samples, condition={"prompt": prompts}, seed=0, sampler=sampler)
             times[label]["sampling"].append(time.perf_counter() - start)
 
-    print(f"{'':<12}{'pixel s':>16}{'latent s':>16}{'latent/pixel':>14}")
+    print(f"{'':<12}{'pixel s':>22}{'latent s':>22}{'latent/pixel':>14}")
     for what in ("train step", "sampling"):
         cells = []
         for label in models:
             xs = times[label][what]
             cells.append(f"{statistics.median(xs):.3f} ({min(xs):.2f}-{max(xs):.2f})")
         ratio = statistics.median(times["latent"][what]) / statistics.median(times["pixel"][what])
-        print(f"{what:<12}{cells[0]:>16}{cells[1]:>16}{ratio:>14.2f}")
+        print(f"{what:<12}{cells[0]:>22}{cells[1]:>22}{ratio:>14.2f}")
     first_stage_ceiling(models["latent"][0], data)
 
 

@@ -205,6 +205,14 @@ class GenerativeModule(pl.LightningModule):
         if self.model_spec is not None:
             self.model_spec.tokenizer = json.loads(tokenizer.to_json())
 
+    def on_finetune_start(self) -> str | None:
+        """Called by ``genframe finetune`` on the trained model before it changes anything
+        (adapters, frozen parameters): make the weights that training will update the
+        ones the model generates with. Return a note for the run's lineage, or None.
+        The default does nothing; a model that samples from an average of its weights
+        (a diffusion model's EMA) starts its online weights from that average."""
+        return None
+
     def on_lora_applied(self) -> None:
         """Called by `genframe.lora.apply_lora` right after it added LoRA adapters (and
         froze the rest). Override to keep other copies of the network in step with the
@@ -260,6 +268,38 @@ class GenerativeModule(pl.LightningModule):
             checkpoint["genframe_environment"] = environment(self.device)
 
     # -- helpers for subclasses -----------------------------------------------------
+
+    def image_argument(self, image: Any, num_samples: int, *, key: str, channels: int,
+                       size: int, sizes_from: str) -> torch.Tensor:
+        """An image given to `generate` (an init image, a low-resolution input) checked
+        and shaped: float32 (num_samples, channels, size, size) on the model's device.
+
+        Accepts (N, C, S, S) with N = num_samples or 1, or one image (C, S, S); values in
+        [0, 1]. `key` names the argument in messages (``"init_image"``); `sizes_from` says
+        which of the model's settings fix C and S (``"in_channels and image_size"``).
+
+        Raises:
+            UserError: not a tensor, another shape, or values outside [0, 1] or not finite.
+        """
+        from genframe.errors import UserError
+
+        C, S = channels, size
+        expected = f"({num_samples}, {C}, {S}, {S}) or one image ({C}, {S}, {S}), values in [0, 1]"
+        if not isinstance(image, torch.Tensor):
+            raise UserError(f"{key}: expected a tensor shaped {expected}, got {type(image).__name__}")
+        shape = tuple(image.shape)
+        if image.dim() == 3:
+            image = image.unsqueeze(0)
+        if image.dim() != 4 or tuple(image.shape[1:]) != (C, S, S) or image.shape[0] not in (
+            1, num_samples
+        ):
+            raise UserError(f"{key}: expected shape {expected} (this model's {sizes_from}), got {shape}")
+        image = image.to(device=self.device, dtype=torch.float32)
+        if not bool(torch.isfinite(image).all()) or image.min() < 0 or image.max() > 1:
+            raise UserError(
+                f"{key}: expected values in [0, 1], got [{float(image.min()):.3g}, "
+                f"{float(image.max()):.3g}] (images scaled to [-1, 1]? pass (x + 1) / 2)")
+        return image.expand(num_samples, C, S, S)
 
     def check_condition(self, condition: dict[str, Any] | None) -> dict[str, Any]:
         """Refuse condition keys the model cannot use (a `UserError`)."""

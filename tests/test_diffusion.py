@@ -373,3 +373,22 @@ def test_default_diffusion_draws_the_requested_digits(compose_task):
         predicted = svc.predict((s.images.flatten(1) * 16).numpy())
         accuracy = float((predicted == np.array(requested)).mean())
         assert accuracy >= bar, (guidance, accuracy)
+
+
+@pytest.mark.parametrize("name", ["diffusion", "text2image"])
+def test_finetuning_starts_from_the_ema_weights(name):
+    """The trained model samples with its EMA: fine-tuning continues from those weights."""
+    from genframe.testing import build_tiny
+
+    model = build_tiny(name)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)  # the online weights now differ from the EMA copies
+    pairs = model.ema_pairs()
+    assert pairs and any(not torch.equal(a, b) for o, e in pairs
+                         for a, b in zip(o.parameters(), e.parameters()))
+    assert "EMA" in model.on_finetune_start()
+    for online, ema in pairs:
+        for a, b in zip(online.state_dict().values(), ema.state_dict().values()):
+            assert torch.equal(a, b)

@@ -107,6 +107,9 @@ def prepare_finetuning(cfg: DictConfig) -> Prepared:
         merge_lora(model)
         lineage["merged_adapters_of_start"] = True
         print("the starting model's LoRA adapters were merged into its base weights", flush=True)
+    note = model.on_finetune_start()
+    if note:
+        lineage["start_weights"] = note
     lora_cfg = to_plain(cfg.finetune.get("lora"))
     before_save = None
     if lora_cfg is not None:

@@ -3,6 +3,10 @@
 Samples are written as they are made (batch by batch), with a progress line, after a
 check that the request fits: the disk space the files will take and the memory one batch
 needs, both estimated from one sample made first.
+
+With ``upscaler=RUN`` the images of ``run`` are the first stage of a cascade (Ho et al.
+2022, https://arxiv.org/abs/2106.15282): each batch is upscaled by that run's
+``model=upscaler``, whose low-resolution side must be the base model's image size.
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     refused. An interrupted or failing generation keeps the samples already written, with
     a manifest that lists exactly those, and marks the run ``interrupted`` / ``failed``.
 
+    With ``upscaler`` (the run directory of a ``model=upscaler`` run), every batch of the
+    base model's images is upscaled by it with the same seed (``upscaler_steps`` DDIM
+    steps, its input noised to ``upscaler_noise_augmentation``); the
+    final images go to ``samples/``, the base images to ``samples/base/`` (unless
+    ``save_base=false``). Each manifest line holds the base model's record, the
+    upscaler's under ``upscaler`` and the base image's file (``base_file``); run.json
+    names both runs.
+
     Returns:
         dict with ``run_dir``, ``folder`` (the samples folder), ``num_samples`` (written),
         ``samples`` (the first batches as `Samples`: at least the first batch, unless it
@@ -57,16 +69,21 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         disk, listed in ``manifest.jsonl``), ``metrics``.
 
     Raises:
-        UserError: a bad value, or a request that would not fit on disk or in memory.
+        UserError: a bad value, or a request that would not fit on disk or in memory; an
+            ``upscaler`` that is missing, is no upscaler, or whose low-resolution size
+            or channels do not chain to the base model's images.
         Interrupted: Ctrl-C; the samples made so far are kept.
     """
     from genframe.tasks.preflight import check_task_config
 
     check_task_config(cfg, "generate")
+    _check_upscaler_keys(cfg)
     device = resolve_device(cfg.device)
     model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"), cfg.get("adapter"))
     model.to(device).eval()
     name = model.registered_name
+    cascade = _Cascade.load(cfg, model, device) if cfg.get("upscaler") is not None else None
+    producer = cascade if cascade is not None else model
     condition = {k: v for k, v in mapping_of(cfg, "condition", "condition.label=3").items()
                  if v is not None}
     prompts = prompts_of(cfg)
@@ -103,15 +120,17 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         return cond or None
 
     batch = min(cfg.batch_size, total)
-    check_fits(_probe(model, batch_condition(0, 1), cfg.seed, sampling, device),
+    check_fits(_probe(producer, batch_condition(0, 1), cfg.seed, sampling, device),
                request=_request(cfg.num_samples, per_prompt, prompts, total),
                total=total, batch=batch, folder=folder, device=device)
 
-    start_run(out_dir, cfg, "generate", source=source_record(run, weights))
+    stages = {} if cascade is None else {"upscaler": cascade.source}
+    start_run(out_dir, cfg, "generate", source=source_record(run, weights), **stages)
     kept: list[Samples] = []
     kept_count = kept_bytes = 0
     progress = _Progress(total, shown=total > batch)
     writer = SampleWriter(folder)
+    base_writer = SampleWriter(folder / "base") if cascade is not None and cfg.save_base else None
     try:
         for b, start in enumerate(range(0, total, cfg.batch_size)):
             n = min(cfg.batch_size, total - start)
@@ -119,10 +138,14 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             first_prompt = cond["prompt"][0] if cond and prompts else ""
             printer = SampleStreamPrinter(start, first_prompt) if live else None
             extra = {"stream": printer} if printer else {}
-            samples = model.generate(n, condition=cond, seed=cfg.seed + b, **sampling, **extra)
+            samples = producer.generate(n, condition=cond, seed=cfg.seed + b, **sampling, **extra)
             samples.metadata = {**samples.metadata, **recorded}
             if printer:
                 printer.finish(samples)
+            if base_writer is not None:
+                base_writer.add(cascade.base)
+                samples.per_sample["base_file"] = [
+                    f"base/{i:06d}.png" for i in range(writer.count, writer.count + n)]
             writer.add(samples)
             size = _nbytes(samples)
             if kept_count < KEEP_SAMPLES and kept_bytes + size <= KEEP_BYTES:
@@ -131,11 +154,13 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             progress.update(writer.count)
     except KeyboardInterrupt:
         writer.close()
+        _close(base_writer)
         update_run(out_dir, status="interrupted", num_samples=writer.count)
         raise Interrupted(f"generation was interrupted: {writer.count} of {total} samples are in "
                           f"{folder} (manifest.jsonl lists them)") from None
     except OSError as exc:
         writer.close()
+        _close(base_writer)
         update_run(out_dir, status="failed", num_samples=writer.count, error=str(exc))
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"the disk of {folder} is full: {writer.count} of {total} samples "
@@ -144,16 +169,124 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         raise
     except BaseException as exc:
         writer.close()
+        _close(base_writer)
         update_run(out_dir, status="failed", num_samples=writer.count,
                    error=f"{type(exc).__name__}: {exc}")
         raise
     writer.close()
+    _close(base_writer)
     progress.update(writer.count, final=True)
     update_run(out_dir, status="completed", num_samples=total)
     atomic_write_json(out_dir / "metrics.json", {})
     print(f"run directory: {out_dir}\n  {plural(total, 'sample')} in {folder}", flush=True)
     return {"run_dir": out_dir, "folder": folder, "num_samples": writer.count,
             "samples": kept, "metrics": {}}
+
+
+def _close(writer: SampleWriter | None) -> None:
+    if writer is not None:
+        writer.close()
+
+
+# -- cascades --------------------------------------------------------------------------------
+
+
+def _check_upscaler_keys(cfg: DictConfig) -> None:
+    """Refuse ``upscaler_*`` values before any model is loaded."""
+    up, steps = cfg.get("upscaler"), cfg.get("upscaler_steps")
+    if up is not None and (not isinstance(up, str) or not up.strip()):
+        raise UserError(f"upscaler={up!r}: expected the run directory of a model=upscaler run")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise UserError(f"upscaler_steps={steps!r}: expected an integer >= 1 (DDIM steps of the "
+                        "upscaler), or null (its model.default_sampler_steps)")
+    if up is None:
+        given = [k for k in ("upscaler_steps", "upscaler_noise_augmentation")
+                 if cfg.get(k) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: set for the upscaler stage, but no upscaler=RUN "
+                            "was given")
+
+
+class _Cascade:
+    """Two stages as one producer of samples: the base model's images, upscaled.
+
+    `generate` has the signature of `GenerativeModule.generate`; the base stage's
+    `Samples` of the last call stay in `base` (for ``samples/base/``).
+    """
+
+    def __init__(self, model, upscaler, options: dict[str, Any], source: dict[str, Any]) -> None:
+        self.model, self.upscaler, self.options, self.source = model, upscaler, options, source
+        self.base: Samples | None = None
+
+    @classmethod
+    def load(cls, cfg: DictConfig, model, device) -> _Cascade:
+        """The upscaler of ``cfg.upscaler``, checked against the base `model`.
+
+        Raises:
+            UserError: not an upscaler run, or its sizes or channels do not chain.
+        """
+        from genframe.runs import open_run
+        from genframe.samplers.ddim import DDIMSampler
+
+        where = f"upscaler={cfg.upscaler}"
+        up_run = open_run(cfg.upscaler, key="upscaler")
+        try:
+            upscaler, _, up_weights = load_model(str(up_run.path))
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        low = getattr(upscaler, "low_res_size", None)
+        if "low_res" not in getattr(upscaler, "condition_keys", ()) or low is None:
+            raise UserError(f"{where}: holds model '{upscaler.registered_name}', which is not an "
+                            "upscaler; give the run directory of a `genframe train model=upscaler` run")
+        hp = model.hparams
+        base = f"run={cfg.run}" if cfg.get("run") is not None else f"ckpt={cfg.ckpt}"
+        if "image" not in model.needs or "image_size" not in hp or "in_channels" not in hp:
+            raise UserError(f"{where}: the base model ({base}, model '{model.registered_name}') "
+                            "makes no images to upscale")
+        size, channels = int(hp.image_size), int(hp.in_channels)
+        up_size, up_channels = int(upscaler.hparams.image_size), int(upscaler.hparams.in_channels)
+        if size != low:
+            raise UserError(
+                f"{where}: the upscaler's sizes do not chain to the base model's: it makes "
+                f"{up_size}x{up_size} images from {low}x{low} ones (its model.low_res_size={low}), "
+                f"but {base} makes {size}x{size} images (its model.image_size). Use an upscaler "
+                f"trained with model.low_res_size={size}, e.g. `genframe train model=upscaler "
+                f"data.image_size={2 * size} model.low_res_size={size}` on the base model's data")
+        if channels != up_channels:
+            raise UserError(
+                f"{where}: the upscaler reads {up_channels}-channel images but {base} makes "
+                f"{channels}-channel ones; train the upscaler on data with data.channels={channels}")
+        options: dict[str, Any] = {}
+        if cfg.get("upscaler_steps") is not None:
+            options["sampler"] = DDIMSampler(steps=int(cfg.upscaler_steps))
+            try:
+                upscaler.check_sampler(options["sampler"])  # within its T
+            except UserError as exc:
+                raise UserError(f"upscaler_steps={cfg.upscaler_steps}: {exc}") from None
+        level = cfg.get("upscaler_noise_augmentation")
+        if level is not None:
+            top = float(upscaler.hparams.get("noise_augmentation_max", 1.0))
+            if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 <= level <= top:
+                raise UserError(f"upscaler_noise_augmentation={level!r}: expected a number in "
+                                f"[0, {top:g}] (a fraction of the upscaler's diffusion steps, at "
+                                "most its model.noise_augmentation_max), or null")
+            options["noise_augmentation"] = float(level)
+        upscaler.check_sampling(options)
+        upscaler.to(device).eval()
+        return cls(model, upscaler, options, {"run": str(up_run.path), "weights": str(up_weights)})
+
+    def generate(self, num_samples: int, *, condition: dict[str, Any] | None = None,
+                 seed: int | None = None, **sampling: Any) -> Samples:
+        """The base model's samples upscaled (the same seed for both stages): images from
+        the upscaler, conditions and metadata from the base, the upscaler's metadata
+        under ``upscaler``."""
+        base = self.model.generate(num_samples, condition=condition, seed=seed, **sampling)
+        up = self.upscaler.generate(num_samples, condition={"low_res": base.images},
+                                    seed=base.metadata.get("seed", seed), **self.options)
+        self.base = base
+        return Samples(images=up.images, conditions=base.conditions,
+                       metadata={**base.metadata, "upscaler": up.metadata},
+                       per_sample=dict(base.per_sample))
 
 
 # -- will it fit? ---------------------------------------------------------------------------

@@ -189,17 +189,8 @@ class AutoencoderKL(GenerativeModule):
         return Samples(images=images, conditions=[{} for _ in range(num_samples)], metadata=metadata)
 
     def _check_image(self, image: Any, num_samples: int) -> torch.Tensor:
-        C, S = self.in_channels, self.image_size
-        if not isinstance(image, torch.Tensor):
-            raise UserError(f"condition.image: expected a tensor ({num_samples}, {C}, {S}, {S}) "
-                            f"in [0, 1], got {type(image).__name__}")
-        x = image.unsqueeze(0) if image.dim() == 3 else image
-        if x.dim() != 4 or tuple(x.shape[1:]) != (C, S, S) or x.shape[0] not in (1, num_samples):
-            raise UserError(f"condition.image: expected shape ({num_samples}, {C}, {S}, {S}) or "
-                            f"({C}, {S}, {S}), got {tuple(image.shape)}")
-        if x.min() < 0 or x.max() > 1:
-            raise UserError("condition.image: expected values in [0, 1]")
-        return x.to(self.device, torch.float32).expand(num_samples, C, S, S)
+        return self.image_argument(image, num_samples, key="condition.image", channels=self.in_channels,
+                                   size=self.image_size, sizes_from="in_channels and image_size")
 
 
 def _validate(args: dict[str, Any]) -> None:

@@ -354,6 +354,16 @@ class Diffusion(GenerativeModule):
                 b_ema.copy_(b)
 
     @torch.no_grad()
+    def on_finetune_start(self) -> str | None:
+        """Fine-tuning continues from the EMA weights, the ones the trained model samples
+        with (the online ones are a noisier copy): they are copied into every online
+        network, so the EMA restarts from them too."""
+        pairs = self.ema_pairs()
+        for online, ema in pairs:
+            online.load_state_dict(ema.state_dict())
+        return "the EMA weights (copied into the online networks)" if pairs else None
+
+    @torch.no_grad()
     def on_lora_applied(self) -> None:
         """Give every EMA copy the adapters of its online network.
 
@@ -532,9 +542,14 @@ class Diffusion(GenerativeModule):
         clip_x0: bool | None = None,
         init_image: torch.Tensor | None = None,
         strength: float | None = None,
+        offset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Run `sampler` with `denoise(x_t, t)` from noise, or from `init_image` noised to
         the step `strength` picks (SDEdit; see `sample` for the arguments).
+
+        `offset` ((N, C, H, W) in [-1, 1]) is added to what the sampler makes before it
+        becomes an image: a model that diffuses a residual (an upscaler's detail over its
+        upsampled input) passes that input here.
 
         Returns (images (N, C, H, W) float in [0, 1], the metadata that describes the
         run: sampler, EMA, clip_x0, and the strength and start timestep of an
@@ -567,7 +582,10 @@ class Diffusion(GenerativeModule):
             prediction=self.prediction, generator=generator, device=self.device,
             clip_x0=bool(clip_x0), start=start, x_start=x_start,
         )  # (N, *net_shape): images in [-1, 1] or scaled latents
-        images = ((self.from_latent(x).float() + 1) / 2).clamp(0, 1)  # (N, C, H, W)
+        x = self.from_latent(x).float()
+        if offset is not None:
+            x = x + offset
+        images = ((x + 1) / 2).clamp(0, 1)  # (N, C, H, W)
         metadata = {
             "sampler": sampler.describe(),
             "ema": self.ema_unet is not None,
@@ -584,26 +602,8 @@ class Diffusion(GenerativeModule):
 
     def _init_image(self, image: Any, num_samples: int) -> torch.Tensor:
         """`init_image` checked and shaped (N, C, H, W), float32 on the model's device."""
-        C, S = self.in_channels, self.image_size
-        expected = f"({num_samples}, {C}, {S}, {S}) or one image ({C}, {S}, {S}), values in [0, 1]"
-        if not isinstance(image, torch.Tensor):
-            raise UserError(f"init_image: expected a tensor shaped {expected}, got "
-                            f"{type(image).__name__}")
-        shape = tuple(image.shape)
-        if image.dim() == 3:
-            image = image.unsqueeze(0)
-        if image.dim() != 4 or tuple(image.shape[1:]) != (C, S, S) or image.shape[0] not in (
-            1, num_samples
-        ):
-            raise UserError(f"init_image: expected shape {expected} (this model's in_channels "
-                            f"and image_size), got {shape}")
-        image = image.to(device=self.device, dtype=torch.float32)
-        if not bool(torch.isfinite(image).all()) or image.min() < 0 or image.max() > 1:
-            raise UserError(
-                f"init_image: expected values in [0, 1], got [{float(image.min()):.3g}, "
-                f"{float(image.max()):.3g}] (images scaled to [-1, 1]? pass (x + 1) / 2)"
-            )
-        return image.expand(num_samples, C, S, S)
+        return self.image_argument(image, num_samples, key="init_image", channels=self.in_channels,
+                                   size=self.image_size, sizes_from="in_channels and image_size")
 
 
 def _borrowed_autoencoder(run: str | None, spec: dict[str, Any] | None, in_channels: int,

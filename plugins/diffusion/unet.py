@@ -41,7 +41,10 @@ class UNet(nn.Module):
     """Predicts the noise (or v) in x_t, given x_t, the timestep and optionally a label.
 
     Args:
-        in_channels: image channels; the output has as many.
+        in_channels: input channels (the image's, plus any concatenated conditioning).
+        out_channels: output channels; None (the default) means as many as `in_channels`.
+            A net that also reads conditioning channels (an upscaler's low-resolution
+            image, SR3) predicts only the image's: ``in_channels=2 * C, out_channels=C``.
         image_size: image side (int) or (H, W).
         block_out_channels: width of each level, highest resolution first, e.g. ``[64, 128]``.
         blocks_per_level: ResBlocks per level on the way down (the way up has one more,
@@ -69,7 +72,7 @@ class UNet(nn.Module):
     ``forward(x, t, label=None, context=None, mask=None)``: x (B, C, H, W), t (B,) integer
     or float timesteps, label (B,) long in 0..K (K = null), context (B, T, D) token
     features and mask (B, T) bool (True = a real token; a row without one is "no text",
-    the unconditional pass) -> (B, C, H, W).
+    the unconditional pass) -> (B, out_channels, H, W).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class UNet(nn.Module):
         context_dim: int | None = None,
         transformer_depth: int = 1,
         pooled_context: bool = True,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
         widths = [int(c) for c in block_out_channels]
@@ -158,7 +162,7 @@ class UNet(nn.Module):
         assert not skip_widths
 
         self.norm_out = group_norm(width)
-        self.head = nn.Conv2d(width, in_channels, 3, padding=1)
+        self.head = nn.Conv2d(width, in_channels if out_channels is None else out_channels, 3, padding=1)
         # Zero-init the output: the untrained net predicts 0 (ADM).
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -226,4 +230,4 @@ class UNet(nn.Module):
                     h = layer(h, self.sizes[level])  # exact size of the level above
                 else:
                     h = attend(layer, h)
-        return self.head(F.silu(self.norm_out(h)))  # (B, C, H, W)
+        return self.head(F.silu(self.norm_out(h)))  # (B, out_channels, H, W)
