@@ -227,9 +227,13 @@ def test_subject_tuning_refusals(t2i_bpe_run, subject_dir, compose_task, tmp_pat
         finetune(compose_task("finetune", base, "token=sks"))
     with pytest.raises(UserError, match="finetune=subject reads the subject's images with data=subject"):
         finetune(compose_task("finetune", base, *SUBJECT, "data=shapes"))
-    with pytest.raises(UserError, match="num_class_images: expected an integer >= 1"):
-        finetune(compose_task("finetune", base, *SUBJECT, "num_class_images=0",
+    with pytest.raises(UserError, match=r"class images \(class_sampler_steps=5000, .*sampler.steps must be"):
+        finetune(compose_task("finetune", base, *SUBJECT, "class_sampler_steps=5000",
                               f"data.root={subject_dir}"))
+    for bad in ("0", "100000000"):  # none, or more than is made in memory before tuning
+        with pytest.raises(UserError, match="num_class_images: expected an integer from 1 to 10000"):
+            finetune(compose_task("finetune", base, *SUBJECT, f"num_class_images={bad}",
+                                  f"data.root={subject_dir}"))
     vae = train(compose("train", [*FAST, f"paths.output_dir={tmp_path / 'vae'}"]))
     with pytest.raises(UserError, match="model 'vae' reads no captions"):
         finetune(compose_task("finetune", f"run={vae['run_dir']}", *SUBJECT,

@@ -232,6 +232,7 @@ def test_generate_runs_both_stages_and_records_them(runs, compose_task):
     (None, ["upscaler_steps=3"], "no upscaler=RUN was given"),
     ("up", ["upscaler_noise_augmentation=2.0"], r"upscaler_noise_augmentation=2.0: expected a number in \[0, 1\]"),
     ("up", ["upscaler_steps=50"], "upscaler_steps=50: sampler.steps must be between 1 and 20"),
+    ("up", ["save_base=maybe"], "save_base='maybe': expected true or false"),
 ])
 def test_bad_cascades_are_user_errors(runs, compose_task, tmp_path, which, extra, match):
     from genframe.tasks.generate import generate

@@ -214,8 +214,13 @@ def subject_model_and_data(cfg: DictConfig):
         count = int(cfg.num_class_images)
         prompts = ([given[i % len(given)] for i in range(count)] if given
                    else class_prompts_from(captions, class_word, count, seed=int(cfg.seed)))
-        samples = class_images(model, prompts, seed=int(cfg.seed), guidance=cfg.get("class_guidance"),
-                               steps=cfg.get("class_sampler_steps"))
+        try:
+            samples = class_images(model, prompts, seed=int(cfg.seed),
+                                   guidance=cfg.get("class_guidance"),
+                                   steps=cfg.get("class_sampler_steps"))
+        except UserError as exc:  # name the keys the user set, not the sampler's own
+            raise UserError(f"class images (class_sampler_steps={cfg.get('class_sampler_steps')}, "
+                            f"class_guidance={cfg.get('class_guidance')}): {exc}") from exc
         from genframe.sample_writer import write_samples
 
         folder = write_samples(samples, folder=Path(cfg.paths.output_dir) / "class_images")

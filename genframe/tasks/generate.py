@@ -194,6 +194,9 @@ def _close(writer: SampleWriter | None) -> None:
 def _check_upscaler_keys(cfg: DictConfig) -> None:
     """Refuse ``upscaler_*`` values before any model is loaded."""
     up, steps = cfg.get("upscaler"), cfg.get("upscaler_steps")
+    if not isinstance(cfg.get("save_base", True), bool):
+        raise UserError(f"save_base={cfg.get('save_base')!r}: expected true or false (write the "
+                        "base model's images to samples/base/)")
     if up is not None and (not isinstance(up, str) or not up.strip()):
         raise UserError(f"upscaler={up!r}: expected the run directory of a model=upscaler run")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):

@@ -42,6 +42,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# Prior-preservation images are all made, and held in memory, before tuning starts.
+MAX_CLASS_IMAGES = 10_000
+
+
 def _int_at_least(low: int) -> Callable[[Any], bool]:
     return lambda v: _is_int(v) and v >= low
 
@@ -83,7 +87,9 @@ TOP_LEVEL: dict[str, tuple[Callable[[Any], bool], str]] = {
                  "keys under sampling, e.g. sampling.temperature=0.8"),
     # finetune=subject (the token and class word are checked against the model)
     "prior_preservation": (lambda v: isinstance(v, bool), "true or false"),
-    "num_class_images": (_int_at_least(1), "an integer >= 1 (class images made before tuning)"),
+    "num_class_images": (lambda v: _is_int(v) and 1 <= v <= MAX_CLASS_IMAGES,
+                         f"an integer from 1 to {MAX_CLASS_IMAGES} (class images made before "
+                         "tuning; DreamBooth uses 100-200)"),
     "class_prompts": (_optional(lambda v: isinstance(v, (list, tuple)) and len(v) > 0
                                 and all(_path(p) for p in v)),
                       'a non-empty list of prompts, e.g. \'class_prompts=["a circle"]\', or null'),
