@@ -128,9 +128,8 @@ def save(image: torch.Tensor, path: Path, scale: int = 3) -> None:
 
 def main() -> None:
     from genframe.data.base import split_captions
-    from genframe.data.image_folder import decode_image
     from genframe.data.shapes import ShapesDataModule
-    from genframe.data.subject import _names
+    from genframe.data.subject import SubjectDataModule, _names
     from genframe.metrics.alignment import alignment_scores
     from genframe.samplers.ddim import DDIMSampler
     from genframe.weights import load_model
@@ -155,15 +154,10 @@ def main() -> None:
     base, run, _ = load_model(args.base)
     tuned, _, _ = load_model(args.tuned)
     size = int(base.hparams.image_size)
-    files = sorted(p for p in Path(subject["root"]).rglob("*") if p.is_file())
-    subject_images = []
-    for path in files:
-        try:
-            array = decode_image(path, size, "RGB").copy()  # (H, W, 3) uint8
-            subject_images.append(torch.from_numpy(array).permute(2, 0, 1).float() / 255)
-        except Exception:  # noqa: BLE001 - unreadable files were skipped by the run too
-            pass
-    subject_images = torch.stack(subject_images)
+    # The subject's images as the run read them (unreadable files skipped, with a warning).
+    folder = SubjectDataModule(root=subject["root"], token=token, class_word=class_word,
+                               image_size=size, channels=int(base.hparams.in_channels))
+    subject_images = (folder.load_subject() + 1) / 2  # (N, C, H, W) in [0, 1]
     data = ShapesDataModule(**{k: v for k, v in run.data_config.items() if k != "name"})
     data.setup("fit")
     train = data.dataset("train")

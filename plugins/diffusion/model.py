@@ -169,9 +169,9 @@ class Diffusion(GenerativeModule):
         # A plain object, not a module: it is fixed by (schedule, timesteps), so it is
         # rebuilt from the hyperparameters rather than stored in checkpoints.
         self.schedule = make_schedule(schedule, timesteps)
-        self.unet = UNet(
-            net_shape[0], net_shape[1:], block_out_channels,
-            blocks_per_level=blocks_per_level,
+        self.unet = self.build_unet(
+            in_channels=net_shape[0], image_size=net_shape[1:],
+            block_out_channels=block_out_channels, blocks_per_level=blocks_per_level,
             attention_resolutions=attention_resolutions,
             num_heads=num_heads, dropout=dropout, num_classes=num_classes,
             **self.unet_conditioning(),
@@ -194,6 +194,13 @@ class Diffusion(GenerativeModule):
         (a text model returns ``context_dim``). Called once from ``__init__``, after the
         hyperparameters are saved and before the U-Net is built."""
         return {}
+
+    def build_unet(self, **unet: Any) -> UNet:
+        """The denoising network, from `UNet`'s arguments (in the U-Net's space: the
+        latent's channels and size with an autoencoder). A subclass that needs another
+        network of the same interface (more input channels) returns it here; called once
+        from ``__init__``, after `unet_conditioning`."""
+        return UNet(**unet)
 
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None

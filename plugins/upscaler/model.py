@@ -24,7 +24,6 @@ Training, the noise schedule, the EMA and the samplers are the diffusion plugin'
 
 from __future__ import annotations
 
-import copy
 import inspect
 from typing import Any, ClassVar, Literal
 
@@ -37,7 +36,7 @@ from genframe.layers import timestep_embedding
 from genframe.samplers.base import Sampler
 from genframe.samples import Samples
 from genframe_plugins.diffusion.model import Diffusion
-from genframe_plugins.diffusion.unet import UNet, level_sides
+from genframe_plugins.diffusion.unet import UNet
 
 
 class LowResUNet(UNet):
@@ -168,19 +167,11 @@ class Upscaler(Diffusion):
         self.condition_keys = type(self).condition_keys
         self.low_res_size = int(low_res_size) if low_res_size is not None else image_size // 2
         # The spec records the size used, so a cascade can check it without this code.
-        self.resolved_arguments = {"low_res_size": self.low_res_size}
+        self.resolved_arguments = {**self.resolved_arguments, "low_res_size": self.low_res_size}
 
-        # Diffusion built a plain U-Net; this one reads the low-resolution channels too.
-        # (A `Diffusion` hook that builds the network would spare building the first.)
-        widths = [int(c) for c in block_out_channels]
-        if attention_resolutions is None:  # Diffusion's default: the lowest-resolution level
-            attention_resolutions = [level_sides(image_size, len(widths))[-1]]
-        self.unet = LowResUNet(
-            in_channels, image_size, widths, blocks_per_level=blocks_per_level,
-            attention_resolutions=[int(r) for r in attention_resolutions],
-            num_heads=num_heads, dropout=dropout,
-        )
-        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False) if ema_decay > 0 else None
+    def build_unet(self, *, in_channels: int, num_classes: int, **unet: Any) -> UNet:
+        """A U-Net that also reads the low-resolution image (`LowResUNet`)."""
+        return LowResUNet(in_channels, **unet)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, aug_t: torch.Tensor,
                 low_res: torch.Tensor) -> torch.Tensor:
