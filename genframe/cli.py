@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from genframe import __version__
 from genframe.errors import GenframeError, did_you_mean
 from genframe.tasks import TASKS
-OTHER_COMMANDS = {"plugins": "list loaded plugins and what each registered (--json)"}
+OTHER_COMMANDS = {
+    "resume": "continue a train or finetune run in place from its last checkpoint (run=DIR)",
+    "plugins": "list loaded plugins and what each registered (--json)",
+}
 # Keys whose children are open-ended (model-specific, or any Trainer argument):
 # `sampling.x=1` and `trainer.strategy=ddp_spawn` need no `+`; the task checks the names.
 OPEN_KEYS = ("sampling.", "condition.", "template.vars.", "finetune.hparams.", "trainer.")
@@ -68,6 +71,18 @@ def _dispatch(argv: list[str]) -> int:
                             f"{' '.join(unknown)}; only --json is accepted")
         print_plugins(as_json="--json" in rest)
         return 0
+    if command == "resume":
+        if any(a in ("-h", "--help") for a in rest):
+            print("usage: genframe resume run=<run dir> [key=value ...]\n\n"
+                  "Continue a train or finetune run in its own directory from its\n"
+                  "checkpoints/last.ckpt, with its stored config; key=value changes (e.g.\n"
+                  "trainer.max_steps=4000 model.lr=1e-4) are checked against that config.\n"
+                  "`genframe train resume=<run dir>` instead starts a new run from it.")
+            return 0
+        from genframe.tasks.resume import continue_in_place
+
+        continue_in_place(rest)
+        return 0
     if command not in TASKS:
         from genframe.errors import UserError, valid_list
 
@@ -92,6 +107,7 @@ def run_task(task: str, overrides: list[str]) -> int:
     _JOB_ERRORS.clear()
     _check_flags(overrides)
     roots = _config_roots(task)
+    overrides = _with_resumed_groups(overrides, roots)
     overrides = [_open_key(a, roots) for a in overrides]
     _check_given_run_dir(overrides)
     # Let Hydra's exceptions reach us so they become our short messages (exit 2).
@@ -182,6 +198,27 @@ def _sweep_dir_problem(value: str, key: str) -> str | None:
                     f"a new folder, or leave {key} out for a fresh one (nothing was changed)")
         return None
     return run_dir_problem(path, key)
+
+
+def _with_resumed_groups(overrides: list[str], roots: set[str]) -> list[str]:
+    """With ``resume=DIR``, compose from the groups that run was composed from (its model,
+    data, experiment, ...), so ``model.warmup_steps=5`` is checked against the resumed
+    transformer's config and not the default model's. Groups given on the command line
+    stay (the resume refuses a change); a folder that is not a run is left to the task's
+    own message."""
+    values = [a.split("=", 1)[1] for a in overrides if a.startswith("resume=")]
+    if len(values) != 1 or not values[0] or "${" in values[0]:
+        return overrides
+    from genframe.runs import open_run
+    from genframe.tasks.resume import run_choices
+
+    try:
+        choices = run_choices(open_run(values[0], key="resume"))
+    except GenframeError:
+        return overrides
+    given = {a.lstrip("+~").split("=", 1)[0] for a in overrides}
+    added = [f"{g}={c}" for g, c in choices.items() if g in roots and g not in given]
+    return [*added, *overrides]
 
 
 def _config_roots(task: str) -> set[str]:

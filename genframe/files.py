@@ -12,19 +12,28 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from genframe.errors import UserError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a crash never leaves a half-written file.
+    """Write `data` to `path` so a crash never leaves a half-written file (see
+    `atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
 
-    The bytes go to a temporary file in the target folder (the same filesystem), are
-    flushed and fsynced, and the file is renamed into place. The file gets the usual
-    permissions (0666 less the umask, like ``open(path, "w")``), not mkstemp's 0600.
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write a file through ``write(f)`` so a crash or a kill never leaves a torn file
+    under `path`: it holds either the old content or the whole new one.
+
+    ``write`` fills a temporary file in the target folder (the same filesystem, so the
+    final rename is atomic; a temporary folder elsewhere would turn it into a copy), which
+    is flushed and fsynced, then renamed into place. The file gets the usual permissions
+    (0666 less the umask, like ``open(path, "w")``), not mkstemp's 0600. A failure removes
+    the temporary file and leaves `path` as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +41,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -17,6 +17,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -282,3 +283,67 @@ def open_run(path: str | os.PathLike, *, key: str = "run") -> Run:
         task = info.get("task") if isinstance(info, dict) else None
         raise UserError(f"{key}={path}: this run holds no model (it was a '{task}' run)")
     return Run(p.resolve(), migrate_run_info(info, where=f"{key}={path}"))
+
+
+LOCK = "run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, *, key: str = "run"):
+    """Hold the run directory's lock (``run.lock``) while a task writes into it.
+
+    The lock is an OS file lock (`filelock`): the kernel drops it when its process dies,
+    even by SIGKILL, so a lock that cannot be taken means a live process is writing the
+    run. Only the global rank zero takes it (the other ranks of a multi-process run write
+    nothing of their own into the run directory).
+
+    Raises:
+        UserError: another live process holds the lock (named by `key` and the folder).
+    """
+    from filelock import FileLock, Timeout
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        yield
+        return
+    lock = FileLock(str(Path(out_dir) / LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"{key}={out_dir}: the run is still being written by another process (its "
+            f"{LOCK} is held); wait for it to finish, or stop it first (nothing was changed)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def continue_run_record(out_dir: Path, cfg, entry: dict[str, Any]) -> None:
+    """Mark a run that `genframe resume` continues in place: config.yaml gets `cfg` (with
+    the values changed on resume), run.json is ``running`` again and its ``resumes`` list
+    gets `entry` (when, from which step, the changed values)."""
+    from omegaconf import OmegaConf
+
+    out_dir = Path(out_dir)
+    record = json.loads((out_dir / RUN_INFO).read_text())
+    atomic_write_bytes(out_dir / CONFIG, OmegaConf.to_yaml(cfg).encode())
+    record.pop("error", None)
+    record.pop("ended", None)
+    record["status"] = "running"
+    record["resumes"] = [*record.get("resumes", []), entry]
+    atomic_write_json(out_dir / RUN_INFO, record)
+
+
+def record_logger_runs(out_dir: Path, trainer: Any) -> None:
+    """Keep in run.json the ids of logger runs that a continued run must reopen to go on
+    with the same run (W&B's run id), under ``logger_runs``."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    ids = {"wandb": str(lg.experiment.id) for lg in trainer.loggers
+           if isinstance(lg, WandbLogger) and trainer.is_global_zero}
+    if ids:
+        record = json.loads((Path(out_dir) / RUN_INFO).read_text())
+        if record.get("logger_runs") != ids:
+            update_run(out_dir, logger_runs={**record.get("logger_runs", {}), **ids})

@@ -142,7 +142,7 @@ def test_ctrl_c_inside_fit_exits_130_with_the_resume_hint(tmp_path, monkeypatch,
     code = main(["train", *FAST, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"])
     err = capsys.readouterr().err
     assert code == 130, err
-    assert f"genframe train resume={run_dir}" in err
+    assert f"genframe resume run={run_dir}" in err
     assert status_of(run_dir)["status"] == "interrupted"
 
 

@@ -2,12 +2,13 @@
 (``conf/callbacks/*.yaml`` name them as ``genframe.callbacks.<Class>``)."""
 
 from genframe.callbacks.alignment import PromptAlignment
+from genframe.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint, ResumeState
 from genframe.callbacks.finite_loss import FiniteLossGuard
 from genframe.callbacks.progress import ProgressLine, SplitProgressBar
 from genframe.callbacks.sample_grid import SampleGrid
 from genframe.callbacks.sample_quality import SampleQuality
 
 __all__ = [
-    "FiniteLossGuard", "ProgressLine", "PromptAlignment", "SampleGrid", "SampleQuality",
-    "SplitProgressBar",
+    "AtomicCheckpointIO", "FiniteLossGuard", "LastCheckpoint", "ProgressLine", "PromptAlignment", "SampleGrid", "SampleQuality",
+    "ResumeState", "SplitProgressBar",
 ]

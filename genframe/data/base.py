@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from genframe.errors import UserError, valid_list
 
@@ -138,9 +139,15 @@ class GenerativeDataModule(pl.LightningDataModule):
         return dataset
 
     def dataloader(self, split: str) -> DataLoader:
-        """A DataLoader over `split`; only the training split is shuffled."""
+        """A DataLoader over `split`; only the training split is shuffled.
+
+        The training split's loader is torchdata's ``StatefulDataLoader``: Lightning saves
+        its position (and its shuffle order) in every checkpoint, so a run continued from
+        a checkpoint written mid-epoch sees the batches the uninterrupted run would.
+        """
         shuffle = split == "train"
-        return DataLoader(
+        loader = StatefulDataLoader if shuffle else DataLoader
+        return loader(
             self.dataset(split),
             batch_size=self.batch_size,
             shuffle=shuffle,

@@ -66,10 +66,18 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 def run(cfg) -> Any:
     """Run the task named by ``cfg.task_name``; return its ``objective`` (for sweepers).
 
-    However the task ends, its run.json does not stay ``running``: an exception marks it
-    ``failed`` (with the error), Ctrl-C or SIGTERM ``interrupted``, and either of those
-    becomes `Interrupted` (exit status 130, or 143 for SIGTERM) with a resume hint when
-    the run has a checkpoint.
+    However the task ends, its run.json does not stay ``running`` (see `guarded`).
+    """
+    result = guarded(cfg.task_name, _output_dir(cfg), lambda: TASKS[cfg.task_name].function()(cfg))
+    return result.get("objective")
+
+
+def guarded(task: str, out_dir, call) -> Any:
+    """Return ``call()``, the work of `task` writing into `out_dir` (or None).
+
+    An exception marks run.json ``failed`` (with the error), Ctrl-C or SIGTERM
+    ``interrupted``, and either of those becomes `Interrupted` (exit status 130, or 143
+    for SIGTERM) with a hint to continue the run when it has a checkpoint.
     """
     import warnings
 
@@ -77,24 +85,23 @@ def run(cfg) -> Any:
 
     # A deprecation inside Lightning's own code, not actionable by users.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")  # torchdata's
     _quiet_lightning_adverts()
-    out_dir = _output_dir(cfg)
     try:
         with _sigterm_as_interrupt():
-            result = TASKS[cfg.task_name].function()(cfg)
+            return call()
     except BaseException as exc:
         stop = _stop_signal(exc)
         if stop is not None:
-            interrupted = _interrupted(cfg.task_name, out_dir, stop)
+            interrupted = _interrupted(task, out_dir, stop)
             raise interrupted from None
         if out_dir is not None:
             from genframe.runs import end_run
 
             detail = str(exc) if isinstance(exc, GenframeError) else f"{type(exc).__name__}: {exc}"
             status = "interrupted" if isinstance(exc, Interrupted) else "failed"
-            end_run(out_dir, status, detail, task=cfg.task_name)
+            end_run(out_dir, status, detail, task=task)
         raise
-    return result.get("objective")
 
 
 class Terminated(BaseException):
@@ -150,7 +157,7 @@ def _interrupted(task: str, out_dir, signal_name: str):
         message += f"; {out_dir}/run.json is marked interrupted"
         last = Path(out_dir) / "checkpoints" / "last.ckpt"
         if last.exists():
-            message += f". Continue it with `genframe train resume={out_dir}`"
+            message += f". Continue it with `genframe resume run={out_dir}`"
         elif task in ("train", "finetune"):
             message += ". No checkpoint was saved yet, so there is nothing to resume"
     error = Interrupted(message)

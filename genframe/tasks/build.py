@@ -254,7 +254,7 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
     """A Lightning Trainer from `cfg.trainer`, `cfg.logger` and `cfg.callbacks`."""
     import pytorch_lightning as pl
 
-    from genframe.callbacks import FiniteLossGuard
+    from genframe.callbacks import AtomicCheckpointIO, FiniteLossGuard, ResumeState
     from genframe.hardware import resolve_trainer_kwargs
 
     kwargs = to_plain(cfg.trainer)
@@ -270,8 +270,10 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
     kwargs = check_kwargs(pl.Trainer, kwargs, where="trainer", source=source_map("trainer"))
     loggers = instantiate_group(cfg.get("logger"), "logger") if train else []
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") if train else []
-    callbacks.append(FiniteLossGuard())
+    callbacks += [FiniteLossGuard(), ResumeState()]
     callbacks += extra_callbacks or []
+    # Checkpoints are written aside and renamed into place (a kill never tears one).
+    plugins = [*(kwargs.pop("plugins", None) or []), AtomicCheckpointIO()]
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     try:
@@ -279,6 +281,7 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
             **kwargs,
             logger=loggers or False,
             callbacks=callbacks,
+            plugins=plugins,
             enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
             default_root_dir=str(cfg.paths.output_dir),
         )

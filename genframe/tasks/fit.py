@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,14 @@ from typing import Any
 
 from genframe.errors import TrainingDiverged, UserError
 from genframe.files import atomic_write_json
-from genframe.runs import METRICS, WEIGHTS, start_run, update_run
+from genframe.runs import (
+    METRICS,
+    WEIGHTS,
+    record_logger_runs,
+    run_lock,
+    start_run,
+    update_run,
+)
 from genframe.sample_writer import write_samples
 from genframe.tasks.build import build_trainer
 from genframe.tasks.common import generation_options, report
@@ -38,25 +46,44 @@ class Prepared:
     before_save: Callable[[Any, Path], None] | None = None
 
 
-def fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None = None) -> dict[str, Any]:
+def fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None = None,
+        continued: bool = False) -> dict[str, Any]:
     """Train the prepared model under `cfg` (from `ckpt_path` when continuing a run), then
     write the best weights, samples and metrics into the run directory.
+
+    The run directory's lock (`genframe.runs.run_lock`) is held while training, so a
+    `genframe resume` of a run still being written is refused.
+
+    Args:
+        continued: set by `genframe resume`, which continues the run in its own directory,
+            holds its lock and has already recorded the continuation in run.json: no
+            new run.json is started.
 
     Returns:
         dict with ``run_dir``, ``metrics``, ``objective`` (the ``monitor`` metric),
         ``model``, ``trainer`` and ``samples``.
     """
+    out_dir = Path(cfg.paths.output_dir)
+    lock = contextlib.nullcontext() if continued else run_lock(out_dir, key="hydra.run.dir")
+    with lock:
+        return _fit(cfg, prepared, task=task, ckpt_path=ckpt_path, continued=continued)
+
+
+def _fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None,
+         continued: bool) -> dict[str, Any]:
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     model, data, data_cfg = prepared.model, prepared.data, prepared.data_cfg
     lineage, before_save = prepared.lineage, prepared.before_save
     out_dir = Path(cfg.paths.output_dir)
     trainer = build_trainer(cfg, model)
-    # run.json names the model; its tokenizer (in the spec too) goes to tokenizer.json.
-    start_run(out_dir, cfg, task, device=trainer.strategy.root_device, model=model.model_spec,
-              data=data_cfg, **(lineage or {}))
-    if getattr(model, "tokenizer", None) is not None:
-        model.tokenizer.save(out_dir)
+    if not continued:
+        # run.json names the model; its tokenizer (in the spec too) goes to tokenizer.json.
+        start_run(out_dir, cfg, task, device=trainer.strategy.root_device, model=model.model_spec,
+                  data=data_cfg, **(lineage or {}))
+        if getattr(model, "tokenizer", None) is not None:
+            model.tokenizer.save(out_dir)
+    record_logger_runs(out_dir, trainer)
     # A failure or Ctrl-C from here on is recorded in run.json by `genframe.tasks.run`.
     try:
         # weights_only: resuming never unpickles code (Lightning would default to False).

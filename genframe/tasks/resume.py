@@ -1,8 +1,19 @@
-"""`genframe train resume=DIR`: a new run that continues an earlier one from its last
-checkpoint. The run is opened and its config resolved here, in one place."""
+"""Continuing a run from its last checkpoint, in two ways:
+
+- ``genframe resume run=DIR`` continues the run **in place**: the same run directory, its
+  exact stored config (with any ``key=value`` changes, checked against that config), the
+  loggers going on with their step count. What a pre-empted cluster job needs when it is
+  requeued with the same command (`continue_in_place`).
+- ``genframe train resume=DIR`` starts a **new** run that continues from that run's
+  checkpoint, recorded in its lineage (`resolve_resume`).
+
+Both keep the run's config groups and its tokenizer, and let new values (a longer
+``trainer.max_steps``, a new ``model.lr``) take effect (`genframe.callbacks.ResumeState`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +46,55 @@ class Resumed:
     ckpt_path: str
     task: str
     lineage: dict[str, Any] = field(default_factory=dict)
+    run: Run | None = None
+
+    def prepare(self):
+        """The model and data of the continued run (`genframe.tasks.fit.Prepared`), built by
+        the preparation of the task that made the run. Text data uses the run's own
+        tokenizer, never a newly trained one (its ids are what the kept weights mean), and
+        the checkpoint's tensors must fit the model the config now builds.
+
+        Raises:
+            UserError: a changed value changes the network's shapes.
+        """
+        from genframe.files import load_state_dict_strict
+        from genframe.tasks import TASKS
+
+        options = {}
+        if self.task == "train" and self.run is not None:
+            options["tokenizer"] = run_tokenizer(self.run)
+        prepared = TASKS[self.task].prepare()(self.cfg, **options)
+        prepared.lineage = {**self.lineage, **prepared.lineage}
+        state = torch_load_weights(Path(self.ckpt_path), where=self.ckpt_path)["state_dict"]
+        try:
+            load_state_dict_strict(prepared.model, state, where=f"{self.ckpt_path}")
+        except UserError as exc:
+            raise UserError(
+                f"{exc}. A resumed run keeps its network: a changed model value changes its "
+                "shapes; give only values that do not (lr, warmup_steps, ...), or fine-tune "
+                f"the run into a new one: genframe finetune run={self.run.path if self.run else '...'}"
+            ) from exc
+        return prepared
+
+
+def run_tokenizer(run: Run):
+    """The tokenizer a run trained with (its ``tokenizer.json``), or None."""
+    from genframe.text.tokenize import FILENAME, load_tokenizer
+
+    return load_tokenizer(run.path) if (run.path / FILENAME).is_file() else None
+
+
+def run_choices(run: Run) -> dict[str, str]:
+    """The config-group choices a run was composed from (``model: transformer``), read from
+    its ``.hydra/hydra.yaml``; only the groups a resumed run keeps (`GROUPS`)."""
+    path = run.path / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        choices = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.choices") or {}
+    except Exception:  # noqa: BLE001 - an unreadable Hydra record only loses this check
+        return {}
+    return {str(k): str(v) for k, v in choices.items() if k in GROUPS and v is not None}
 
 
 def _migrated(stored: DictConfig) -> DictConfig:
@@ -52,15 +112,21 @@ def _migrated(stored: DictConfig) -> DictConfig:
     return stored
 
 
+# Keys that say where a run and its base are: a continued run keeps them.
+FIXED = ("paths", "hydra", "resume", "run", "task_name")
+
 #: What Lightning needs in a checkpoint to continue training from it.
 TRAINING_STATE = ("state_dict", "optimizer_states", "loops", "global_step")
 
 
-def check_last_checkpoint(run: Run, path: Path, *, where: str) -> None:
+def check_last_checkpoint(run: Run, path: Path, *, where: str) -> int:
     """Check a run's ``last.ckpt`` before Lightning resumes from it: readable without
     unpickling code, holding the training state, and the model run.json records (its
     tensors fitting that model). There is no fall-back: only this file holds the
     optimizer state; the run's weights can still be fine-tuned.
+
+    Returns:
+        the checkpoint's global step.
 
     Raises:
         UserError: naming `where`, what is wrong and the way on.
@@ -86,6 +152,7 @@ def check_last_checkpoint(run: Run, path: Path, *, where: str) -> None:
         build_from_spec(spec, ckpt["state_dict"], source=where)  # the tensors fit it
     except UserError as exc:
         raise UserError(f"{exc}{way_on}") from exc
+    return int(ckpt["global_step"])
 
 
 def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resumed:
@@ -120,19 +187,187 @@ def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resum
             overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
         except ValueError:  # not inside a Hydra run
             overrides = []
-    overrides = [o for o in overrides if not o.startswith("resume=")]
-    for ov in OverridesParser.create().parse_overrides(overrides):
-        key = ov.key_or_group
-        if key in GROUPS:
-            raise UserError(
-                f"resume keeps the run's config groups; '{ov.input_line}' would change them. "
-                "Change values with key=value (e.g. trainer.max_epochs=200)."
-            )
-        if ov.is_delete():
-            OmegaConf.update(stored, key, None, force_add=True)
-        else:
-            OmegaConf.update(stored, key, ov.value(), force_add=ov.is_add() or ov.is_force_add())
+    # The new run's directory (paths.*) is already in `cfg`.
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "paths."))]
+    apply_overrides(stored, overrides, run_choices(run), open_keys=())
     stored.paths = cfg.paths  # the new run directory
     stored.resume = str(run.path)
     return Resumed(cfg=stored, ckpt_path=str(last), task=task,
-                   lineage={"resumed_from": str(last)})
+                   lineage={"resumed_from": str(last)}, run=run)
+
+
+def apply_overrides(stored: DictConfig, overrides: list[str], choices: dict[str, str], *,
+                    open_keys: tuple[str, ...]) -> list[str]:
+    """Apply ``key=value`` overrides to a run's stored config, checked against it.
+
+    A group choice equal to the run's (``model=transformer`` on a transformer run) is
+    accepted and changes nothing; another choice is refused. A ``key=value`` must name a
+    key of the stored config, unless it lies under one of `open_keys` (``trainer.``,
+    ``sampling.``) or is added with ``+``/``++``; ``~key`` removes one.
+
+    Returns:
+        the overrides that changed something, as typed.
+
+    Raises:
+        UserError: a changed group, a key the run's config does not have (with the closest
+            names), or a key that cannot change on resume (``paths.*``, ``hydra.*``).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from genframe.errors import did_you_mean
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as exc:
+        raise UserError(f"cannot read the overrides: {exc}") from exc
+    changed = []
+    for ov in parsed:
+        key = ov.key_or_group
+        if key in GROUPS:
+            if choices.get(key) == str(ov.value()):
+                continue
+            was = f" (it was composed with {key}={choices[key]})" if key in choices else ""
+            raise UserError(
+                f"a resumed run keeps its config groups; '{ov.input_line}' would change them{was}. "
+                "Change values with key=value (e.g. trainer.max_steps=2000), or start a new "
+                "run with genframe train / genframe finetune."
+            )
+        if key.split(".", 1)[0] in FIXED:
+            raise UserError(f"'{ov.input_line}': {key} cannot change when a run is continued "
+                            "(it says where the run and its base are)")
+        exists = OmegaConf.select(stored, key, default=_ABSENT) is not _ABSENT
+        if ov.is_delete():
+            if not exists:
+                raise UserError(f"'{ov.input_line}': the run's config has no key {key}")
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(stored, parent) if parent else stored
+            node.pop(leaf)
+        else:
+            adding = ov.is_add() or ov.is_force_add() or key.startswith(open_keys)
+            if not exists and not adding:
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(stored, parent, default=None) if parent else stored
+                siblings = [str(k) for k in node] if OmegaConf.is_dict(node) else []
+                names = [f"{parent}.{k}" if parent else k for k in siblings]
+                raise UserError(
+                    f"'{ov.input_line}': the run's config has no key {key}."
+                    f"{did_you_mean(key, names)} Keys are checked against the run's own "
+                    "config.yaml; add a new one with +key=value")
+            OmegaConf.update(stored, key, ov.value(), force_add=True)
+        changed.append(ov.input_line)
+    return changed
+
+
+_ABSENT = object()
+
+
+# Keys whose children are open-ended (any Trainer argument, model sampling options): a
+# continued run may set one its config does not list yet.
+OPEN_KEYS = ("trainer.", "sampling.", "finetune.hparams.")
+
+
+def continue_in_place(args: list[str]) -> dict[str, Any]:
+    """``genframe resume run=DIR [key=value ...]``: continue a train or finetune run in its
+    own directory from ``checkpoints/last.ckpt``, exactly where it stopped.
+
+    Everything is checked before anything in the run directory changes: the directory,
+    its lock (a live process writing it is refused), its checkpoint (readable, holding the
+    training state, of the model run.json records), the overrides (against the run's own
+    config.yaml; group changes refused) and the model they build (the checkpoint must fit
+    it). Then config.yaml takes the changed values, run.json records the continuation in
+    ``resumes`` and is ``running`` again, and training goes on: the same loggers (CSV rows
+    appended, TensorBoard events purged from the checkpoint's step on, the same W&B run),
+    the data loader at its saved position, the random number generators restored.
+
+    Returns:
+        the training task's result (``run_dir``, ``metrics``, ...).
+
+    Raises:
+        UserError: no ``run=``, not a run directory, a run being written, no or a bad
+            checkpoint, a completed run with nothing to change, a bad override.
+    """
+    import time
+
+    from genframe.runs import continue_run_record, run_lock
+    from genframe.tasks import guarded
+    from genframe.tasks.fit import fit
+
+    usage = "genframe resume run=<run dir> [key=value ...]"
+    runs = [a.split("=", 1)[1] for a in args if a.startswith("run=")]
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        raise UserError(f"resume: {flags[0]} is not accepted here; usage: {usage}")
+    if len(runs) != 1 or not runs[0]:
+        raise UserError(f"resume: give the one run to continue; usage: {usage}")
+    overrides = [a for a in args if not a.startswith("run=")]
+    run = open_run(runs[0], key="run")
+    task = run.info.get("task")
+    if task not in ("train", "finetune"):
+        raise UserError(f"run={runs[0]}: a '{task}' run; only train and finetune runs can be "
+                        "continued")
+    where = f"run={runs[0]}"
+    with run_lock(run.path, key="run"):
+        last = run.checkpoint("last")
+        if last is None:
+            raise UserError(
+                f"{where}: the run has no checkpoints/last.ckpt to continue from (it stopped "
+                "before its first checkpoint); start it again, and save checkpoints more often "
+                "with callbacks.checkpoint.every_n_steps=N (nothing was changed)")
+        step = check_last_checkpoint(run, last, where=f"{where}: checkpoints/last.ckpt")
+        if run.info.get("status") == "completed" and not overrides:
+            raise UserError(
+                f"{where}: the run completed; to train it further, give a larger limit "
+                "(e.g. trainer.max_epochs=N or trainer.max_steps=N) (nothing was changed)")
+        stored = _migrated(run.config)
+        changed = apply_overrides(stored, overrides, run_choices(run), open_keys=OPEN_KEYS)
+        stored.paths.output_dir = str(run.path)
+        resumed = Resumed(cfg=stored, ckpt_path=str(last), task=task, run=run)
+        prepared = resumed.prepare()  # every remaining check: values, data, model shapes
+        entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": step,
+                 "previous_status": run.info.get("status"), "overrides": changed}
+        continue_run_record(run.path, stored, entry)
+        train_cfg = _continued_loggers(stored, run, step)
+        with _job_log(run.path / f"{stored.get('task_name', task)}.log"):
+            return guarded(task, run.path, lambda: fit(train_cfg, prepared, task=task,
+                                                       ckpt_path=str(last), continued=True))
+
+
+def _continued_loggers(cfg: DictConfig, run: Run, step: int) -> DictConfig:
+    """`cfg` with its loggers set to go on with the run's own logger runs: TensorBoard
+    hides events from `step` on (the continued run writes them again), W&B reopens the
+    run id run.json recorded."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    ids = run.info.get("logger_runs", {})
+    for entry in (cfg.get("logger") or {}).values():
+        target = str(entry.get("_target_", "")) if OmegaConf.is_dict(entry) else ""
+        if target.endswith("TensorBoardLogger"):
+            entry.purge_step = step
+        elif target.endswith("WandbLogger") and ids.get("wandb"):
+            entry.id = ids["wandb"]
+            entry.resume = "allow"
+    return cfg
+
+
+@contextlib.contextmanager
+def _job_log(path: Path):
+    """Log as a Hydra job does (INFO to the terminal and to the run's log file), appending
+    to the log the run started, while a run continued outside Hydra trains."""
+    import logging
+    import sys
+
+    root = logging.getLogger()
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(path, mode="a")]
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()

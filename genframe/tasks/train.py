@@ -35,20 +35,20 @@ def train(cfg: DictConfig, *, overrides: list[str] | None = None) -> dict[str, A
     """
     if not cfg.get("resume"):
         return fit(cfg, prepare_training(cfg), task="train")
-    from genframe.tasks import TASKS
-
     resumed = resolve_resume(cfg, overrides)
-    prepared = TASKS[resumed.task].prepare()(resumed.cfg)
-    prepared.lineage = {**resumed.lineage, **prepared.lineage}
-    return fit(resumed.cfg, prepared, task=resumed.task, ckpt_path=resumed.ckpt_path)
+    return fit(resumed.cfg, resumed.prepare(), task=resumed.task, ckpt_path=resumed.ckpt_path)
 
 
-def prepare_training(cfg: DictConfig) -> Prepared:
+def prepare_training(cfg: DictConfig, *, tokenizer: Any = None) -> Prepared:
     """The data and a new model of a `train` config, checked against each other.
 
     Every check runs here, before any training: the config's values
     (`genframe.tasks.preflight.check_task_config`), the model's needs against the
     data, the sampling options and the ``monitor`` metric.
+
+    Args:
+        tokenizer: text data tokenises with this one instead of training its own (a
+            resumed run keeps the ids its weights were trained on).
     """
     import pytorch_lightning as pl
 
@@ -57,6 +57,8 @@ def prepare_training(cfg: DictConfig) -> Prepared:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data_cfg = to_plain(cfg.data)
     data = build_data(cfg.data)
+    if tokenizer is not None:
+        data.use_tokenizer(tokenizer)
     model = build_model(resolved_model_config(cfg), data)
     check_fit(model, data, data_cfg)
     check_generation(cfg, model)  # sampling.* now, not after the whole training
