@@ -18,6 +18,7 @@ seen. Runs use one thread each (OMP_NUM_THREADS=1).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -102,8 +103,9 @@ def bench_family(name: str, args: list[str], repeats: int, out: Path, rng: rando
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.communicate()
-        if proc.returncode != -signal.SIGKILL:
-            missed += 1  # it finished before the kill
+        status = json.loads((run_dir / "run.json").read_text()).get("status")
+        if proc.returncode != -signal.SIGKILL or status == "completed":
+            missed += 1  # it finished (or was tearing down) before the kill
             continue
         steps.append(last_state(run_dir)[0])
         finish(genframe("resume", f"run={run_dir}"), f"{name} resume {i}")

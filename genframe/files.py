@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,13 +26,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any], *, durable: bool = True) -> None:
     """Write a file through ``write(f)`` so a crash or a kill never leaves a torn file
     under `path`: it holds either the old content or the whole new one.
 
     ``write`` fills a temporary file in the target folder (the same filesystem, so the
     final rename is atomic; a temporary folder elsewhere would turn it into a copy), which
-    is flushed and fsynced, then renamed into place. The file gets the usual permissions
+    is flushed and fsynced (`durable`; without it a killed process still leaves no torn
+    file, but a power loss may), then renamed into place. The file gets the usual permissions
     (0666 less the umask, like ``open(path, "w")``), not mkstemp's 0600. A failure removes
     the temporary file and leaves `path` as it was.
     """
@@ -43,7 +45,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -138,14 +141,16 @@ def _unreadable(exc: BaseException, *, safetensors: bool) -> str:
     """What is wrong with a weights file that failed to load, and the fix, in one line."""
     import pickle
 
-    first = (str(exc).splitlines() or [""])[0].strip()[:160]
+    first = (str(exc).splitlines() or [""])[0].strip()
+    first = re.split(r"(?<=[.;])\s", first)[0][:160]  # the first sentence, not a cut one
     if safetensors:
         return (f"not a readable safetensors file ({first}); it is damaged (truncated or "
                 "overwritten) or of another format: restore it or give another weights file")
     if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
         return ("cannot be read without unpickling code: it holds Python objects besides "
-                "tensors, which genframe never unpickles; give a checkpoint genframe wrote, or "
-                "convert the file to safetensors where it was made")
+                "tensors (which genframe never unpickles), or it is not a checkpoint at all; "
+                "give a checkpoint genframe wrote, or convert the file to safetensors where it "
+                "was made")
     if isinstance(exc, (EOFError, OSError, RuntimeError)) or "zip" in first.lower():
         return (f"cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {first}); "
                 "it is damaged (truncated or overwritten): restore it or give another weights file")

@@ -322,13 +322,14 @@ def run_lock(out_dir: Path, *, key: str = "run"):
 
 def continue_run_record(out_dir: Path, cfg, entry: dict[str, Any]) -> None:
     """Mark a run that `genframe resume` continues in place: config.yaml gets `cfg` (with
-    the values changed on resume), run.json is ``running`` again and its ``resumes`` list
-    gets `entry` (when, from which step, the changed values)."""
+    the values changed on resume; None keeps it), run.json is ``running`` again and its
+    ``resumes`` list gets `entry` (when, from which step, the changed values)."""
     from omegaconf import OmegaConf
 
     out_dir = Path(out_dir)
     record = json.loads((out_dir / RUN_INFO).read_text())
-    atomic_write_bytes(out_dir / CONFIG, OmegaConf.to_yaml(cfg).encode())
+    if cfg is not None:
+        atomic_write_bytes(out_dir / CONFIG, OmegaConf.to_yaml(cfg).encode())
     record.pop("error", None)
     record.pop("ended", None)
     record["status"] = "running"

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from genframe.files import atomic_write
 from genframe.samples import Samples
 
 GRID_MAX = 256  # samples in grid.png: the first ones, at most this many ...
@@ -61,11 +62,14 @@ class SampleWriter:
                 if batch.kind == "image":
                     name = f"{i:06d}.png"
                     written.append(self.folder / name)
-                    _to_pil(batch.images[j]).save(self.folder / name)
+                    image = _to_pil(batch.images[j])
+                    atomic_write(self.folder / name, lambda f: image.save(f, format="PNG"),
+                                 durable=False)
                 else:
                     name = f"{i:06d}.txt"
                     written.append(self.folder / name)
-                    (self.folder / name).write_text(batch.texts[j], encoding="utf-8")
+                    text = batch.texts[j].encode("utf-8")
+                    atomic_write(self.folder / name, lambda f: f.write(text), durable=False)
                 record = {"file": name, "index": i, "condition": batch.conditions[j], **batch.metadata,
                           **{k: column[j] for k, column in batch.per_sample.items()}}
                 lines.append(json.dumps(record, default=str) + "\n")
@@ -102,7 +106,8 @@ class SampleWriter:
 
                 images = torch.cat(self._grid).float() / 255
                 self._grid = []
-                _grid(images, self.grid_min_px).save(self.folder / "grid.png")
+                grid = _grid(images, self.grid_min_px)
+                atomic_write(self.folder / "grid.png", lambda f: grid.save(f, format="PNG"))
         return self.folder
 
     def __enter__(self) -> SampleWriter:

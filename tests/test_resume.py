@@ -81,12 +81,21 @@ def _lr_by_step(run_dir: Path) -> dict[int, float]:
 # -- exact continuation after SIGKILL ------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["vae", "transformer"])
-def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(family, cli, tmp_path, corpus):
-    """Killed (SIGKILL) at step 13, mid-epoch (8 batches an epoch), with checkpoints every
-    5 steps: `genframe resume` continues from step 10 and ends with the same weights as a
-    run that never stopped (deterministic mode, CPU)."""
-    args = (VAE if family == "vae" else [*GPT, f"data.path={corpus}"])
+DIFFUSION = [*FAST_TRAINING, "model=diffusion", "model.block_out_channels=[8,16]",
+             "model.blocks_per_level=1", "model.attention_resolutions=[]", "num_samples=0"]
+
+
+@pytest.mark.parametrize("family,kill,resumed_from", [
+    ("vae", 13, 10), ("transformer", 13, 10), ("diffusion", 13, 10),
+    ("vae", 19, 16),  # from the checkpoint at the end of epoch 2
+])
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(
+        family, kill, resumed_from, cli, tmp_path, corpus):
+    """Killed (SIGKILL) mid-epoch (8 batches an epoch), with checkpoints every 5 steps and
+    at each epoch's end: `genframe resume` continues from the latest checkpoint and ends
+    with the same weights (and EMA copies) as a run that never stopped (deterministic
+    mode, CPU)."""
+    args = {"vae": VAE, "transformer": [*GPT, f"data.path={corpus}"], "diffusion": DIFFUSION}[family]
     args = [*args, "trainer.max_epochs=3", "trainer.limit_train_batches=8",
             "trainer.deterministic=true", "callbacks.checkpoint.every_n_steps=5",
             "trainer.log_every_n_steps=1"]
@@ -94,11 +103,11 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(family, c
     full, part = tmp_path / "full", tmp_path / "part"
     done = cli("train", *args, f"hydra.run.dir={full}", env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    killed = cli("train", *args, "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.step=13",
-                 f"hydra.run.dir={part}", env=env)
+    killed = cli("train", *args, "+callbacks.kill._target_=killer.KillAt",
+                 f"+callbacks.kill.step={kill}", f"hydra.run.dir={part}", env=env)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert json.loads((part / "run.json").read_text())["status"] == "running"  # no handler ran
-    assert _state(part)[0] == 10
+    assert _state(part)[0] == resumed_from
     resumed = cli("resume", f"run={part}", "~callbacks.kill", env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
@@ -109,7 +118,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(family, c
         assert torch.equal(a[key], b[key]), key
     info = json.loads((part / "run.json").read_text())
     assert info["status"] == "completed"
-    assert info["resumes"][0]["from_step"] == 10
+    assert info["resumes"][0]["from_step"] == resumed_from
     assert info["resumes"][0]["overrides"] == ["~callbacks.kill"]
     # The same CSV log goes on: rows up to the checkpoint were flushed when it was saved,
     # the continued run adds the rest.
@@ -157,6 +166,9 @@ def test_resumed_schedule_and_new_lr_follow_the_new_config(gpt_run, cli, tmp_pat
     done = cli("train", *GPT, f"data.path={corpus}", "trainer.max_steps=40", "trainer.max_epochs=-1",
                "model.warmup_steps=2", "model.lr=3e-3", *LR_MONITOR, f"hydra.run.dir={fresh}")
     assert done.returncode == 0, done.stderr[-2000:]
+    # The new run's weights are its own: never the source run's best checkpoint.
+    best = json.loads((resumed / "run.json").read_text())["best_checkpoint"]
+    assert best is None or best.startswith(str(resumed))
     got, want = _lr_by_step(resumed), _lr_by_step(fresh)
     steps = sorted(s for s in got if 20 <= s < 40)
     assert len(steps) >= 15
@@ -223,9 +235,15 @@ def _refused(cli, run_dir: Path, *args: str, match: str):
 def test_resume_refusals_leave_the_run_unchanged(gpt_run, cli, tmp_path):
     _refused(cli, gpt_run, "model=vae", match="keeps its config groups")
     _refused(cli, gpt_run, "trainer.max_steps=30", "model.n_embd=32", match="keeps its network")
-    _refused(cli, gpt_run, match="the run completed")
+    before = _tree_digest(gpt_run)
+    again = cli("resume", f"run={gpt_run}")  # a requeued job whose run completed
+    assert again.returncode == 0 and "already completed" in again.stderr, again.stderr
+    assert _tree_digest(gpt_run) == before
     _refused(cli, gpt_run, "model.warmup_step=3", match="Did you mean 'model.warmup_steps'")
     _refused(cli, gpt_run, "paths.root=/tmp", match="cannot change")
+    _refused(cli, gpt_run, "~model.lr", match="only callbacks can be removed")
+    _refused(cli, gpt_run, "trainer.max_steps=10", match="leaves nothing to train")
+    _refused(cli, gpt_run, "model.lr=1e-2", match="the run completed at step 20")
 
     torn = tmp_path / "torn"
     import shutil
@@ -302,3 +320,53 @@ def test_checkpoint_intervals_are_checked(key, value, tmp_path):
 
     with pytest.raises(UserError, match=f"callbacks.checkpoint.{key}"):
         LastCheckpoint(dirpath=str(tmp_path), **{key: value})
+
+
+# -- a fine-tuning run, a sweep's job, the W&B run ------------------------------------
+
+
+def test_resume_continues_a_killed_finetuning_run(cli, tmp_path):
+    env = _killer_env(tmp_path)
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    done = cli("train", *VAE, f"hydra.run.dir={base}", env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = cli("finetune", f"run={base}", *FAST_TRAINING, "trainer.max_epochs=2",
+                 "trainer.limit_train_batches=6", "callbacks.checkpoint.every_n_steps=4",
+                 "finetune.lr=1e-4", "+callbacks.kill._target_=killer.KillAt",
+                 "+callbacks.kill.step=9", f"hydra.run.dir={tuned}", env=env)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = cli("resume", f"run={tuned}", "~callbacks.kill", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    info = json.loads((tuned / "run.json").read_text())
+    assert info["task"] == "finetune" and info["status"] == "completed" and info["steps"] == 12
+    assert info["resumes"][0]["from_step"] == 8
+    assert info["started_from"]  # the fine-tuning lineage is kept
+
+
+def test_resume_continues_a_sweep_job_and_the_same_wandb_run(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = cli("train", "-m", *VAE, "model.latent_dim=2,3", "logger=wandb",
+               f"hydra.sweep.dir={sweep}", env={"WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    job = sweep / "1"
+    wandb_id = json.loads((job / "run.json").read_text())["logger_runs"]["wandb"]
+    resumed = cli("resume", f"run={job}", "trainer.max_epochs=2", env={"WANDB_MODE": "offline"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    info = json.loads((job / "run.json").read_text())
+    assert info["epochs"] == 2 and info["model"]["kwargs"]["latent_dim"] == 3
+    assert info["logger_runs"]["wandb"] == wandb_id
+    # Both sessions wrote to the run with that id (a new id would start another run).
+    offline = sorted(p.name for p in (job / "logs" / "wandb").glob("offline-run-*"))
+    assert offline and all(name.endswith(wandb_id) for name in offline)
+
+
+def test_checkpoint_every_n_minutes_saves_mid_epoch(cli, tmp_path):
+    """With a tiny interval every step is due: killed after step 3, the run holds the
+    checkpoint of step 2 (the kill runs before that step's checkpoint)."""
+    env = _killer_env(tmp_path)
+    run_dir = tmp_path / "timed"
+    killed = cli("train", *VAE, "trainer.limit_train_batches=8", "callbacks.checkpoint.every_n_minutes=1e-6",
+                 "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.step=3",
+                 f"hydra.run.dir={run_dir}", env=env)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert _state(run_dir)[0] == 2

@@ -33,6 +33,10 @@ from genframe.files import atomic_write
 
 log = logging.getLogger("genframe")
 
+#: What the training loader's saved position is (`genframe.data.base.EpochShuffle` in
+#: torchdata's ``StatefulDataLoader``); a checkpoint with another is not restored into it.
+LOADER_STATE = "StatefulDataLoader+EpochShuffle/1"
+
 
 class LastCheckpoint(ModelCheckpoint):
     """``<dirpath>/last.ckpt``: the state after the latest epoch (what Lightning's
@@ -134,17 +138,26 @@ class ResumeState(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         # The loader's saved position only means something for the same training set: a
         # run resumed on other data (a new run from `train resume=`) starts its epoch anew.
-        saved = (checkpoint.get("callbacks", {}).get(self.state_key) or {}).get("train_size")
+        # A position saved by another kind of loader (an older genframe's) cannot be read
+        # by this one either.
+        saved = checkpoint.get("callbacks", {}).get(self.state_key) or {}
         fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-        if "combined_loader" in fit_loop and saved != self._train_size:
-            del fit_loop["combined_loader"]
-            log.warning("the training data changed since the checkpoint (%s items, now %s): "
-                        "the data loader starts a new pass instead of its saved position",
-                        saved, self._train_size)
+        if "combined_loader" not in fit_loop:
+            return
+        if saved.get("loader") != LOADER_STATE:
+            why = "was saved by another kind of data loader"
+        elif saved.get("train_size") != self._train_size:
+            why = (f"is of other training data ({saved.get('train_size')} items, now "
+                   f"{self._train_size})")
+        else:
+            return
+        del fit_loop["combined_loader"]
+        log.warning("the checkpoint's data-loader position %s: the loader starts a new pass "
+                    "of the training data", why)
 
     def state_dict(self) -> dict[str, Any]:
         np_state = np.random.get_state()
-        return {"train_size": self._train_size, "rng": {
+        return {"train_size": self._train_size, "loader": LOADER_STATE, "rng": {
             "python": random.getstate(),
             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                       int(np_state[2]), int(np_state[3]), float(np_state[4])),

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from genframe.errors import UserError, valid_list
@@ -141,20 +141,23 @@ class GenerativeDataModule(pl.LightningDataModule):
     def dataloader(self, split: str) -> DataLoader:
         """A DataLoader over `split`; only the training split is shuffled.
 
-        The training split's loader is torchdata's ``StatefulDataLoader``: Lightning saves
-        its position (and its shuffle order) in every checkpoint, so a run continued from
-        a checkpoint written mid-epoch sees the batches the uninterrupted run would.
+        The training split's loader is torchdata's ``StatefulDataLoader`` over an
+        `EpochShuffle` sampler: each epoch's order is a function of the seed and the epoch
+        alone, and Lightning saves the loader's position in every checkpoint, so a run
+        continued from any checkpoint (mid-epoch or at an epoch's end) sees the batches
+        the uninterrupted run would.
         """
-        shuffle = split == "train"
-        loader = StatefulDataLoader if shuffle else DataLoader
-        return loader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
+        options = dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                       persistent_workers=self.num_workers > 0, drop_last=False)
+        dataset = self.dataset(split)
+        if split != "train":
+            return DataLoader(dataset, shuffle=False, **options)
+        # The loader's own generator for its workers' base seed: drawn from torch's global
+        # one at every epoch's start, it would shift the training's random stream by
+        # where a run was continued from.
+        sampler = EpochShuffle(len(dataset))
+        return StatefulDataLoader(dataset, sampler=sampler, **options,
+                                  generator=torch.Generator().manual_seed(sampler.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")
@@ -281,3 +284,47 @@ def split_captions(data: Any, split: str, limit: int | None = None) -> list[str]
     count = len(dataset) if limit is None else min(int(limit), len(dataset))
     return [str(dataset[i]["caption"]) for i in range(count)]
 
+
+
+class EpochShuffle(Sampler[int]):
+    """Indices ``0 .. size - 1`` in a random order that depends only on `seed` and the
+    epoch, with its position as state (``state_dict``), which torchdata's
+    ``StatefulDataLoader`` puts in every checkpoint Lightning writes. A run continued
+    from a checkpoint shuffles every epoch as the uninterrupted run did and goes on after
+    the items an interrupted epoch had already used. Lightning calls `set_epoch` at the
+    start of every training epoch (as for PyTorch's ``DistributedSampler``).
+
+    Args:
+        size: the number of items.
+        seed: the base seed; default ``torch.initial_seed()`` (the run's ``seed``, which
+            Lightning's ``seed_everything`` set).
+    """
+
+    def __init__(self, size: int, seed: int | None = None) -> None:
+        self.size = size
+        self.seed = torch.initial_seed() if seed is None else int(seed)
+        self.epoch = 0
+        self.yielded = 0  # items of this epoch's order handed out so far
+        self._resume_at = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        start, self._resume_at = self._resume_at, 0
+        generator = torch.Generator().manual_seed((self.seed + 1_000_003 * self.epoch) % 2**63)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        self.yielded = start
+        for index in order[start:]:
+            self.yielded += 1
+            yield index
+
+    def __len__(self) -> int:
+        return self.size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._resume_at = int(state["yielded"])

@@ -86,6 +86,8 @@ def guarded(task: str, out_dir, call) -> Any:
     # A deprecation inside Lightning's own code, not actionable by users.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")  # torchdata's
+    # A continued run writes into its own checkpoints folder on purpose.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     _quiet_lightning_adverts()
     try:
         with _sigterm_as_interrupt():

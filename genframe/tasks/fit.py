@@ -66,17 +66,30 @@ def fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None = None,
     out_dir = Path(cfg.paths.output_dir)
     lock = contextlib.nullcontext() if continued else run_lock(out_dir, key="hydra.run.dir")
     with lock:
-        return _fit(cfg, prepared, task=task, ckpt_path=ckpt_path, continued=continued)
+        trainer = build_trainer(cfg, prepared.model)
+        try:
+            return _train_and_report(cfg, trainer, prepared, out_dir, task=task,
+                                     ckpt_path=ckpt_path, continued=continued)
+        finally:
+            finish_logger_runs(trainer)
 
 
-def _fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None,
-         continued: bool) -> dict[str, Any]:
+def finish_logger_runs(trainer) -> None:
+    """End the W&B run this task opened (Lightning leaves it open): the next job of a
+    sweep in this process, or a later `genframe resume` of this run, opens its own."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+
+
+def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: str,
+                      ckpt_path: str | None, continued: bool) -> dict[str, Any]:
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     model, data, data_cfg = prepared.model, prepared.data, prepared.data_cfg
     lineage, before_save = prepared.lineage, prepared.before_save
-    out_dir = Path(cfg.paths.output_dir)
-    trainer = build_trainer(cfg, model)
     if not continued:
         # run.json names the model; its tokenizer (in the spec too) goes to tokenizer.json.
         start_run(out_dir, cfg, task, device=trainer.strategy.root_device, model=model.model_spec,
@@ -94,7 +107,7 @@ def _fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None,
     except MisconfigurationException as exc:
         raise UserError(f"{exc}".splitlines()[0] + f" (monitor={cfg.monitor})") from exc
 
-    best = _best_checkpoint(trainer)
+    best = _best_checkpoint(trainer, out_dir)
     if best is not None:  # export and sample from the best weights, not the last ones
         _, state = read_weights(best, where=f"the run's best checkpoint {best}")
         model.load_state_dict(state)
@@ -129,7 +142,11 @@ def _fit(cfg, prepared: Prepared, *, task: str, ckpt_path: str | None,
             "model": model, "trainer": trainer, "samples": samples}
 
 
-def _best_checkpoint(trainer) -> str | None:
+def _best_checkpoint(trainer, out_dir: Path) -> str | None:
+    """The best checkpoint of this run; not one a run continued from (``train resume=``
+    restores the source run's best path until this run validates)."""
     cb = getattr(trainer, "checkpoint_callback", None)
     path = getattr(cb, "best_model_path", "") if cb is not None else ""
-    return path if path and Path(path).exists() else None
+    if not path or not Path(path).exists():
+        return None
+    return path if Path(path).resolve().is_relative_to(Path(out_dir).resolve()) else None

@@ -14,6 +14,7 @@ Both keep the run's config groups and its tokenizer, and let new values (a longe
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from genframe.errors import UserError
 from genframe.files import looks_like_safetensors, torch_load_weights
 from genframe.runs import Run, open_run
+
+log = logging.getLogger("genframe")
 
 # Config groups a resumed run keeps: changing one would make it another run.
 GROUPS = ("data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "paths",
@@ -70,9 +73,9 @@ class Resumed:
             load_state_dict_strict(prepared.model, state, where=f"{self.ckpt_path}")
         except UserError as exc:
             raise UserError(
-                f"{exc}. A resumed run keeps its network: a changed model value changes its "
-                "shapes; give only values that do not (lr, warmup_steps, ...), or fine-tune "
-                f"the run into a new one: genframe finetune run={self.run.path if self.run else '...'}"
+                f"{exc}. A resumed run keeps its network: a changed value changes its shapes; "
+                "give only values that do not (lr, warmup_steps, ...), or train a network of "
+                "the new size as a new run (genframe train)"
             ) from exc
         return prepared
 
@@ -112,6 +115,10 @@ def _migrated(stored: DictConfig) -> DictConfig:
     return stored
 
 
+# What `~key` may remove on resume (a callback that should not run again); other keys
+# stay, so the run's config keeps every key its model and data were built with.
+DELETABLE = ("callbacks.",)
+
 # Keys that say where a run and its base are: a continued run keeps them.
 FIXED = ("paths", "hydra", "resume", "run", "task_name")
 
@@ -119,14 +126,14 @@ FIXED = ("paths", "hydra", "resume", "run", "task_name")
 TRAINING_STATE = ("state_dict", "optimizer_states", "loops", "global_step")
 
 
-def check_last_checkpoint(run: Run, path: Path, *, where: str) -> int:
+def check_last_checkpoint(run: Run, path: Path, *, where: str) -> tuple[int, int]:
     """Check a run's ``last.ckpt`` before Lightning resumes from it: readable without
     unpickling code, holding the training state, and the model run.json records (its
     tensors fitting that model). There is no fall-back: only this file holds the
     optimizer state; the run's weights can still be fine-tuned.
 
     Returns:
-        the checkpoint's global step.
+        the checkpoint's global step and epoch.
 
     Raises:
         UserError: naming `where`, what is wrong and the way on.
@@ -134,8 +141,10 @@ def check_last_checkpoint(run: Run, path: Path, *, where: str) -> int:
     from genframe.spec import ModelSpec
     from genframe.weights import SPEC_KEY, build_from_spec, check_run_model
 
-    way_on = (f"; the run cannot be continued. Fine-tune from its weights instead: "
-              f"genframe finetune run={run.path}")
+    has_weights = run.weights() is not None or run.checkpoint("best") is not None
+    way_on = ("; the run cannot be continued" + (
+        f". Fine-tune from its weights instead: genframe finetune run={run.path}" if has_weights
+        else " (it has no other weights: train it again)"))
     try:
         if looks_like_safetensors(path):
             raise UserError(f"{where}: a safetensors weights file, which holds no training "
@@ -152,7 +161,7 @@ def check_last_checkpoint(run: Run, path: Path, *, where: str) -> int:
         build_from_spec(spec, ckpt["state_dict"], source=where)  # the tensors fit it
     except UserError as exc:
         raise UserError(f"{exc}{way_on}") from exc
-    return int(ckpt["global_step"])
+    return int(ckpt["global_step"]), int(ckpt.get("epoch", 0))
 
 
 def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resumed:
@@ -180,7 +189,7 @@ def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resum
     last = run.checkpoint("last")
     if last is None:
         raise UserError(f"resume={cfg.resume}: the run has no checkpoints/last.ckpt to resume from")
-    check_last_checkpoint(run, last, where=f"resume={cfg.resume}: checkpoints/last.ckpt")
+    step, epoch = check_last_checkpoint(run, last, where=f"resume={cfg.resume}: checkpoints/last.ckpt")
     stored = _migrated(run.config)
     if overrides is None:
         try:
@@ -237,6 +246,10 @@ def apply_overrides(stored: DictConfig, overrides: list[str], choices: dict[str,
             raise UserError(f"'{ov.input_line}': {key} cannot change when a run is continued "
                             "(it says where the run and its base are)")
         exists = OmegaConf.select(stored, key, default=_ABSENT) is not _ABSENT
+        if ov.is_delete() and not key.startswith(DELETABLE):
+            raise UserError(f"'{ov.input_line}': a continued run keeps its config's keys; only "
+                            f"callbacks can be removed ({', '.join(p + '*' for p in DELETABLE)}); "
+                            "change a value with key=value instead")
         if ov.is_delete():
             if not exists:
                 raise UserError(f"'{ov.input_line}': the run's config has no key {key}")
@@ -285,8 +298,10 @@ def continue_in_place(args: list[str]) -> dict[str, Any]:
 
     Raises:
         UserError: no ``run=``, not a run directory, a run being written, no or a bad
-            checkpoint, a completed run with nothing to change, a bad override.
+            checkpoint, a bad override. A completed run with nothing to change is left
+            as it is (a note, no error: a requeued job may find its run finished).
     """
+    import sys
     import time
 
     from genframe.runs import continue_run_record, run_lock
@@ -314,23 +329,48 @@ def continue_in_place(args: list[str]) -> dict[str, Any]:
                 f"{where}: the run has no checkpoints/last.ckpt to continue from (it stopped "
                 "before its first checkpoint); start it again, and save checkpoints more often "
                 "with callbacks.checkpoint.every_n_steps=N (nothing was changed)")
-        step = check_last_checkpoint(run, last, where=f"{where}: checkpoints/last.ckpt")
+        step, epoch = check_last_checkpoint(run, last, where=f"{where}: checkpoints/last.ckpt")
         if run.info.get("status") == "completed" and not overrides:
-            raise UserError(
-                f"{where}: the run completed; to train it further, give a larger limit "
-                "(e.g. trainer.max_epochs=N or trainer.max_steps=N) (nothing was changed)")
+            # A requeued job whose run finished meanwhile: nothing to do, not an error.
+            print(f"genframe: {where}: the run already completed (step {step}); nothing to "
+                  "continue. To train it further, give a larger limit (e.g. "
+                  "trainer.max_steps=N or trainer.max_epochs=N)", file=sys.stderr)
+            return {"run_dir": run.path, "metrics": {}}
         stored = _migrated(run.config)
         changed = apply_overrides(stored, overrides, run_choices(run), open_keys=OPEN_KEYS)
+        _check_limits(stored, run, step, epoch, where)
+        record = OmegaConf.create(OmegaConf.to_container(stored, resolve=False))
         stored.paths.output_dir = str(run.path)
         resumed = Resumed(cfg=stored, ckpt_path=str(last), task=task, run=run)
         prepared = resumed.prepare()  # every remaining check: values, data, model shapes
         entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": step,
                  "previous_status": run.info.get("status"), "overrides": changed}
-        continue_run_record(run.path, stored, entry)
+        # config.yaml keeps its interpolations; it changes only when a value did.
+        continue_run_record(run.path, record if changed else None, entry)
         train_cfg = _continued_loggers(stored, run, step)
         with _job_log(run.path / f"{stored.get('task_name', task)}.log"):
+            log.info("continuing %s from checkpoints/last.ckpt (step %d, epoch %d)%s", run.path,
+                     step, epoch, f" with {' '.join(changed)}" if changed else "")
             return guarded(task, run.path, lambda: fit(train_cfg, prepared, task=task,
                                                        ckpt_path=str(last), continued=True))
+
+
+def _check_limits(cfg: DictConfig, run: Run, step: int, epoch: int, where: str) -> None:
+    """Refuse limits that leave nothing to train: below where the checkpoint is, or, for a
+    completed run, not beyond where it ended (Lightning would fail, or only validate and
+    rewrite the run's results)."""
+    trainer = cfg.get("trainer") or {}
+    limits = {k: trainer.get(k) for k in ("max_steps", "max_epochs")}
+    limits = {k: v for k, v in limits.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+    completed = run.info.get("status") == "completed"
+    reached = {"max_steps": int(run.info.get("steps", step)) if completed else step,
+               "max_epochs": int(run.info.get("epochs", epoch)) if completed else epoch}
+    low = [f"trainer.{k}={v}" for k, v in limits.items() if v <= reached[k]]
+    if low:
+        at = f"step {reached['max_steps']}, epoch {reached['max_epochs']}"
+        what = "completed at" if completed else "is at"
+        raise UserError(f"{where}: {', '.join(low)} leaves nothing to train: the run {what} {at}; "
+                        "give a larger trainer.max_steps or trainer.max_epochs (nothing was changed)")
 
 
 def _continued_loggers(cfg: DictConfig, run: Run, step: int) -> DictConfig:

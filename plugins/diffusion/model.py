@@ -185,7 +185,6 @@ class Diffusion(GenerativeModule):
         self.ema_unet: UNet | None = None
         if ema_decay > 0:
             self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
-        self._ema_updated_at = -1  # the global step of the last EMA update
 
     # -- networks ---------------------------------------------------------------------
 
@@ -390,12 +389,13 @@ class Diffusion(GenerativeModule):
                 if module is ema:
                     setattr(self, name, fresh)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # global_step counts optimizer steps; with gradient accumulation some batches end
-        # without one, and the EMA should move only when the weights did.
-        if self.global_step != self._ema_updated_at:
-            self._ema_updated_at = self.global_step
-            self.update_ema()
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimizer's step, then the EMA's: only when the weights moved (with gradient
+        accumulation, Lightning calls this once per real step), and before any callback
+        sees the batch's end, so a checkpoint written then holds the EMA of that step."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Lightning counts the step as done once this returns: it is global_step + 1.
+        self.update_ema(self.global_step + 1)
 
     # -- generation -------------------------------------------------------------------
 
