@@ -6,9 +6,10 @@ and count how many continuations end with exactly the weights of a run that neve
 
 For each family one uninterrupted reference run is trained (CPU, deterministic mode,
 checkpoints every 7 optimizer steps, so most kills land mid-epoch and between
-checkpoints). Then, `--repeats` times: the same command starts, is killed with SIGKILL at
-a moment drawn uniformly between its first step checkpoint and 95% of the reference's
-training time, and `genframe resume run=DIR` continues it. The continuation is exact when
+checkpoints). Then, until `--repeats` kills have landed (at most 3 x repeats tries): the
+same command starts, is killed with SIGKILL at a moment drawn uniformly between its first
+step checkpoint and 95% of the reference's training time, and `genframe resume run=DIR`
+continues it; a run that finished before its kill is counted as missed. The continuation is exact when
 every tensor of the final ``last.ckpt`` (weights, EMA copies, buffers) equals the
 reference's bit for bit. The table gives, per family: exact continuations / repeats, the
 steps the kills landed at (the checkpoint each resumed from), and the largest difference
@@ -89,7 +90,9 @@ def bench_family(name: str, args: list[str], repeats: int, out: Path, rng: rando
     duration = time.monotonic() - start
     ref_step, ref_state = last_state(ref)
     exact, steps, worst, missed = 0, [], 0.0, 0
-    for i in range(repeats):
+    for i in range(3 * repeats):  # until `repeats` kills landed (a run may finish first)
+        if len(steps) == repeats:
+            break
         run_dir = out / f"{name}-{i}"
         shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.monotonic()
