@@ -98,7 +98,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(
     args = {"vae": VAE, "transformer": [*GPT, f"data.path={corpus}"], "diffusion": DIFFUSION}[family]
     args = [*args, "trainer.max_epochs=3", "trainer.limit_train_batches=8",
             "trainer.deterministic=true", "callbacks.checkpoint.every_n_steps=5",
-            "trainer.log_every_n_steps=1"]
+            "trainer.log_every_n_steps=1", "logger=many"]
     env = _killer_env(tmp_path)
     full, part = tmp_path / "full", tmp_path / "part"
     done = cli("train", *args, f"hydra.run.dir={full}", env=env)
@@ -123,6 +123,16 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(
     # The same CSV log goes on: rows up to the checkpoint were flushed when it was saved,
     # the continued run adds the rest.
     assert _logged_steps(part) == _logged_steps(full)
+    # TensorBoard goes on in the same folder: each step's loss once, as if never stopped.
+    assert _tensorboard_steps(part) == _tensorboard_steps(full)
+
+
+def _tensorboard_steps(run_dir: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    return sorted(e.step for e in events.Scalars("train/loss_step"))
 
 
 def _logged_steps(run_dir: Path) -> set[int]:
