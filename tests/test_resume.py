@@ -380,3 +380,31 @@ def test_checkpoint_every_n_minutes_saves_mid_epoch(cli, tmp_path):
                  f"hydra.run.dir={run_dir}", env=env)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert _state(run_dir)[0] == 2
+
+
+@pytest.mark.parametrize("make", ["epoch_shuffle", "mixed_batches"])
+def test_training_samplers_continue_from_their_saved_position(make):
+    """A sampler rebuilt in a new process and given the saved state hands out the rest of
+    the interrupted epoch, then the next epochs, as the uninterrupted one does."""
+    from genframe.data.base import EpochShuffle
+    from genframe.data.subject import MixedBatches
+
+    def build():
+        return EpochShuffle(23, seed=5) if make == "epoch_shuffle" else MixedBatches(7, 20, (2, 2), 4, 5)
+
+    whole = build()
+    epochs = []
+    for epoch in range(3):
+        whole.set_epoch(epoch)
+        epochs.append(list(whole))
+    assert epochs[0] != epochs[1]  # a new order every epoch
+
+    first = build()
+    first.set_epoch(1)
+    it = iter(first)
+    head = [next(it) for _ in range(5)]
+    second = build()
+    second.load_state_dict(first.state_dict())
+    assert head + list(second) == epochs[1]
+    second.set_epoch(2)
+    assert list(second) == epochs[2]

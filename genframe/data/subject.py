@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from genframe.data.base import CaptionTokenizer, GenerativeDataModule
 from genframe.data.image_folder import _expand, _list_images, _reason, decode_image
@@ -262,7 +263,10 @@ class MixedBatches(Sampler[list[int]]):
     `per_batch[1]` class examples (the indices after them), each drawn from its own
     shuffled cycle, for ``ceil(num_instance * repeats / per_batch[0])`` batches an epoch.
 
-    Each epoch draws a new order from `seed` and the epoch's number, so runs repeat.
+    Each epoch draws a new order from `seed` and the epoch's number, so runs repeat
+    (Lightning sets the epoch, `set_epoch`; without it each pass counts one). Its position
+    in the epoch is its state (``state_dict``), which torchdata's ``StatefulDataLoader``
+    saves in every checkpoint, so a continued run gets the batches it would have.
     """
 
     def __init__(self, num_instance: int, num_class: int, per_batch: tuple[int, int],
@@ -272,20 +276,36 @@ class MixedBatches(Sampler[list[int]]):
         self.batches = math.ceil(num_instance * repeats / per_batch[0])
         self.seed = seed
         self.epoch = 0
+        self.yielded = 0  # batches of this epoch handed out so far
+        self._resume_at = 0
 
     def __len__(self) -> int:
         return self.batches
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[list[int]]:
+        start, self._resume_at = self._resume_at, 0
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         self.epoch += 1
         inst = _cycle(self.num_instance, gen)
         cls = _cycle(self.num_class, gen) if self.num_class and self.per_batch[1] else None
+        self.yielded = 0
         for _ in range(self.batches):
             batch = [next(inst) for _ in range(self.per_batch[0])]
             if cls is not None:
                 batch += [self.num_instance + next(cls) for _ in range(self.per_batch[1])]
-            yield batch
+            self.yielded += 1
+            if self.yielded > start:
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        # The epoch being drawn (`__iter__` already counted the next one).
+        return {"epoch": self.epoch - 1 if self.yielded else self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._resume_at = int(state["epoch"]), int(state["yielded"])
 
 
 def _cycle(n: int, gen: torch.Generator) -> Iterator[int]:
@@ -469,8 +489,9 @@ class SubjectDataModule(CaptionTokenizer, GenerativeDataModule):
         dataset = self.dataset("train")
         n = len(dataset) - len(self.class_captions)
         sampler = MixedBatches(n, len(self.class_captions), self.per_batch, self.repeats, self.seed)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return StatefulDataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                  persistent_workers=self.num_workers > 0,
+                                  generator=torch.Generator().manual_seed(self.seed))
 
     def summary(self) -> dict[str, Any]:
         """What run.json records about the subject data (after ``setup``)."""
