@@ -365,8 +365,9 @@ def borrowed_model(run: str | None, spec: Mapping[str, Any] | None, *, run_key: 
     elif run is not None:
         try:
             model, _, _ = load_model(str(run))
-        except UserError as exc:
-            raise UserError(f"{run_key}={run}: {exc}") from exc
+        except UserError as exc:  # its messages name run=; here the user's key is run_key
+            text = str(exc).replace(f"run={run}", f"{run_key}={run}")
+            raise UserError(text if text.startswith(f"{run_key}=") else f"{run_key}={run}: {text}") from exc
         model = model.cpu()
     else:
         return None
