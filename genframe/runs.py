@@ -314,6 +314,10 @@ def run_lock(out_dir: Path, *, key: str = "run"):
             f"{key}={out_dir}: the run is still being written by another process (its "
             f"{LOCK} is held); wait for it to finish, or stop it first (nothing was changed)"
         ) from None
+    except OSError as exc:  # a read-only folder: nothing can be written there
+        raise UserError(f"{key}={out_dir}: cannot write the run directory ({exc.strerror or exc}); "
+                        "a run is continued in its own folder, which must be writable "
+                        "(nothing was changed)") from None
     try:
         yield
     finally:

@@ -132,7 +132,9 @@ def _tensorboard_steps(run_dir: Path) -> list[int]:
 
     events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
     events.Reload()
-    return sorted(e.step for e in events.Scalars("train/loss_step"))
+    tags = events.Tags()["scalars"]
+    tag = "train/loss_step" if "train/loss_step" in tags else "train/loss"
+    return sorted(e.step for e in events.Scalars(tag))
 
 
 def _logged_steps(run_dir: Path) -> set[int]:
@@ -196,6 +198,8 @@ def test_train_resume_checks_overrides_against_the_run_config(gpt_run, cli, tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     cfg = (out / "config.yaml").read_text()
     assert "warmup_steps: 5" in cfg
+    nothing = cli("train", f"resume={gpt_run}", "trainer.max_steps=10")
+    assert nothing.returncode == 2 and "leaves nothing to train" in nothing.stderr, nothing.stderr
     typo = cli("train", f"resume={gpt_run}", "model.warmup_step=5")
     assert typo.returncode == 2
     assert "warmup_steps" in typo.stderr and "kl_warmup" not in typo.stderr
@@ -254,6 +258,9 @@ def test_resume_refusals_leave_the_run_unchanged(gpt_run, cli, tmp_path):
     _refused(cli, gpt_run, "~model.lr", match="only callbacks can be removed")
     _refused(cli, gpt_run, "trainer.max_steps=10", match="leaves nothing to train")
     _refused(cli, gpt_run, "model.lr=1e-2", match="the run completed at step 20")
+    # A bad callback value is refused before the run records anything.
+    _refused(cli, gpt_run, "trainer.max_steps=30", "callbacks.checkpoint.every_n_steps=0",
+             match="callbacks.checkpoint.every_n_steps must be a positive integer")
 
     torn = tmp_path / "torn"
     import shutil

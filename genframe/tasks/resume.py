@@ -199,6 +199,7 @@ def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resum
     # The new run's directory (paths.*) is already in `cfg`.
     overrides = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "paths."))]
     apply_overrides(stored, overrides, run_choices(run), open_keys=())
+    _check_limits(stored, run, step, epoch, f"resume={cfg.resume}")
     stored.paths = cfg.paths  # the new run directory
     stored.resume = str(run.path)
     return Resumed(cfg=stored, ckpt_path=str(last), task=task,
@@ -306,6 +307,7 @@ def continue_in_place(args: list[str]) -> dict[str, Any]:
 
     from genframe.runs import continue_run_record, run_lock
     from genframe.tasks import guarded
+    from genframe.tasks.build import instantiate_group
     from genframe.tasks.fit import fit
 
     usage = "genframe resume run=<run dir> [key=value ...]"
@@ -338,11 +340,12 @@ def continue_in_place(args: list[str]) -> dict[str, Any]:
             return {"run_dir": run.path, "metrics": {}}
         stored = _migrated(run.config)
         changed = apply_overrides(stored, overrides, run_choices(run), open_keys=OPEN_KEYS)
-        _check_limits(stored, run, step, epoch, where)
         record = OmegaConf.create(OmegaConf.to_container(stored, resolve=False))
         stored.paths.output_dir = str(run.path)
         resumed = Resumed(cfg=stored, ckpt_path=str(last), task=task, run=run)
         prepared = resumed.prepare()  # every remaining check: values, data, model shapes
+        instantiate_group(stored.get("callbacks"), "callbacks")  # their values, now
+        _check_limits(stored, run, step, epoch, where)
         entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": step,
                  "previous_status": run.info.get("status"), "overrides": changed}
         # config.yaml keeps its interpolations; it changes only when a value did.
