@@ -179,7 +179,6 @@ def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None) -> Resum
             changes a config group.
     """
     from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     run = open_run(cfg.resume, key="resume")
     task = run.info.get("task")

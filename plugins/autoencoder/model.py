@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from genframe.errors import UserError, argument_check
 from genframe.layers import ConvDecoder, ConvEncoder
