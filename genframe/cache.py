@@ -38,3 +38,15 @@ def cache_dir(subfolder: str | None = None) -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME")
         root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "genframe"
     return root / subfolder if subfolder else root
+
+
+def entry_lock(path: Path | str):
+    """A lock on one cache entry (``<path>.lock``, an OS file lock from `filelock`) for
+    the check-compute-write of that entry: processes that want the same entry at once
+    (the ranks of a DDP run, the jobs of a sweep) compute it once, the others wait and
+    read it. The kernel drops the lock when its holder dies."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping
@@ -10,6 +11,10 @@ from typing import Any
 from genframe.errors import UserError
 
 CUDA_ONLY_STRATEGIES = ("fsdp", "deepspeed")
+
+#: ``trainer.*`` keys that are genframe's own, not ``pytorch_lightning.Trainer`` arguments
+#: (see `genframe.callbacks.model_settings`).
+GENFRAME_TRAINER_KEYS = ("compile", "activation_checkpointing")
 
 
 @functools.cache
@@ -76,6 +81,9 @@ def check_hardware(kwargs: Mapping[str, Any], source: Callable[[str], str] | Non
     if any(strategy.startswith(s) for s in CUDA_ONLY_STRATEGIES) and not has_cuda:
         raise UserError(f"trainer.strategy={strategy}{where('strategy')} needs CUDA GPUs; this "
                         "machine has none; expected trainer.strategy=auto (or ddp_spawn on the CPU)")
+    if strategy.startswith("deepspeed") and not _has_module("deepspeed"):
+        raise UserError(f"trainer.strategy={strategy}{where('strategy')} needs DeepSpeed, which "
+                        'is not installed; pip install "genframe[deepspeed]" (or choose trainer=fsdp)')
     on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and has_cuda)
     if on_gpu or accel == "cpu" or (accel == "auto" and not has_cuda):
         _check_devices(kwargs.get("devices", "auto"), on_gpu, n_gpus, strategy, where("devices"))
@@ -161,3 +169,140 @@ def auto_precision(accelerator: str, has_cuda: bool, num_parameters: int) -> str
     if cpu_has_amx_bf16() and num_parameters >= 2_000_000:
         return "bf16-mixed"
     return "32-true"
+
+
+def global_rank() -> int:
+    """This process's rank among all processes of a distributed run (0 when alone).
+
+    Lightning reads it from the launcher's environment (``RANK``, ``LOCAL_RANK``,
+    ``SLURM_PROCID``) when it is imported and sets it again once the process group is up,
+    so it is right both before training (a process started by torchrun, SLURM or
+    ``trainer=ddp``) and during it.
+    """
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes the run directory (run.json, weights, samples,
+    metrics): every other rank of a distributed run only trains."""
+    return global_rank() == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnvironment:
+    """How this process was started, read from the environment.
+
+    Attributes:
+        rank: the global rank (0 when alone).
+        world_size: the number of processes of the run (1 when alone).
+        launcher: ``torchrun``, ``SLURM``, ``trainer=ddp`` (a process Lightning started
+            for genframe) or ``none``.
+        external: whether a launcher outside genframe started every process (torchrun,
+            SLURM), so Lightning starts none.
+    """
+
+    rank: int
+    world_size: int
+    launcher: str
+    external: bool
+
+
+def launch_environment(environ: Mapping[str, str] | None = None) -> LaunchEnvironment:
+    """The `LaunchEnvironment` of this process (`environ`: default ``os.environ``)."""
+    env = os.environ if environ is None else environ
+
+    def number(*keys: str, default: int) -> int:
+        for key in keys:
+            value = env.get(key, "")
+            if value.strip().isdigit():
+                return int(value)
+        return default
+
+    if "TORCHELASTIC_RUN_ID" in env:
+        return LaunchEnvironment(number("RANK", default=0), number("WORLD_SIZE", default=1),
+                                 "torchrun", True)
+    if "SLURM_PROCID" in env and number("SLURM_NTASKS", default=1) > 1:
+        return LaunchEnvironment(number("SLURM_PROCID", default=0),
+                                 number("SLURM_NTASKS", default=1), "SLURM", True)
+    if "LOCAL_RANK" in env:
+        local = number("LOCAL_RANK", default=0)
+        per_node = max(number("WORLD_SIZE", default=1) // max(number("NUM_NODES", default=1), 1), 1)
+        rank = number("RANK", default=number("NODE_RANK", default=0) * per_node + local)
+        return LaunchEnvironment(rank, number("WORLD_SIZE", default=1), "trainer=ddp", False)
+    return LaunchEnvironment(0, 1, "none", False)
+
+
+#: The command line `trainer=ddp` restarts for its further processes (set by the CLI).
+_RELAUNCH: list[str] | None = None
+
+
+def set_relaunch_command(argv: list[str] | None) -> None:
+    """Record the genframe command line of this process (program and arguments), which
+    `trainer=ddp` starts again once per further process; None: not started from the
+    command line (a test or notebook calling the CLI or a task in-process)."""
+    global _RELAUNCH
+    _RELAUNCH = list(argv) if argv is not None else None
+
+
+def starts_processes(kwargs: Mapping[str, Any]) -> bool:
+    """Whether a trainer with these arguments has Lightning start the further processes
+    by running the command again (``strategy: ddp`` with more than one process, and no
+    torchrun or SLURM that started them all)."""
+    strategy = str(kwargs.get("strategy", "auto"))
+    if not strategy.startswith("ddp") or strategy.startswith("ddp_spawn") or \
+            strategy.startswith("ddp_fork") or launch_environment().external:
+        return False
+    return _process_count(kwargs) * int(kwargs.get("num_nodes", 1) or 1) > 1
+
+
+def _process_count(kwargs: Mapping[str, Any]) -> int:
+    """Processes per node that ``trainer.devices`` asks for."""
+    import torch
+
+    devices = kwargs.get("devices", "auto")
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([p for p in text.split(",") if p.strip()])
+    if text.lstrip("-").isdigit() and int(text) >= 1:
+        return int(text)
+    on_gpu = str(kwargs.get("accelerator", "auto")) != "cpu" and torch.cuda.is_available()
+    return torch.cuda.device_count() if on_gpu else 1  # auto, -1
+
+
+def check_launch(kwargs: Mapping[str, Any], *, multirun: bool, choice: str = "?") -> None:
+    """Refuse what `trainer=ddp`'s relaunch cannot do.
+
+    Raises:
+        UserError: inside a multirun (the relaunch would run the whole sweep again in
+            every process), or when genframe was not started from its command line (a
+            test or notebook: there is no command to start again).
+    """
+    if not starts_processes(kwargs):
+        return
+    strategy = f"trainer.strategy={kwargs.get('strategy')} (trainer={choice})"
+    if multirun:
+        raise UserError(
+            f"{strategy} cannot run inside a multirun (-m): it starts the genframe command "
+            "again for every further process, which would run the whole sweep again in "
+            "each. Use trainer=ddp_spawn in sweeps, or launch the processes from outside "
+            "with torchrun (trainer=multinode, see the README)")
+    if _RELAUNCH is None:
+        raise UserError(
+            f"{strategy} starts the genframe command again for every further process, but "
+            "this task was not started from the genframe command (it runs inside Python); "
+            "use trainer=ddp_spawn here, or run `genframe ...` from a shell")
+
+
+def prepare_launch(kwargs: Mapping[str, Any], *, multirun: bool, choice: str = "?") -> None:
+    """`check_launch`, then point ``sys.argv`` at the genframe command line, which
+    Lightning's launcher (``_SubprocessScriptLauncher``) runs again for each further
+    process, adding the run directory to it."""
+    import sys
+
+    check_launch(kwargs, multirun=multirun, choice=choice)
+    if starts_processes(kwargs) and launch_environment().rank == 0:
+        sys.argv = list(_RELAUNCH)

@@ -50,9 +50,13 @@ class GenerativeModule(pl.LightningModule):
         added_arguments: arguments added later -> their value in runs saved before.
         lora_target_modules: module-name patterns LoRA adapts by default
             (``method=lora`` with ``finetune.lora.target_modules=null``).
+        ddp_find_unused_parameters: True when some training steps leave trainable
+            parameters out of the loss (a GAN's discriminator step never touches the
+            generator): DDP must then look for them in every step (a little slower).
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"image"})
+    ddp_find_unused_parameters: ClassVar[bool] = False
     condition_keys: ClassVar[frozenset[str]] = frozenset()
     uses_tokenizer: ClassVar[bool] = False
     learning_rate_keys: ClassVar[tuple[str, ...]] = ("lr",)
@@ -166,6 +170,14 @@ class GenerativeModule(pl.LightningModule):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement sample()")
 
+    def activation_checkpointing_blocks(self) -> tuple[type[torch.nn.Module], ...]:
+        """The module types whose activations ``trainer.activation_checkpointing=true``
+        recomputes in the backward pass instead of keeping (the model's repeated blocks,
+        see `genframe.callbacks.model_settings.ActivationCheckpointing`); empty: the model
+        does not support it. Each such block's forward must be a pure function of its
+        arguments while training (no state written)."""
+        return ()
+
     def sampling_options(self) -> list[str]:
         """The sampling options `generate` accepts: the keyword arguments of `sample`."""
         params = inspect.signature(self.sample).parameters
@@ -257,6 +269,16 @@ class GenerativeModule(pl.LightningModule):
             return False
         return bool(getattr(trainer._logger_connector, "should_update_logs", True)
                     or getattr(trainer, "is_last_batch", True))
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``log``, with ``sync_dist`` on by default: in a multi-process run
+        (DDP) every logged value is the mean over the processes, so ``val/loss``, the
+        checkpoint's ``monitor`` and ``metrics.json`` describe all the data, not rank
+        zero's share. A single process pays nothing for it. Pass ``sync_dist=False`` for
+        a value that must stay per-rank. A value logged with ``rank_zero_only=True`` (rank
+        zero alone computes it) is never synchronised: the other ranks would wait for it."""
+        kwargs.setdefault("sync_dist", not kwargs.get("rank_zero_only", False))
+        super().log(name, value, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the model's spec and the environment in the checkpoint, so the checkpoint

@@ -123,8 +123,13 @@ def end_run(out_dir: Path, status: str, error: str, *, task: str | None = None) 
     finished run a refused command pointed at) keeps its record. When the task stopped
     before writing run.json (a check failed) but its folder exists, a short run.json
     with the `task`, status and error is written, so every run directory says how it
-    ended. Returns whether run.json was written.
+    ended. Returns whether run.json was written. Only rank zero of a multi-process
+    run writes it (a failure on another rank reaches rank zero as its own).
     """
+    from genframe.hardware import is_rank_zero
+
+    if not is_rank_zero():
+        return False
     out_dir = Path(out_dir)
     path = out_dir / RUN_INFO
     ended = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -301,9 +306,10 @@ def run_lock(out_dir: Path, *, key: str = "run"):
         UserError: another live process holds the lock (named by `key` and the folder).
     """
     from filelock import FileLock, Timeout
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
 
-    if getattr(rank_zero_only, "rank", 0) != 0:
+    from genframe.hardware import is_rank_zero
+
+    if not is_rank_zero():
         yield
         return
     lock = FileLock(str(Path(out_dir) / LOCK), timeout=0)

@@ -116,8 +116,10 @@ class ResumeState(pl.Callback):
     - Saves the random number generators (Python, NumPy, torch CPU and CUDA) in every
       checkpoint and restores them when training continues, after Lightning's sanity
       check, so noise draws (a VAE's sampling, a diffusion model's timesteps, dropout) go
-      on as if the run never stopped. Single-process runs only: a multi-process run
-      keeps its ranks' own generators (rank zero's alone are saved).
+      on as if the run never stopped. Single-process runs only: in a multi-process run
+      each rank is seeded with the run's seed and its rank when training starts
+      (`seed_rank`), so the ranks draw different noise; a continued multi-process run
+      seeds them so again (its noise is not the uninterrupted run's).
     - Lightning restores the optimisers' hyperparameters and the schedulers' state from
       the checkpoint, which would silently keep the old ``lr`` and an old schedule length
       (a warm-up/cosine schedule built for the old ``trainer.max_steps``). The settings
@@ -177,6 +179,8 @@ class ResumeState(pl.Callback):
                     entry["scheduler"] = _scheduler_settings(config.scheduler)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:
+            seed_rank(trainer.global_rank)
         if trainer.ckpt_path is None:
             return
         for opt, settings in zip(trainer.optimizers, self._configured):
@@ -193,6 +197,22 @@ class ResumeState(pl.Callback):
             if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
+
+def seed_rank(rank: int) -> None:
+    """Seed Python's, NumPy's and torch's generators with the run's seed + `rank`.
+
+    Every process of a distributed run was seeded with the same ``seed`` (so all build
+    the same initial weights); for training each must draw its own noise (a VAE's
+    samples, a diffusion model's timesteps and noise, dropout masks), or the ranks would
+    repeat one another's draws on different items. Called once the data loaders exist,
+    whose order comes from the seed itself (`genframe.data.base.EpochShuffle`).
+    """
+    import os
+
+    seed = (int(os.environ.get("PL_GLOBAL_SEED", "0")) + 1_000_003 * rank) % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 def _train_size(trainer: pl.Trainer) -> int | None:
     dataset = getattr(getattr(trainer, "datamodule", None), "train_set", None)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from genframe.errors import UserError, valid_list
@@ -286,7 +286,7 @@ def split_captions(data: Any, split: str, limit: int | None = None) -> list[str]
 
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(DistributedSampler):
     """Indices ``0 .. size - 1`` in a random order that depends only on `seed` and the
     epoch, with its position as state (``state_dict``), which torchdata's
     ``StatefulDataLoader`` puts in every checkpoint Lightning writes. A run continued
@@ -294,33 +294,50 @@ class EpochShuffle(Sampler[int]):
     the items an interrupted epoch had already used. Lightning calls `set_epoch` at the
     start of every training epoch (as for PyTorch's ``DistributedSampler``).
 
+    Under several processes (DDP) each rank takes every ``num_replicas``-th index of the
+    same epoch order, starting at its rank, as PyTorch's ``DistributedSampler`` does (the
+    order is padded with its first indices to a multiple of ``num_replicas``, so every rank
+    yields ``ceil(size / num_replicas)`` items). The ranks' batches of a step together are
+    then exactly the items one process with a ``num_replicas`` times larger batch would
+    take at that step. Being a ``DistributedSampler``, Lightning leaves it in place.
+
     Args:
         size: the number of items.
         seed: the base seed; default ``torch.initial_seed()`` (the run's ``seed``, which
             Lightning's ``seed_everything`` set).
+        num_replicas, rank: the processes sharing the data and this one's index; default
+            ``torch.distributed``'s world size and rank when it is initialised, else 1 and 0.
     """
 
-    def __init__(self, size: int, seed: int | None = None) -> None:
-        self.size = size
-        self.seed = torch.initial_seed() if seed is None else int(seed)
-        self.epoch = 0
-        self.yielded = 0  # items of this epoch's order handed out so far
-        self._resume_at = 0
+    def __init__(self, size: int, seed: int | None = None, *, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        import torch.distributed as dist
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        ready = dist.is_available() and dist.is_initialized()
+        num_replicas = num_replicas or (dist.get_world_size() if ready else 1)
+        rank = rank if rank is not None else (dist.get_rank() if ready else 0)
+        seed = torch.initial_seed() if seed is None else int(seed)
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed, drop_last=False)
+        self.size = size
+        self.yielded = 0  # items of this epoch's share handed out so far
+        self._resume_at = 0
 
     def __iter__(self):
         start, self._resume_at = self._resume_at, 0
         generator = torch.Generator().manual_seed((self.seed + 1_000_003 * self.epoch) % 2**63)
         order = torch.randperm(self.size, generator=generator).tolist()
+        if self.num_replicas > 1:
+            padding = self.total_size - self.size
+            order += (order * (padding // max(self.size, 1) + 1))[:padding]
+            order = order[self.rank::self.num_replicas]
         self.yielded = start
         for index in order[start:]:
             self.yielded += 1
             yield index
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "epoch": self.epoch, "yielded": self.yielded}

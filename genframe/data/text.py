@@ -121,6 +121,10 @@ class TextDataModule(GenerativeDataModule):
         test_fraction: share of the documents held out for testing (``genframe
             evaluate``), likewise; 0 turns the test split off.
         seed: seed of the document split.
+        random_offsets: training windows start at a fresh random offset each time (more
+            distinct windows); false: the consecutive non-overlapping windows, in the
+            shuffled order alone, so the data a step sees depends only on the seed (a run
+            under DDP then sees exactly the batches one process would).
 
     Splits: with 3 documents or more, whole documents are split at random (seeded): a
     shuffled order's first ``test_fraction`` are the test documents, the next
@@ -148,8 +152,12 @@ class TextDataModule(GenerativeDataModule):
         seed: int = 0,
         pseudonymize: bool = False,
         num_workers: int = 0,
+        random_offsets: bool = True,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        if not isinstance(random_offsets, bool):
+            raise UserError(f"data.random_offsets must be true or false, got {random_offsets!r}")
+        self.random_offsets = random_offsets
         check_text_args(tokenizer, block_size, batch_size, val_fraction, test_fraction)
         self.source = source
         self.path = path
@@ -209,9 +217,10 @@ class TextDataModule(GenerativeDataModule):
                     f"the {SPLIT_WORDS[split]} split of data.path={self.path} ({self.source}) "
                     f"has {len(tokens[split])} tokens, fewer than data.block_size + 1 = {span}; "
                     f"use more text, a smaller block_size or {_more_for(split)}")
-        # Training windows start at random offsets; validation and test windows are the
-        # same consecutive ones every time.
-        self.train_set = TokenWindows(tokens["train"], self.block_size, random_offsets=True)
+        # Training windows start at random offsets (or are the consecutive ones, shuffled);
+        # validation and test windows are the same consecutive ones every time.
+        self.train_set = TokenWindows(tokens["train"], self.block_size,
+                                      random_offsets=self.random_offsets)
         self.val_set = TokenWindows(tokens["val"], self.block_size, random_offsets=False)
         if "test" in tokens:
             self.test_set = TokenWindows(tokens["test"], self.block_size, random_offsets=False)

@@ -351,8 +351,8 @@ def load_or_train_classifier(
     Returns:
         a `CachedClassifier`; ``from_cache`` says whether it was loaded.
 
-    The file is written atomically, so concurrent runs (a sweep, DDP ranks) may both
-    train, but never read a half-written file; the last writer wins with equal weights.
+    The entry is locked while it is checked, trained and written (atomically), so
+    concurrent runs (a sweep, DDP ranks) train it once: the others wait and load it.
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file, save
@@ -378,39 +378,43 @@ def load_or_train_classifier(
     root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
     path = root / CLASSIFIERS / f"{_slug(str(description.get('name', 'data')))}-{digest}.safetensors"
 
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})[META_KEY])
-            if meta.get("key") != key:
-                raise ValueError("the cache entry was written for other data or settings")
-            model = ImageClassifier(**_arch_args(meta["architecture"]))
-            model.load_state_dict(load_file(str(path)), strict=True)
-            model.eval()
-            return CachedClassifier(model, float(meta["val_accuracy"]), path, True,
-                                    float(meta.get("train_seconds", 0.0)), meta)
-        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-            # A damaged or foreign entry costs a retraining, never a wrong classifier.
-            log.warning("ignoring the classifier cache entry %s (%s); training again", path, exc)
+    from genframe.cache import entry_lock
 
-    start = time.perf_counter()
-    model, val_acc = train_classifier(train_images, train_labels, val_images, val_labels, **settings)
-    seconds = time.perf_counter() - start
-    meta = {
-        "key": key,
-        "architecture": model.config,
-        "val_accuracy": val_acc,
-        "num_classes": model.num_classes,
-        "num_train": int(train_images.shape[0]),
-        "num_val": int(val_images.shape[0]),
-        "train_seconds": round(seconds, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
-    log.info("trained the metrics classifier in %.1f s (val accuracy %.4f); cached at %s",
-             seconds, val_acc, path)
-    return CachedClassifier(model, val_acc, path, False, seconds, meta)
+    # One process trains; others wanting the same entry (DDP ranks) wait, then load it.
+    with entry_lock(path):
+        if path.is_file():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = json.loads((f.metadata() or {})[META_KEY])
+                if meta.get("key") != key:
+                    raise ValueError("the cache entry was written for other data or settings")
+                model = ImageClassifier(**_arch_args(meta["architecture"]))
+                model.load_state_dict(load_file(str(path)), strict=True)
+                model.eval()
+                return CachedClassifier(model, float(meta["val_accuracy"]), path, True,
+                                        float(meta.get("train_seconds", 0.0)), meta)
+            except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+                # A damaged or foreign entry costs a retraining, never a wrong classifier.
+                log.warning("ignoring the classifier cache entry %s (%s); training again", path, exc)
+
+        start = time.perf_counter()
+        model, val_acc = train_classifier(train_images, train_labels, val_images, val_labels, **settings)
+        seconds = time.perf_counter() - start
+        meta = {
+            "key": key,
+            "architecture": model.config,
+            "val_accuracy": val_acc,
+            "num_classes": model.num_classes,
+            "num_train": int(train_images.shape[0]),
+            "num_val": int(val_images.shape[0]),
+            "train_seconds": round(seconds, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write_bytes(path, save(state, metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
+        log.info("trained the metrics classifier in %.1f s (val accuracy %.4f); cached at %s",
+                 seconds, val_acc, path)
+        return CachedClassifier(model, val_acc, path, False, seconds, meta)
 
 
 def _arch_args(config: Mapping[str, Any]) -> dict[str, Any]:

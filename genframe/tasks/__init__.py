@@ -86,6 +86,9 @@ def guarded(task: str, out_dir, call) -> Any:
     # A deprecation inside Lightning's own code, not actionable by users.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")  # torchdata's
+    # Validation under DDP pads the last batch of a rank by repeating items, on purpose
+    # (every rank then logs means of equal-sized shares).
+    warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
     # A continued run writes into its own checkpoints folder on purpose.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     _quiet_lightning_adverts()

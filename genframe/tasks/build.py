@@ -250,27 +250,41 @@ def instantiate_group(node: Any, group: str) -> list[Any]:
     return objects
 
 
+def trainer_choice() -> tuple[str, bool]:
+    """(the ``trainer`` preset chosen, whether this is a multirun job) of the running
+    Hydra job; ``("?", False)`` outside one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return str(hc.runtime.choices.get("trainer", "?")), hc.mode == RunMode.MULTIRUN
+    except ValueError:
+        return "?", False
+
+
 def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None, train: bool = True):
     """A Lightning Trainer from `cfg.trainer`, `cfg.logger` and `cfg.callbacks`."""
     import pytorch_lightning as pl
 
     from genframe.callbacks import AtomicCheckpointIO, FiniteLossGuard, ResumeState
-    from genframe.hardware import resolve_trainer_kwargs
+    from genframe.hardware import GENFRAME_TRAINER_KEYS, prepare_launch, resolve_trainer_kwargs
 
     kwargs = to_plain(cfg.trainer)
-    choice = "?"
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choice = HydraConfig.get().runtime.choices.get("trainer", "?")
-    except ValueError:
-        pass
+    settings = {key: kwargs.pop(key, None) for key in GENFRAME_TRAINER_KEYS}
+    choice, multirun = trainer_choice()
     n_params = sum(p.numel() for p in model.parameters())
     kwargs = resolve_trainer_kwargs(kwargs, n_params, choice, source=source_map("trainer"))
+    if train:
+        prepare_launch(kwargs, multirun=multirun, choice=choice)
+    if getattr(model, "ddp_find_unused_parameters", False) and kwargs.get("strategy") in ("ddp", "ddp_spawn"):
+        kwargs["strategy"] += "_find_unused_parameters_true"  # Lightning's registered name
     kwargs = check_kwargs(pl.Trainer, kwargs, where="trainer", source=source_map("trainer"))
     loggers = instantiate_group(cfg.get("logger"), "logger") if train else []
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") if train else []
     callbacks += [FiniteLossGuard(), ResumeState()]
+    if train:
+        callbacks += model_settings(model, **settings)
     callbacks += extra_callbacks or []
     # Checkpoints are written aside and renamed into place (a kill never tears one).
     plugins = [*(kwargs.pop("plugins", None) or []), AtomicCheckpointIO()]
@@ -289,6 +303,23 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
         # Lightning's own checks of argument combinations (strategy vs accelerator, a
         # progress-bar callback with enable_progress_bar=false, ...).
         raise UserError(f"trainer (preset '{choice}'): {exc}") from exc
+
+
+def model_settings(model, *, compile: Any = None, activation_checkpointing: Any = None) -> list:
+    """The callbacks of ``trainer.compile`` and ``trainer.activation_checkpointing``."""
+    from genframe.callbacks.model_settings import (
+        ActivationCheckpointing,
+        TorchCompile,
+        compile_mode,
+    )
+
+    callbacks = []
+    if activation_checkpointing:
+        callbacks.append(ActivationCheckpointing(model))
+    mode = compile_mode(compile)
+    if mode is not None:
+        callbacks.append(TorchCompile(mode))
+    return callbacks
 
 
 def trained_model_and_data(cfg, task: str):

@@ -28,8 +28,8 @@ from omegaconf import DictConfig
 
 from genframe.config import check_kwargs
 from genframe.errors import UserError, did_you_mean, valid_list
-from genframe.hardware import check_hardware
-from genframe.tasks.build import origin, to_plain, with_origin
+from genframe.hardware import GENFRAME_TRAINER_KEYS, check_hardware, check_launch
+from genframe.tasks.build import origin, to_plain, trainer_choice, with_origin
 
 # -- value rules -------------------------------------------------------------------------
 
@@ -146,6 +146,7 @@ TRAINER: dict[str, tuple[Callable[[Any], bool], str]] = {
     "deterministic": (_optional(lambda v: isinstance(v, bool) or v == "warn"), "true, false or warn"),
     "enable_progress_bar": (_optional(lambda v: isinstance(v, bool)), "true or false"),
     "benchmark": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
+    "activation_checkpointing": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 #: Lightning's precision names (`trainer.precision`), plus genframe's ``auto``.
@@ -215,10 +216,14 @@ def check_task_config(cfg: DictConfig, task: str) -> None:
 
         # Any Trainer argument may be given (trainer.strategy=ddp_spawn); a typo is refused.
         # precision may be genframe's `auto` (resolved per machine and model later).
-        check_kwargs(pl.Trainer, {k: v for k, v in trainer.items() if k != "precision"},
+        check_kwargs(pl.Trainer, {k: v for k, v in trainer.items()
+                                  if k != "precision" and k not in GENFRAME_TRAINER_KEYS},
                      where="trainer", source=lambda key: origin(f"trainer.{key}"))
         check_trainer_values(trainer)
         check_hardware(trainer, source=lambda key: origin(f"trainer.{key}"))
+        if task in ("train", "finetune"):
+            choice, multirun = trainer_choice()
+            check_launch(trainer, multirun=multirun, choice=choice)
     if isinstance(plain.get("finetune"), Mapping):
         _check_rules(plain["finetune"], FINETUNE, "finetune.")
     if task == "evaluate" and isinstance(plain.get("metrics"), Mapping):
@@ -229,6 +234,13 @@ def check_trainer_values(trainer: Mapping[str, Any]) -> None:
     """Refuse ``trainer.*`` values Lightning would reject late (or accept and then train
     nothing): step and epoch limits, batch limits, intervals, precision."""
     _check_rules(trainer, TRAINER, "trainer.")
+    if "compile" in trainer:
+        from genframe.callbacks.model_settings import compile_mode
+
+        try:
+            compile_mode(trainer["compile"])
+        except UserError as exc:
+            raise UserError(f"{exc} (set in {origin('trainer.compile')})") from None
     if "precision" in trainer and trainer["precision"] not in PRECISIONS:
         shown = [str(p) for p in PRECISIONS if isinstance(p, str) and not p.isdigit()]
         raise _refuse("trainer.precision", trainer["precision"], f"one of {', '.join(shown)}",

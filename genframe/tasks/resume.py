@@ -304,6 +304,7 @@ def continue_in_place(args: list[str]) -> dict[str, Any]:
     import sys
     import time
 
+    from genframe.hardware import global_rank
     from genframe.runs import continue_run_record, run_lock
     from genframe.tasks import guarded
     from genframe.tasks.build import instantiate_group
@@ -347,10 +348,14 @@ def continue_in_place(args: list[str]) -> dict[str, Any]:
         _check_limits(stored, run, step, epoch, where)
         entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": step,
                  "previous_status": run.info.get("status"), "overrides": changed}
-        # config.yaml keeps its interpolations; it changes only when a value did.
-        continue_run_record(run.path, record if changed else None, entry)
+        # config.yaml keeps its interpolations; it changes only when a value did. The
+        # further processes of a DDP run (started again by Lightning) only train.
+        rank = global_rank()
+        if rank == 0:
+            continue_run_record(run.path, record if changed else None, entry)
         train_cfg = _continued_loggers(stored, run, step)
-        with _job_log(run.path / f"{stored.get('task_name', task)}.log"):
+        name = stored.get("task_name", task) + (f"_rank{rank}" if rank else "")
+        with _job_log(run.path / f"{name}.log"):
             log.info("continuing %s from checkpoints/last.ckpt (step %d, epoch %d)%s", run.path,
                      step, epoch, f" with {' '.join(changed)}" if changed else "")
             return guarded(task, run.path, lambda: fit(train_cfg, prepared, task=task,

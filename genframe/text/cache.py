@@ -56,33 +56,37 @@ def token_cache(docs: Sequence[str], tokenizer, cache_dir: str | Path | None = N
     dtype = dtype_for(tokenizer.vocab_size)
     data_path = cache_dir / f"{key}.bin"
     meta_path = cache_dir / f"{key}.json"
-    if meta_path.is_file() and data_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if (meta.get("format") == FORMAT and meta.get("dtype") == dtype.name
-                    and data_path.stat().st_size == meta["length"] * dtype.itemsize):
-                log.info("tokens from cache %s (%d tokens)", data_path, meta["length"])
-                return _open(data_path, dtype, meta["length"]), True
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged entry is rebuilt below
-    if hasattr(tokenizer, "encode_batch"):
-        pieces = tokenizer.encode_batch(list(docs))
-    else:
-        pieces = [tokenizer.encode(d) for d in docs]
-    parts = []
-    for i, ids in enumerate(pieces):
-        if separator is not None and i:
-            parts.append(np.array([separator], dtype=dtype))
-        parts.append(np.asarray(ids, dtype=dtype))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    from genframe.cache import entry_lock
 
-    atomic_write_bytes(data_path, tokens.tobytes())
-    atomic_write_json(meta_path, {"format": FORMAT, "dtype": dtype.name,
-                                  "length": int(tokens.size), "kind": tokenizer.kind,
-                                  "vocab_size": tokenizer.vocab_size, "documents": len(docs)})
-    log.info("tokenised %d documents into %d tokens, cached at %s", len(docs), tokens.size,
-             data_path)
-    return _open(data_path, dtype, int(tokens.size)), False
+    # One process tokenises; others wanting the same entry (DDP ranks) wait, then read it.
+    with entry_lock(data_path):
+        if meta_path.is_file() and data_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+                if (meta.get("format") == FORMAT and meta.get("dtype") == dtype.name
+                        and data_path.stat().st_size == meta["length"] * dtype.itemsize):
+                    log.info("tokens from cache %s (%d tokens)", data_path, meta["length"])
+                    return _open(data_path, dtype, meta["length"]), True
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged entry is rebuilt below
+        if hasattr(tokenizer, "encode_batch"):
+            pieces = tokenizer.encode_batch(list(docs))
+        else:
+            pieces = [tokenizer.encode(d) for d in docs]
+        parts = []
+        for i, ids in enumerate(pieces):
+            if separator is not None and i:
+                parts.append(np.array([separator], dtype=dtype))
+            parts.append(np.asarray(ids, dtype=dtype))
+        tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+        atomic_write_bytes(data_path, tokens.tobytes())
+        atomic_write_json(meta_path, {"format": FORMAT, "dtype": dtype.name,
+                                      "length": int(tokens.size), "kind": tokenizer.kind,
+                                      "vocab_size": tokenizer.vocab_size, "documents": len(docs)})
+        log.info("tokenised %d documents into %d tokens, cached at %s", len(docs), tokens.size,
+                 data_path)
+        return _open(data_path, dtype, int(tokens.size)), False
 
 
 def _open(path: Path, dtype: np.dtype, length: int) -> np.memmap:

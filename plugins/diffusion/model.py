@@ -194,6 +194,13 @@ class Diffusion(GenerativeModule):
         hyperparameters are saved and before the U-Net is built."""
         return {}
 
+    def activation_checkpointing_blocks(self) -> tuple[type[nn.Module], ...]:
+        """The U-Net's residual and attention blocks."""
+        from genframe.layers.attention import SelfAttention2d, SpatialTransformer
+        from genframe.layers.conv import ResBlock
+
+        return (ResBlock, SelfAttention2d, SpatialTransformer)
+
     def build_unet(self, **unet: Any) -> UNet:
         """The denoising network, from `UNet`'s arguments (in the U-Net's space: the
         latent's channels and size with an autoencoder). A subclass that needs another

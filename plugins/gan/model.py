@@ -122,6 +122,7 @@ class GAN(GenerativeModule):
     """
 
     learning_rate_keys = ("lr_g", "lr_d")  # what finetune.lr sets
+    ddp_find_unused_parameters = True  # a D step leaves the generator out of its loss
     # Runs saved before these options existed trained without them.
     added_arguments = {"d_minibatch_std": False, "r1_gamma": 0.0, "augment": [],
                        "ema_decay": 0.0, "mode_seeking": 0.0}

@@ -21,7 +21,7 @@ from genframe.module import GenerativeModule
 from genframe.samples import Samples
 
 from .generation import RowText, choose_tokens, decode
-from .network import GPT, POSITIONS
+from .network import GPT, POSITIONS, Block
 
 log = logging.getLogger("genframe")
 
@@ -117,6 +117,10 @@ class Transformer(GenerativeModule):
         self.register_buffer("unit_lengths", None, persistent=False)
         self._unit: str | None = None
         self._val_sums: torch.Tensor | None = None
+
+    def activation_checkpointing_blocks(self) -> tuple[type[torch.nn.Module], ...]:
+        """The transformer layers (attention + MLP)."""
+        return (Block,)
 
     def forward(self, idx: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); see `GPT.forward` for the options."""
