@@ -106,7 +106,7 @@ class SampleWriter:
 
                 images = torch.cat(self._grid).float() / 255
                 self._grid = []
-                grid = _grid(images, self.grid_min_px)
+                grid = grid_image(images, self.grid_min_px)
                 atomic_write(self.folder / "grid.png", lambda f: grid.save(f, format="PNG"))
         return self.folder
 
@@ -162,7 +162,10 @@ def _to_pil(image):
     return Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
 
 
-def _grid(images, min_px: int):
+def grid_image(images, min_px: int):
+    """A PIL image of `images` (float N×C×H×W in [0, 1]) in a square-ish grid with 1-pixel
+    white gaps (torchvision's ``make_grid``), scaled up by a whole factor (nearest
+    neighbour) until its longer side is at least `min_px` pixels."""
     from PIL import Image
     from torchvision.utils import make_grid
 

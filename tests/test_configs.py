@@ -89,8 +89,9 @@ def test_logger_writes_under_the_run_dir(logger, compose_task):
 
     result = train(compose_task("train", f"logger={logger}", *FAST))
     logs = result["run_dir"] / "logs"
-    expected = {"csv": ["csv/metrics.csv"], "tensorboard": ["tensorboard"], "many": ["csv/metrics.csv", "tensorboard"],
-                "wandb": ["wandb"], "none": []}[logger]
+    expected = {"csv": ["csv/metrics.csv"], "tensorboard": ["tensorboard"],
+                "many": ["csv/metrics.csv", "tensorboard", "mlflow/mlflow.db"],
+                "mlflow": ["mlflow/mlflow.db"], "wandb": ["wandb"], "none": []}[logger]
     for rel in expected:
         assert (logs / rel).exists(), rel
     if logger == "none":

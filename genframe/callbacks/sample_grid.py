@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
 from genframe.errors import UserError
+from genframe.loggers import log_samples
 
 
 class SampleGrid(pl.Callback):
@@ -20,8 +21,10 @@ class SampleGrid(pl.Callback):
     per sample, ``grid.png`` and ``manifest.jsonl`` (seed, condition, model per sample).
 
     ``<root>`` is the trainer's ``default_root_dir`` (genframe sets it to the run
-    directory). Only rank zero writes. Works for any `GenerativeModule`; a text model
-    gets ``.txt`` files instead of a grid.
+    directory). The grid (or the texts) also goes to every logger that takes images or
+    texts (TensorBoard, W&B, MLflow) under ``samples/grid``, at the global step (see
+    `genframe.loggers.log_samples`). Only rank zero writes and logs. Works for any
+    `GenerativeModule`; a text model gets ``.txt`` files instead of a grid.
 
     Args:
         every_n_epochs: how often, in training epochs (epoch 0-based index + 1 divisible
@@ -72,3 +75,4 @@ class SampleGrid(pl.Callback):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.written.append(target)
+        log_samples(trainer.loggers, samples, trainer.global_step, key="samples/grid")

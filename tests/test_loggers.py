@@ -1,0 +1,306 @@
+"""Loggers: each `logger=` preset trains a tiny run through the CLI, and each store is read
+back with its library's own reader (TensorBoard's EventAccumulator, `wandb leet inspect`
+for the offline W&B run, MLflow's MlflowClient): the metrics, the composed config as
+hyperparameters, and the sample grids (or texts) are there."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genframe.errors import UserError
+from tests.conftest import FAST, FAST_TRAINING
+
+# The SampleGrid callback, every epoch, four samples: one grid per epoch in samples/.
+GRID = ("+callbacks.sample_grid={_target_:genframe.callbacks.SampleGrid,"
+        "every_n_epochs:1,num_samples:4}")
+TEXT = ("The for statement is used to iterate over the elements of a sequence. "
+        "A while loop repeats as long as an expression is true. ") * 40
+TINY_LM = ["model=transformer", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+           "data=text", "data.source=files", "data.block_size=48", "data.batch_size=4",
+           "sampling.max_new_tokens=12", "num_samples=2"]
+
+
+@pytest.fixture(autouse=True)
+def _no_account(monkeypatch, tmp_path):
+    """No W&B key (WANDB_MODE=offline is set by conftest), no MLflow telemetry, no server."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _train(cli, *overrides: str, fast=FAST) -> Path:
+    result = cli("train", *fast, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    found = re.search(r"^run directory: (.+)$", result.stdout, flags=re.M)
+    assert found, result.stdout[-2000:]
+    return Path(found.group(1).strip())
+
+
+def _rgb(png) -> np.ndarray:
+    return np.asarray(Image.open(png if isinstance(png, Path) else io.BytesIO(png)).convert("RGB"))
+
+
+# --- TensorBoard -------------------------------------------------------------------------
+
+
+def _events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def _tb_hparams(acc) -> dict:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for content in acc.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            return dict(data.session_start_info.hparams)
+    return {}
+
+
+def test_tensorboard_gets_metrics_config_and_sample_grids(cli):
+    run = _train(cli, "logger=tensorboard", GRID)
+    acc = _events(run / "logs" / "tensorboard")
+    tags = acc.Tags()
+    assert "val/loss" in tags["scalars"], tags
+    assert len(acc.Scalars("val/loss")) >= 1
+    assert {"samples/grid", "samples/final"} <= set(tags["images"]), tags
+    # The epoch's grid is the picture SampleGrid wrote, at the step it was made.
+    (event,) = acc.Images("samples/grid")
+    assert event.step == 2  # two training batches
+    np.testing.assert_array_equal(_rgb(event.encoded_image_string),
+                                  _rgb(run / "samples" / "epoch_000" / "grid.png"))
+    (final,) = acc.Images("samples/final")
+    np.testing.assert_array_equal(_rgb(final.encoded_image_string),
+                                  _rgb(run / "samples" / "grid.png"))
+    # The composed config, flattened, in TensorBoard's HPARAMS record.
+    hparams = _tb_hparams(acc)
+    assert hparams["model/latent_dim"].number_value == 2, sorted(hparams)[:20]
+    assert hparams["data/name"].string_value == "digits"
+    assert hparams["model/block_out_channels"].string_value == "[8, 16]"
+
+
+def test_a_text_model_logs_its_samples_as_text_to_tensorboard(cli, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    run = _train(cli, "logger=tensorboard", f"data.path={corpus}", *TINY_LM, fast=FAST_TRAINING)
+    acc = _events(run / "logs" / "tensorboard")
+    assert "val/loss" in acc.Tags()["scalars"]
+    assert "samples/final/text_summary" in acc.Tags()["tensors"], acc.Tags()
+    (event,) = acc.Tensors("samples/final/text_summary")
+    logged = event.tensor_proto.string_val[0].decode()
+    for i, path in enumerate(sorted((run / "samples").glob("*.txt"))):
+        assert f"**sample {i}**" in logged and path.read_text() in logged, logged
+    assert i == 1
+
+
+# --- W&B (offline) -----------------------------------------------------------------------
+
+
+def _wandb_records(run_folder: Path) -> list[dict]:
+    """The offline run's records, as W&B's own reader prints them."""
+    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
+                             str(run_folder)], capture_output=True, text=True, timeout=120)
+    if result.returncode and "No such command" in result.stderr:
+        pytest.skip("this wandb has no `wandb leet inspect` (0.2x and later)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_wandb_without_a_key_logs_offline_metrics_config_and_images(cli):
+    run = _train(cli, "logger=wandb", "logger.wandb.tags=[smoke,digits]", GRID)
+    (offline,) = (run / "logs" / "wandb").glob("offline-run-*")
+    run_id = json.loads((run / "run.json").read_text())["logger_runs"]["wandb"]
+    assert offline.name.endswith(run_id)
+    grids = list((offline / "files" / "media" / "images" / "samples").glob("grid_*.png"))
+    finals = list((offline / "files" / "media" / "images" / "samples").glob("final_*.png"))
+    assert len(grids) == 1 and len(finals) == 1, list(offline.rglob("*.png"))
+    np.testing.assert_array_equal(_rgb(grids[0]), _rgb(run / "samples" / "epoch_000" / "grid.png"))
+
+    records = _wandb_records(offline)
+    (header,) = [r["run"] for r in records if "run" in r]
+    assert header["project"] == "genframe" and header["tags"] == ["smoke", "digits"], header
+    history = [r["history"]["item"] for r in records if "history" in r]
+    assert any("val/loss" in row for row in history), history
+    logged = [f for row in history for f in row.get("samples/grid.filenames", [])]
+    assert logged == [str(grids[0].relative_to(offline / "files"))], history
+    config = {}
+    for r in records:
+        config.update(r.get("config", {}).get("update", {}))
+    assert config["model"]["latent_dim"] == 2 and config["data"]["name"] == "digits", config
+    assert config["seed"] == 0 and config["monitor"] == "val/loss"
+
+
+def test_wandb_goes_online_only_with_a_key(tmp_path, monkeypatch):
+    from genframe.loggers import WandbLogger, wandb_api_key_available
+
+    assert not wandb_api_key_available()
+    assert WandbLogger(save_dir=str(tmp_path))._offline is True  # auto, no key
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_api_key_available()
+    assert WandbLogger(save_dir=str(tmp_path))._offline is False
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # a key for another host
+    assert not wandb_api_key_available()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert WandbLogger(save_dir=str(tmp_path), offline=True)._offline is True
+    assert WandbLogger(save_dir=str(tmp_path))._offline is False
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(UserError, match=r"logger.wandb.offline=false: no W&B API key"):
+        WandbLogger(save_dir=str(tmp_path), offline=False)
+    with pytest.raises(UserError, match=r"expected auto, true or false, got 'yes'"):
+        WandbLogger(save_dir=str(tmp_path), offline="yes")
+
+
+# --- MLflow ------------------------------------------------------------------------------
+
+
+def test_mlflow_store_holds_metrics_config_and_images(cli):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    run = _train(cli, "logger=mlflow", "logger.mlflow.tags={team: vision}", GRID)
+    store = run / "logs" / "mlflow"
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "genframe"]
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.run_name == "train" and found.data.tags["team"] == "vision"
+    assert found.info.status == "FINISHED"
+    history = client.get_metric_history(found.info.run_id, "val/loss")
+    assert len(history) >= 1 and all(np.isfinite(m.value) for m in history)
+    params = found.data.params
+    assert params["model/latent_dim"] == "2" and params["data/name"] == "digits", params
+    assert params["monitor"] == "val/loss"
+    # Artifacts live beside the database, in the run's own folder.
+    images = [a.path for a in client.list_artifacts(found.info.run_id, "images")]
+    grid = [p for p in images if re.search(r"samples.grid\+step\+2\+.*\.png$", p)]
+    final = [p for p in images if re.search(r"samples.final\+step\+2\+.*\.png$", p)]
+    assert len(grid) == 1 and len(final) == 1, images
+    assert str(store / "artifacts" / found.info.run_id) in found.info.artifact_uri
+    local = Path(client.download_artifacts(found.info.run_id, grid[0], str(run / "dl")))
+    np.testing.assert_array_equal(_rgb(local), _rgb(run / "samples" / "epoch_000" / "grid.png"))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_goes_on_in_the_same_mlflow_run(cli):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    run = _train(cli, "logger=mlflow")
+    assert json.loads((run / "run.json").read_text())["logger_runs"]["mlflow"]
+    again = cli("resume", f"run={run}", "trainer.max_epochs=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'logs' / 'mlflow' / 'mlflow.db'}")
+    (found,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    steps = [m.step for m in client.get_metric_history(found.info.run_id, "val/loss")]
+    assert steps == sorted(steps) and len(steps) >= 2 and found.info.status == "FINISHED"
+
+
+@pytest.mark.slow  # the message itself is checked fast below
+def test_without_mlflow_logger_mlflow_names_the_extra(cli, tmp_path):
+    # A package named mlflow that fails to import, first on the path: MLflow "not installed".
+    shadow = tmp_path / "shadow" / "mlflow"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'mlflow'\")\n")
+    result = cli("train", *FAST, "logger=mlflow", env={"PYTHONPATH": str(shadow.parent)})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "pip install 'genframe[mlflow]'" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+# --- many, none, helpers -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_many_writes_csv_tensorboard_and_mlflow_but_not_wandb(cli):
+    pytest.importorskip("mlflow")
+    run = _train(cli, "logger=many")
+    logs = run / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["csv", "mlflow", "tensorboard"]
+    assert "val/loss" in (logs / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/loss" in _events(logs / "tensorboard").Tags()["scalars"]
+    assert (logs / "mlflow" / "mlflow.db").stat().st_size > 0
+    assert list((logs / "mlflow" / "artifacts").rglob("samples~final+*.png"))
+
+
+@pytest.mark.slow
+def test_none_writes_no_logs_folder(cli):
+    run = _train(cli, "logger=none")
+    assert (run / "metrics.json").is_file()
+    assert not (run / "logs").exists()
+
+
+def test_logger_presets_compose(compose_task):
+    from hydra.utils import get_class
+
+    many = compose_task("train", "logger=many").logger
+    assert sorted(many) == ["csv", "mlflow", "tensorboard"]
+    assert many.mlflow.save_dir.endswith("/logs/mlflow") and many.mlflow.tracking_uri is None
+    assert sorted(compose_task("train", "logger=[many,wandb]").logger) == \
+        ["csv", "mlflow", "tensorboard", "wandb"]
+    assert not compose_task("train", "logger=none").get("logger")
+    wandb = compose_task("train", "logger=wandb").logger.wandb
+    assert wandb.offline == "auto" and wandb.entity is None and list(wandb.tags) == []
+    for name in ("csv", "tensorboard", "wandb", "mlflow"):
+        entry = compose_task("train", f"logger={name}").logger[name]
+        get_class(entry._target_)  # every preset names a class that exists
+
+
+def test_mlflow_tracking_uri_from_the_environment(compose_task, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    cfg = compose_task("train", "logger=mlflow")
+    assert cfg.logger.mlflow.tracking_uri == "http://mlflow.example:5000"
+
+
+def test_mlflow_missing_is_a_user_error(tmp_path, monkeypatch):
+    from genframe.loggers import MLFlowLogger
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
+    with pytest.raises(UserError, match=re.escape("pip install 'genframe[mlflow]'")):
+        MLFlowLogger(save_dir=tmp_path)
+
+
+def test_flat_params_and_text_markdown():
+    from genframe.loggers import _texts_markdown, flat_params
+    from genframe.samples import Samples
+
+    flat = flat_params({"model": {"dims": [8, 16], "lr": 0.1, "name": None}, "seed": 0,
+                        "on": True})
+    assert flat == {"model/dims": "[8, 16]", "model/lr": 0.1, "model/name": "null",
+                    "seed": 0, "on": True}
+    text = _texts_markdown(Samples(texts=["a ``` b", "c"], conditions=[{"prompt": "x"}, {}]))
+    assert text == ("**sample 0 {'prompt': 'x'}**\n\n````\na ``` b\n````\n\n"
+                    "**sample 1**\n\n```\nc\n```")
+
+
+def test_log_samples_and_config_skip_loggers_that_take_nothing(tmp_path):
+    import torch
+
+    from genframe.loggers import CSVLogger, log_config, log_samples
+    from genframe.samples import Samples
+
+    csv = CSVLogger(save_dir=tmp_path, name="", version="csv")
+    log_samples([csv], Samples(images=torch.rand(2, 1, 8, 8)), step=3, key="samples/final")
+    assert not (tmp_path / "csv").exists()  # nothing written for an image
+
+    class _Trainer:
+        loggers = [csv]
+
+    log_config(_Trainer(), {"model": {"latent_dim": 2}})
+    csv.save()
+    assert "latent_dim: 2" in (tmp_path / "csv" / "hparams.yaml").read_text()
