@@ -243,3 +243,33 @@ def test_cli_missing_root_is_a_user_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
     assert "data.root" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_lazy_reading_serves_what_the_cache_serves(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from genframe.data.captioned_folder import CaptionedFolderDataModule
+
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"picture number {i}")
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    (tmp_path / "bad.txt").write_text("a broken picture")
+    kw = dict(root=str(tmp_path), image_size=6, val_fraction=0.2, test_fraction=0.2)
+    eager = CaptionedFolderDataModule(**kw, cache=True)
+    lazy = CaptionedFolderDataModule(**kw, cache=False)
+    eager.setup()
+    lazy.setup()
+    assert lazy.tokenizer is not None and lazy.vocab_size
+    served = {}
+    for name, dm in (("eager", eager), ("lazy", lazy)):
+        items = [s[i] for s in (dm.train_set, dm.val_set, dm.test_set) for i in range(len(s))]
+        served[name] = {it["caption"]: it["image"] for it in items}
+    # The broken file is skipped at set-up by the cache, replaced (with its caption) lazily.
+    assert set(served["eager"]) == {f"picture number {i}" for i in range(10)}
+    assert set(served["lazy"]) == set(served["eager"])
+    for caption, image in served["lazy"].items():
+        assert torch.equal(image, served["eager"][caption])
+    assert lazy.report_unreadable() == 1

@@ -260,3 +260,69 @@ def test_exif_rotation_is_applied(tmp_path):
     rotated = next(img[0] for img in x if img.max() == 1)  # (4, 4)
     # Displayed upright the white half is on top, so rows differ, not columns.
     assert bool((rotated[0] == 1).all()) and bool((rotated[-1] == -1).all())
+
+
+# ------------------------------------------------------------------ lazy reading
+
+
+def _folder(root, n=12, classes=("a", "b")):
+    for i in range(n):
+        noise(root / classes[i % len(classes)] / f"{i:02d}.png", size=(10, 14), seed=i)
+    return root
+
+
+def test_cache_auto_decides_by_size(tmp_path, monkeypatch):
+    import genframe.data.image_folder as image_folder
+
+    _folder(tmp_path)
+    assert ImageFolderDataModule(root=str(tmp_path)).cached  # small: decoded at set-up
+    monkeypatch.setattr(image_folder, "AUTO_CACHE_FILES", 5)
+    assert not ImageFolderDataModule(root=str(tmp_path)).cached
+    assert ImageFolderDataModule(root=str(tmp_path), cache=True).cached
+    with pytest.raises(UserError, match="data.cache"):
+        ImageFolderDataModule(root=str(tmp_path), cache="sometimes")
+
+
+def test_lazy_reading_serves_what_the_cache_serves(tmp_path):
+    from genframe.data.image_folder import LazyImages
+
+    _folder(tmp_path)
+    kw = dict(root=str(tmp_path), image_size=6, num_levels=17, val_fraction=0.2)
+    eager, lazy = ImageFolderDataModule(**kw, cache=True), ImageFolderDataModule(**kw, cache=False)
+    eager.setup()
+    lazy.setup()
+    assert isinstance(lazy.train_set, LazyImages) and not hasattr(lazy.train_set, "images")
+    for split in ("train", "val", "test"):
+        a, b = getattr(eager, f"{split}_set"), getattr(lazy, f"{split}_set")
+        assert len(a) == len(b)
+        for i in range(len(a)):
+            assert torch.equal(a[i]["image"], b[i]["image"]) and a[i]["label"] == b[i]["label"]
+    batch = next(iter(lazy.train_dataloader()))
+    assert batch["image"].shape == (9, 3, 6, 6) and batch["label"].dtype == torch.long
+
+
+def test_lazy_unreadable_file_is_replaced_warned_and_counted(tmp_path, caplog):
+    _folder(tmp_path, n=10, classes=("x",))
+    (tmp_path / "x" / "03.png").write_bytes(b"not a png")  # listed, fails when read
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=4, cache=False,
+                               test_fraction=0, val_fraction=0.1, batch_size=3, num_workers=2)
+    dm.setup()
+    with caplog.at_level(logging.WARNING, logger="genframe"):
+        for _ in range(2):  # two epochs through persistent workers: no crash, full batches
+            sizes = [len(b["image"]) for b in dm.train_dataloader()]
+            assert sum(sizes) == len(dm.train_set) == 9
+        assert dm.report_unreadable() == 1
+    assert [p.name for p, _ in dm.skipped] == ["03.png"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("1 of 10 files" in m and "03.png" in m for m in messages)
+    caplog.clear()
+    dm.teardown("fit")  # reported once, not again
+    assert not caplog.records
+
+
+def test_lazy_setup_refuses_a_folder_nothing_can_read(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(os.urandom(50))
+    with pytest.raises(UserError, match=r"data.root: none of the 4 image files") as err:
+        ImageFolderDataModule(root=str(tmp_path), cache=False).setup()
+    assert str(tmp_path) in str(err.value)

@@ -424,3 +424,18 @@ def test_classifier_features_refuse_the_wrong_image_size(digits_classifier):
         ext(torch.rand(2, 3, 8, 8))
     with pytest.raises(UserError, match="trained on 8x8 images, got 16x16"):
         ext(torch.rand(2, 1, 16, 16))
+
+
+def test_stack_dataset_takes_the_first_rows_of_a_stream_too():
+    """Shards are streamed (an IterableDataset): the limit is the first rows it yields."""
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            for i in range(1000):
+                yield {"image": torch.full((1, 2, 2), float(i)), "label": torch.tensor(i % 10)}
+
+    stacked = stack_dataset(Stream(), limit=70, batch_size=32)
+    assert stacked["image"].shape == (70, 1, 2, 2)
+    assert stacked["image"][:, 0, 0, 0].tolist() == [float(i) for i in range(70)]
+    assert stack_dataset(Stream(), batch_size=256)["label"].shape == (1000,)

@@ -17,5 +17,9 @@ def genframe_register_data(register):
              description="captioned shapes genframe draws (offline); test = held-out pairs")
     register("chat", "genframe.data.chat:ChatDataModule",
              description="chat conversations from JSONL; the loss covers the assistant's turns")
+    register("image_shards", "genframe.data.shards:ImageShardsDataModule",
+             description="images streamed from WebDataset shards (genframe shards); a part per rank")
+    register("text_shards", "genframe.data.shards:TextShardsDataModule",
+             description="token windows streamed from WebDataset shards (genframe shards)")
     register("subject", "genframe.data.subject:SubjectDataModule",
              description="a few images of one subject for finetune=subject (DreamBooth)")

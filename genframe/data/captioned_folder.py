@@ -8,11 +8,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from genframe.data.base import SPLITS, CaptionTokenizer, split_counts, split_indices
-from genframe.data.image_folder import ImageFolderDataModule
+from genframe.data.image_folder import ImageFolderDataModule, LazyImages
 from genframe.errors import UserError, plural
 from genframe.text.sources import jsonl_records, read_text
 
@@ -46,6 +47,20 @@ class _CaptionedImages(Dataset):
         return {"image": self.images[i].float() / self.half - 1.0, "caption": self.captions[i]}
 
 
+class _LazyCaptioned(LazyImages):
+    """Image files decoded when read (`LazyImages`) with their captions, served as
+    ``{"image", "caption"}``; an unreadable image is replaced, with its caption, by the
+    next readable one of the split."""
+
+    def __init__(self, files: list[Path], captions: list[str], image_size: int, channels: int,
+                 num_levels: int, split: str) -> None:
+        super().__init__(files, None, image_size, channels, num_levels, split)
+        self.captions = captions
+
+    def item(self, j: int, array: np.ndarray) -> dict:
+        return {**super().item(j, array), "caption": self.captions[j]}
+
+
 class CaptionedFolderDataModule(CaptionTokenizer, ImageFolderDataModule):
     """Images from a folder tree with a caption each, for text-to-image models.
 
@@ -75,9 +90,11 @@ class CaptionedFolderDataModule(CaptionTokenizer, ImageFolderDataModule):
         val_fraction: share of the captioned images held out for validation.
         test_fraction: share held out for testing; 0 turns the test split off.
         seed: seed of the split.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (they decode lazily read images).
         tokenizer: the captions' tokenizer for text-to-image models, ``"char"`` or
             ``"bpe"``, trained on the training captions (`CaptionTokenizer`).
+        cache: ``auto``, ``true`` or ``false``, as for ``data=image_folder``: decode every
+            image at set-up (up to 10,000 files by default) or each when it is read.
     """
 
     #: The class says it too: the model/data check reads it before building the data.
@@ -97,6 +114,7 @@ class CaptionedFolderDataModule(CaptionTokenizer, ImageFolderDataModule):
         seed: int = 0,
         num_workers: int = 0,
         tokenizer: str = "char",
+        cache: str | bool = "auto",
     ) -> None:
         self.check_tokenizer_kind(tokenizer)
         if captions not in CAPTION_SOURCES:
@@ -112,7 +130,7 @@ class CaptionedFolderDataModule(CaptionTokenizer, ImageFolderDataModule):
         super().__init__(root=root, image_size=image_size, channels=channels, labels=False,
                          num_classes=0, num_levels=num_levels, batch_size=batch_size,
                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                         num_workers=num_workers)
+                         num_workers=num_workers, cache=cache)
         self.provides = frozenset({"image", "caption"})
         jsonl = self.root / CAPTIONS_FILE
         if captions == "auto":
@@ -197,6 +215,9 @@ class CaptionedFolderDataModule(CaptionTokenizer, ImageFolderDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if not self.cached:
+            self._setup_lazy_captioned()
+            return
         start = time.perf_counter()
         # Pillow releases the GIL while it decodes; map keeps the order, so splits repeat.
         workers = max(1, min(8, os.cpu_count() or 1, len(self.files)))
@@ -225,6 +246,23 @@ class CaptionedFolderDataModule(CaptionTokenizer, ImageFolderDataModule):
         self.summarize_splits("captioned images", detail=f"seed {self.seed}")
         log.info("captioned_folder: decoded %d images at %dx%d in %.1f s", len(keep),
                  self.image_size, self.image_size, time.perf_counter() - start)
+
+    def _setup_lazy_captioned(self) -> None:
+        """List-only set-up: the splits of the captioned files, each image decoded when
+        read (`_LazyCaptioned`); the tokenizer learns the training captions now."""
+        self._probe("data.root", self.root, self.files)
+        idx = split_indices(len(self.files), self.val_fraction, self.test_fraction, self.seed,
+                            what="captioned images", where=f"data.root {self.root}")
+        for split, split_idx in zip(SPLITS, idx):
+            if len(split_idx):
+                order = split_idx.tolist()
+                captions = [self.captions[i] for i in order]
+                setattr(self, f"{split}_set", _LazyCaptioned(
+                    [self.files[i] for i in order], captions, self.image_size, self.channels,
+                    self.num_levels, split))
+                if split == "train":
+                    self.fit_caption_tokenizer(captions)
+        self.summarize_splits("captioned images, decoded when read", detail=f"seed {self.seed}")
 
 
 def _clean(caption: str) -> str:

@@ -1,4 +1,10 @@
-"""Your own images from a folder tree; sub-folders of the root can become class labels."""
+"""Your own images from a folder tree; sub-folders of the root can become class labels.
+
+Small folders are decoded once at set-up into a uint8 cache (`_ImageDataset`); large ones
+are only listed at set-up and decoded one image at a time when a loader asks for it
+(`LazyImages`), in the DataLoader's worker processes (``data.num_workers``), so start-up
+is a directory listing and memory stays flat however many files there are.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +35,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 # How many unreadable file names the warning lists before it says "and N more".
 _MAX_NAMED = 5
+
+CACHE_MODES = ("auto", "true", "false")
+# data.cache=auto decodes at set-up (and keeps the uint8 images in memory) up to this many
+# files and this many bytes of decoded images. Measured (bench/image_folder_scale.py, two
+# cores): decoding costs about 0.15 ms per small PNG, so 10,000 files start in about a
+# second with the cache, while reading them lazily without workers adds that second to
+# every epoch; past this size start-up time and memory matter more.
+AUTO_CACHE_FILES = 10_000
+AUTO_CACHE_BYTES = 1 << 30
+# Lazy set-up decodes up to this many files of each folder to refuse one Pillow cannot
+# read at all before training starts.
+_PROBE_FILES = 32
 
 
 class _ImageDataset(Dataset):
@@ -56,6 +75,95 @@ class _ImageDataset(Dataset):
         if self.labels is not None:
             item["label"] = self.labels[i]
         return item
+
+
+class LazyImages(Dataset):
+    """Image files decoded one at a time when asked, served as ``{"image", "label"}``.
+
+    Item ``i`` decodes file ``i`` with `decode_image` (resized, centre-cropped) and scales
+    it to float [-1, 1], shaped (C, H, W); nothing is kept, so memory does not grow with
+    the number of files. The file names live in one numpy bytes array rather than a list of
+    Python objects: DataLoader workers forked from the main process would otherwise copy
+    the list's pages as they touch its reference counts, growing with every epoch.
+
+    A file Pillow cannot decode is never fatal: it is marked in ``bad`` (a shared-memory
+    flag per file, so every worker and the main process see it), a warning names it (the
+    first few, then at every power of two of the count), and the item is the next readable
+    file of this split instead (``i + 1``, ``i + 2``, ... wrapping around), which depends
+    only on which files are unreadable, so the order of a run stays reproducible.
+    `ImageFolderDataModule.report_unreadable` reports the total.
+
+    Args:
+        files: the image files of this split.
+        labels: the class of each file, or None.
+        image_size: side length of the served images.
+        channels: 1 (grey) or 3 (RGB).
+        num_levels: grey levels per channel, 2..256 (see `ImageFolderDataModule`).
+        split: the split's name, for messages.
+
+    Raises:
+        UserError: from ``__getitem__``, when no file of the split can be read.
+    """
+
+    def __init__(self, files: list[Path], labels: list[int] | None, image_size: int,
+                 channels: int, num_levels: int, split: str = "train") -> None:
+        self.paths = np.array([os.fsencode(f) for f in files])  # (N,) bytes
+        self.labels = None if labels is None else torch.tensor(labels, dtype=torch.long)
+        self.image_size = image_size
+        self.mode = "L" if channels == 1 else "RGB"
+        self.num_levels = num_levels
+        self.half = (num_levels - 1) / 2.0
+        self.split = split
+        self.bad = torch.zeros(len(files), dtype=torch.uint8).share_memory_()  # (N,) 0/1
+        #: Why each unreadable file failed, as far as this process saw it (index -> reason).
+        self.reasons: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, i: int) -> Path:
+        return Path(os.fsdecode(self.paths[i]))
+
+    def read(self, i: int) -> np.ndarray | None:
+        """File `i` as an (H, W, C) uint8 array, or None (marked and warned) if unreadable."""
+        path = self.path(i)
+        try:
+            return decode_image(path, self.image_size, self.mode)
+        except Exception as exc:  # noqa: BLE001 -- any decoder error is bad data (see _load)
+            self.reasons[i] = _reason(exc, path)
+            self.bad[i] = 1
+            return None
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.item(*self.readable(i))
+
+    def item(self, j: int, array: np.ndarray) -> dict[str, Any]:
+        """The served item of file `j`, decoded as `array` ((H, W, C) uint8)."""
+        image = _levels(torch.from_numpy(np.array(array)).permute(2, 0, 1), self.num_levels)
+        item: dict[str, Any] = {"image": image.float() / self.half - 1.0}  # (C, H, W) in [-1, 1]
+        if self.labels is not None:
+            item["label"] = self.labels[j]
+        return item
+
+    def readable(self, i: int) -> tuple[int, np.ndarray]:
+        """The first readable file from `i` on (wrapping around) and its (H, W, C) array."""
+        n = len(self.paths)
+        for step in range(n):
+            j = (i + step) % n
+            if self.bad[j]:
+                continue
+            array = self.read(j)
+            if array is not None:
+                return j, array
+            count = int(self.bad.sum())
+            if count <= _MAX_NAMED or count & (count - 1) == 0:
+                log.warning("image_folder: cannot read %s (%s); serving the next readable %s "
+                            "image instead (%d unreadable in that split so far)", self.path(j),
+                            self.reasons[j], SPLIT_WORDS.get(self.split, self.split), count)
+        raise UserError(f"data: none of the {n} image files of the "
+                        f"{SPLIT_WORDS.get(self.split, self.split)} split could be read (e.g. "
+                        f"{self.path(0)}: {self.reasons.get(0, 'unreadable')}); expected "
+                        "images Pillow can decode")
 
 
 class ImageFolderDataModule(GenerativeDataModule):
@@ -104,7 +212,19 @@ class ImageFolderDataModule(GenerativeDataModule):
         test_fraction: share of `root`'s images held out for testing (not used with
             `test_root`); 0 turns the test split off.
         seed: seed of the split.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes; they decode lazily read images in
+            parallel (kept alive between epochs).
+        cache: ``"auto"`` decodes every image at set-up and keeps them in memory as
+            uint8 when the folders hold at most 10,000 files and 1 GiB of decoded images,
+            and reads them lazily otherwise; ``true`` always caches, ``false`` always
+            reads lazily. YAML booleans are accepted.
+
+    Reading lazily (`LazyImages`), set-up only lists the files and decodes the first
+    readable one of each folder (a folder with nothing Pillow can read is refused there);
+    the splits are cut from the listed files, and a file found unreadable later is
+    replaced by the next readable one of its split, warned about, and counted
+    (`report_unreadable`, also at the end of each stage). With the cache, unreadable files
+    are skipped at set-up instead, before the split, and ``self.skipped`` lists them.
     """
 
     provides = frozenset({"image"})
@@ -124,8 +244,10 @@ class ImageFolderDataModule(GenerativeDataModule):
         test_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        cache: str | bool = "auto",
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.cache = _choice(cache, "data.cache", CACHE_MODES)
         if channels not in (1, 3):
             raise UserError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels}")
         if image_size < 4:
@@ -149,7 +271,7 @@ class ImageFolderDataModule(GenerativeDataModule):
         check_fractions(self.val_fraction, self.test_fraction)
         self.image_size = image_size
         self.channels = channels
-        self.labels = _label_mode(labels)
+        self.labels = _choice(labels, "data.labels", ("auto", "true", "false"))
         self.num_levels = num_levels
         self.seed = seed
         self.skipped: list[tuple[Path, str]] = []
@@ -214,9 +336,18 @@ class ImageFolderDataModule(GenerativeDataModule):
             log.info("image_folder: %d %s image files under %s", len(self.split_files[split]),
                      SPLIT_WORDS[split], path)
         self.num_classes = num_classes
+        n_files = len(self.files) + sum(len(f) for f in self.split_files.values())
+        #: Decode everything at set-up (True) or each image when it is read (False).
+        self.cached = self.cache == "true" or (
+            self.cache == "auto" and n_files <= AUTO_CACHE_FILES
+            and n_files * channels * image_size ** 2 <= AUTO_CACHE_BYTES)
+        self._reported_unreadable = 0
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
+            return
+        if not self.cached:
+            self._setup_lazy()
             return
         start = time.perf_counter()
         sources = [("root", self.root, self.files, self._file_labels)] + [
@@ -276,16 +407,85 @@ class ImageFolderDataModule(GenerativeDataModule):
                  sum(self.split_sizes.values()), self.image_size, self.image_size,
                  time.perf_counter() - start)
 
+    def _setup_lazy(self) -> None:
+        """List-only set-up: `LazyImages` per split, after checking each folder has at
+        least one readable image among its first files."""
+        start = time.perf_counter()
+        self._probe("data.root", self.root, self.files)
+        for split, folder in self.split_roots.items():
+            self._probe(f"data.{split}_root", folder, self.split_files[split])
+        sets = {split: (self.split_files[split], self._split_labels[split])
+                for split in self.split_roots}
+        idx = split_indices(len(self.files), self.val_fraction, self.test_fraction, self.seed,
+                            what="image files", where=f"data.root {self.root}")
+        for split, split_idx in zip(SPLITS, idx):
+            if split in sets or not len(split_idx):
+                continue
+            order = split_idx.tolist()
+            sets[split] = ([self.files[i] for i in order],
+                           None if self._file_labels is None
+                           else [self._file_labels[i] for i in order])
+        for split, (files, labels) in sets.items():
+            setattr(self, f"{split}_set", LazyImages(files, labels, self.image_size,
+                                                     self.channels, self.num_levels, split))
+        where = ", ".join(f"{SPLIT_WORDS[s]} images from {p}" for s, p in self.split_roots.items())
+        self.summarize_splits("image files, decoded when read",
+                              detail=f"{where}; " * bool(where) + f"seed {self.seed}")
+        log.info("image_folder: listed %d image files in %.1f s; each is decoded at %dx%d when "
+                 "read (data.num_workers=%d worker processes)", sum(self.split_sizes.values()),
+                 time.perf_counter() - start, self.image_size, self.image_size,
+                 self.num_workers)
+
+    def _probe(self, key: str, folder: Path, files: list[Path]) -> None:
+        """Refuse (naming `key`) a folder none of whose first files Pillow can read."""
+        probed = []
+        for path in files[:_PROBE_FILES]:
+            array, reason = self._load(path)
+            if array is not None:
+                return
+            probed.append((path, reason))
+        first = "none of the" if len(probed) == len(files) else "the first"
+        raise UserError(f"{key}: {first} {len(probed)} image files under {folder} could be "
+                        f"read (e.g. {probed[0][0].name}: {probed[0][1]}); expected images "
+                        "Pillow can decode")
+
+    def unreadable_files(self) -> list[tuple[Path, str]]:
+        """The files lazy reading found unreadable so far (every process), with the reason
+        where this process saw it; empty with the cache (see ``self.skipped``)."""
+        found = []
+        for split in SPLITS:
+            dataset = getattr(self, f"{split}_set", None)
+            if isinstance(dataset, LazyImages):
+                for i in torch.nonzero(dataset.bad).flatten().tolist():
+                    found.append((dataset.path(i), dataset.reasons.get(
+                        i, "unreadable; a loader worker's warning gives the reason")))
+        return found
+
+    def report_unreadable(self) -> int:
+        """Warn once about the files lazy reading found unreadable since the last report
+        (how many, the first few names); ``self.skipped`` becomes the full list. Returns
+        the count so far."""
+        if self.cached:
+            return len(self.skipped)
+        self.skipped = self.unreadable_files()
+        count = len(self.skipped)
+        if count > self._reported_unreadable:
+            total = sum(self.split_sizes.values())
+            named = ", ".join(f"{p.name} ({r})" for p, r in self.skipped[:_MAX_NAMED])
+            more = f", and {count - _MAX_NAMED} more" if count > _MAX_NAMED else ""
+            log.warning("image_folder: %d of %d files under %s were unreadable; each was "
+                        "replaced by the next readable image of its split: %s%s", count,
+                        total, self.root, named, more)
+            self._reported_unreadable = count
+        return count
+
+    def teardown(self, stage: str | None = None) -> None:
+        self.report_unreadable()
+
     def _to_tensor(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """(H, W, C) uint8 arrays -> one (N, C, H, W) uint8 tensor of level indices."""
         images = torch.from_numpy(np.stack(arrays))  # (N, H, W, C) uint8
-        images = images.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
-        if self.num_levels < 256:
-            # Keep level indices 0..num_levels-1 (a grid such as 0, 63.75, ... is not exact
-            # in uint8), so the served images lie exactly on the num_levels evenly spaced
-            # values in [-1, 1] that discrete likelihoods (data.num_levels) assume.
-            images = torch.round(images.float() * ((self.num_levels - 1) / 255.0)).to(torch.uint8)
-        return images
+        return _levels(images.permute(0, 3, 1, 2).contiguous(), self.num_levels)  # (N, C, H, W)
 
     def _load(self, path: Path) -> tuple[np.ndarray | None, str]:
         """One file as an (H, W, C) uint8 array, or (None, why it could not be read)."""
@@ -360,12 +560,24 @@ def _reason(exc: Exception, path: Path) -> str:
     return text or type(exc).__name__
 
 
-def _label_mode(labels: str | bool) -> str:
-    if isinstance(labels, bool):
-        return "true" if labels else "false"
-    mode = str(labels).strip().lower()
-    if mode not in ("auto", "true", "false"):
-        raise UserError(f"data.labels must be auto, true or false, got {labels!r}")
+def _levels(images: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """uint8 pixel values (any shape) -> uint8 level indices 0..num_levels-1.
+
+    Level indices rather than a grid such as 0, 63.75, ... (not exact in uint8) keep the
+    served images exactly on the num_levels evenly spaced values in [-1, 1] that discrete
+    likelihoods (data.num_levels) assume."""
+    if num_levels >= 256:
+        return images
+    return torch.round(images.float() * ((num_levels - 1) / 255.0)).to(torch.uint8)
+
+
+def _choice(value: str | bool, key: str, modes: tuple[str, ...]) -> str:
+    """An auto/true/false switch as one of `modes`; YAML booleans are accepted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    mode = str(value).strip().lower()
+    if mode not in modes:
+        raise UserError(f"{key} must be {', '.join(modes[:-1])} or {modes[-1]}, got {value!r}")
     return mode
 
 
@@ -376,7 +588,9 @@ def _list_images(root: Path, key: str = "data.root") -> list[Path]:
         raise UserError(f"{key}: {root} does not exist; expected a folder of images")
     if not root.is_dir():
         raise UserError(f"{key}: {root} is a file, not a folder; expected a folder of images")
-    found: list[Path] = []
+    # Strings, not Path objects, until the end: for 100k files Path's parsing took seconds.
+    prefix = os.path.join(str(root), "")
+    found: list[tuple[str, str]] = []  # (path relative to root with "/", full path)
     others: list[str] = []
     seen: set[str] = set()
     # followlinks: class folders are often symlinks to data kept elsewhere; `seen` guards
@@ -393,7 +607,8 @@ def _list_images(root: Path, key: str = "data.root") -> list[Path]:
             if name.startswith("."):
                 continue
             if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(Path(dirpath) / name)
+                full = os.path.join(dirpath, name)
+                found.append((full[len(prefix):].replace(os.sep, "/"), full))
             else:
                 others.append(name)
     if not found:
@@ -402,7 +617,8 @@ def _list_images(root: Path, key: str = "data.root") -> list[Path]:
             f"{key}: no image files under {root} (looked recursively for "
             f"{' '.join(IMAGE_EXTENSIONS)}, in any case){also}"
         )
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    found.sort()
+    return [Path(full) for _, full in found]
 
 
 def _expand(path: str) -> Path:
@@ -411,8 +627,14 @@ def _expand(path: str) -> Path:
 
 def _class_folders(files: list[Path], root: Path) -> list[str]:
     """The first-level sub-folder of `root` each file lies in ("" directly in root)."""
-    return [parts[0] if len(parts) > 1 else "" for parts in
-            (f.relative_to(root).parts for f in files)]
+    prefix = os.path.join(str(root), "")
+    folders = []
+    for f in files:
+        text = str(f)
+        rel = text[len(prefix):] if text.startswith(prefix) else str(f.relative_to(root))
+        head, sep, _ = rel.partition(os.sep)
+        folders.append(head if sep else "")
+    return folders
 
 
 def _check_separate(root: Path, split_roots: dict[str, Path]) -> None:

@@ -84,22 +84,28 @@ def stack_dataset(
     Args:
         dataset: a dataset whose items are dicts (``data_module.val_set``).
         keys: the columns to keep; a missing key is an error naming the available ones.
-        limit: keep at most this many rows (the first ones).
+        limit: keep at most this many rows (the first ones; of a streamed
+            ``IterableDataset``, such as shards, the first ones it yields).
     """
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader, IterableDataset, Subset
 
-    n = len(dataset)  # type: ignore[arg-type]
-    if limit is not None and limit < n:
+    streamed = isinstance(dataset, IterableDataset)
+    if not streamed and limit is not None and limit < len(dataset):  # type: ignore[arg-type]
         dataset = Subset(dataset, range(limit))
     columns: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    rows = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False if not streamed else None):
         for k in keys:
             if k not in batch:
                 raise KeyError(f"the data has no '{k}' column (it has {sorted(batch)})")
             columns[k].append(torch.as_tensor(batch[k]))
+        rows += len(columns[keys[0]][-1])
+        if limit is not None and rows >= limit:
+            break
     if not any(columns.values()):
         raise ValueError("the dataset is empty")
-    return {k: torch.cat(v) for k, v in columns.items()}
+    stacked = {k: torch.cat(v) for k, v in columns.items()}
+    return {k: v[:limit] for k, v in stacked.items()} if limit is not None else stacked
 
 
 def classifier_from_datasets(
