@@ -18,6 +18,7 @@ from genframe.tasks import TASKS
 OTHER_COMMANDS = {
     "resume": "continue a train or finetune run in place from its last checkpoint (run=DIR)",
     "plugins": "list loaded plugins and what each registered (--json)",
+    "shards": "convert data into WebDataset shards to stream (data=... out=DIR)",
 }
 # Keys whose children are open-ended (model-specific, or any Trainer argument):
 # `sampling.x=1` and `trainer.strategy=ddp_spawn` need no `+`; the task checks the names.
@@ -31,11 +32,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Python hides DeprecationWarnings outside __main__; plugin authors should see these.
     warnings.simplefilter("default", GenframeDeprecationWarning)
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if debug:
         os.environ["GENFRAME_DEBUG"] = "1"
+    if from_command_line:
+        # What `trainer=ddp` starts again for each further process (Lightning's launcher).
+        from genframe.hardware import set_relaunch_command
+
+        set_relaunch_command([sys.argv[0], *argv])
     try:
         return _dispatch(argv)
     except GenframeError as exc:
@@ -83,6 +90,10 @@ def _dispatch(argv: list[str]) -> int:
 
         continue_in_place(rest)
         return 0
+    if command == "shards":
+        from genframe.tasks.shards import main as shards_main
+
+        return shards_main(rest)
     if command not in TASKS:
         from genframe.errors import UserError, valid_list
 
@@ -109,7 +120,8 @@ def run_task(task: str, overrides: list[str]) -> int:
     roots = _config_roots(task)
     overrides = _with_resumed_groups(overrides, roots)
     overrides = [_open_key(a, roots) for a in overrides]
-    _check_given_run_dir(overrides)
+    overrides = _for_rank(task, overrides)
+    overrides = _with_genframe_launcher(overrides)
     # Let Hydra's exceptions reach us so they become our short messages (exit 2).
     user_wants_full = _USER_FULL_ERROR
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -152,8 +164,16 @@ def run_task(task: str, overrides: list[str]) -> int:
 
 
 def _report_job_errors() -> int:
+    """The command's exit status after Hydra returned: 0, or the highest exit status of
+    the jobs that failed (a lone failed run or sweep job is raised as it was). Jobs that
+    ran in other processes (joblib, submitit) are read from their run.json."""
+    from genframe.sweep import take_failed_jobs
+
+    failed_elsewhere = take_failed_jobs() or []
     if not _JOB_ERRORS:
-        return 0
+        for job in failed_elsewhere:
+            print(f"genframe: error: job [{job.overrides}]: {job.error}", file=sys.stderr)
+        return max((job.exit_code for job in failed_elsewhere), default=0)
     if len(_JOB_ERRORS) == 1:
         raise _JOB_ERRORS[0][1]
     for overrides, exc in _JOB_ERRORS:
@@ -165,6 +185,49 @@ class JobFailed(GenframeError):
     """A sweep job ended by an unexpected exception (its traceback is in the job's log)."""
 
     exit_code = 1
+
+
+def _for_rank(task: str, overrides: list[str]) -> list[str]:
+    """The overrides of this process of a (possibly) multi-process run.
+
+    Rank zero (or a lone process) checks a given run directory before Hydra writes into
+    it. A process of a run launched from outside (torchrun, SLURM: ``WORLD_SIZE`` > 1 in
+    the environment) must be given the run directory all ranks share; the ranks other
+    than zero join it without writing Hydra's ``.hydra/`` files (Lightning's own
+    ``trainer=ddp`` launcher passes the same settings to the processes it starts).
+    """
+    from genframe.errors import UserError
+    from genframe.hardware import launch_environment
+
+    env = launch_environment()
+    given = {a.lstrip("+").split("=", 1)[0] for a in overrides}
+    multirun = any(a in ("-m", "--multirun") for a in overrides)
+    if env.world_size > 1 and env.external and "hydra.run.dir" not in given and not multirun:
+        raise UserError(
+            f"this process is rank {env.rank} of {env.world_size} started by {env.launcher}: "
+            "every rank must write into one run directory, so give it to all of them, "
+            f"e.g. `genframe {task} trainer=multinode hydra.run.dir=outputs/{task}/my-run "
+            "...` (a folder on storage every node sees)")
+    if env.rank == 0:
+        _check_given_run_dir(overrides)
+        return overrides
+    extra = [] if "hydra.output_subdir" in given else ["hydra.output_subdir=null"]
+    if "hydra.job.name" not in given:
+        extra.append(f"hydra.job.name={task}_rank{env.rank}")
+    return [*overrides, *extra]
+
+
+def _with_genframe_launcher(overrides: list[str]) -> list[str]:
+    """``hydra/launcher=submitit_local`` or ``submitit_slurm``: Hydra's launcher with its
+    own settings, run by genframe's class (`genframe.sweep_launchers`), whose sweep goes
+    on when a job is killed from outside."""
+    from genframe.sweep import SUBMITIT_LAUNCHERS
+
+    choices = [a.split("=", 1)[1] for a in overrides if a.lstrip("+").startswith("hydra/launcher=")]
+    given = any(a.lstrip("+").startswith("hydra.launcher._target_=") for a in overrides)
+    if len(choices) != 1 or choices[0] not in SUBMITIT_LAUNCHERS or given:
+        return overrides
+    return [*overrides, f"hydra.launcher._target_={SUBMITIT_LAUNCHERS[choices[0]]}"]
 
 
 def _check_given_run_dir(overrides: list[str]) -> None:
@@ -253,8 +316,6 @@ def _task_entry(cfg):
     except Exception as exc:
         # Keep user errors away from Hydra's own error printing: the CLI reports them
         # after Hydra returns (in a sweep, after the other jobs ran).
-        if _show_traceback():
-            raise
         from hydra.core.hydra_config import HydraConfig
         from hydra.errors import HydraException
         from hydra.types import RunMode
@@ -262,8 +323,16 @@ def _task_entry(cfg):
 
         from genframe.errors import Interrupted, UserError
         from genframe.hydra_errors import explain
+        from genframe.sweep import job_runs_elsewhere
+        from genframe.sweep_jobs import record_job_error
 
         hydra_cfg = HydraConfig.get()
+        # A job in a joblib or submitit worker must never raise: its exception would stop
+        # the whole sweep. (HYDRA_FULL_ERROR is always set there: the CLI sets it while
+        # Hydra runs, so only --debug asks a worker for its traceback, in its log.)
+        elsewhere = job_runs_elsewhere(hydra_cfg)
+        if _show_traceback() and not elsewhere:
+            raise
         # The overrides as typed: iterating the ListConfig would resolve `${...}` in them.
         given = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
         job = " ".join(given)
@@ -285,7 +354,17 @@ def _task_entry(cfg):
                                 f"{hydra_cfg.runtime.output_dir}/{hydra_cfg.job.name}.log)")
             else:
                 raise
-        _JOB_ERRORS.append((job, exc))
+        elif elsewhere and os.environ.get("GENFRAME_DEBUG"):
+            import logging
+
+            logging.getLogger("genframe").exception("job [%s] failed", job)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # The job's exit status goes into its run.json: the command reads it from there
+            # for jobs of other processes, and the Optuna sweeper for every job.
+            record_job_error(hydra_cfg.runtime.output_dir, cfg.task_name, str(exc),
+                             exc.exit_code)
+        if not elsewhere:
+            _JOB_ERRORS.append((job, exc))
         if isinstance(exc, Interrupted):
             raise KeyboardInterrupt from None  # Ctrl-C stops the whole sweep, not one job
         return None
@@ -340,11 +419,21 @@ _FLAGS = {"--help": (), "-h": (), "--hydra-help": (), "--version": (), "--resolv
           "--config-dir": None, "-cd": None, "--experimental-rerun": None}
 
 
+# Hydra's flags that choose what the command does: only one may be given.
+_MODES = {"--run": "--run", "-r": "--run", "--multirun": "-m", "-m": "-m", "--cfg": "--cfg",
+          "-c": "--cfg", "--info": "--info", "-i": "--info", "--shell-completion": "--shell-completion",
+          "-sc": "--shell-completion"}
+
+
 def _check_flags(args: Sequence[str]) -> None:
     """Refuse a misused flag with the fix, before argparse prints its usage screen:
     ``--cfg`` without job|hydra|all, ``-cfg``, ``--cfg=jobb``, a misspelt flag."""
     from genframe.errors import UserError
 
+    modes = {_MODES[a.partition("=")[0]] for a in args if a.partition("=")[0] in _MODES}
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(sorted(modes))} cannot be combined: Hydra takes one of "
+                        "--run, -m/--multirun, --cfg, --info and --shell-completion at a time")
     for i, arg in enumerate(args):
         if not arg.startswith("-") or arg in ("-", "--"):
             continue

@@ -228,6 +228,19 @@ def fresh_run_dir(base: str) -> str:
         return str(candidate)
 
 
+def claimed_run_dirs() -> dict[str, str]:
+    """The folders `fresh_run_dir` created in this process: the resolver's argument ->
+    the folder it made (a copy)."""
+    return dict(_CLAIMED)
+
+
+def adopt_run_dirs(claimed: dict[str, str]) -> None:
+    """Make `fresh_run_dir` answer with these folders (`claimed_run_dirs` of another
+    process): a sweep's worker processes resolve ``hydra.sweep.dir`` to the folder the
+    command created, not to new ones."""
+    _CLAIMED.update(claimed)
+
+
 def register_run_dir_resolver() -> None:
     """Register ``${genframe.fresh_dir:...}`` (see `fresh_run_dir`) and forget the
     folders claimed by an earlier command in this process."""
@@ -349,11 +362,15 @@ def continue_run_record(out_dir: Path, cfg, entry: dict[str, Any]) -> None:
 
 def record_logger_runs(out_dir: Path, trainer: Any) -> None:
     """Keep in run.json the ids of logger runs that a continued run must reopen to go on
-    with the same run (W&B's run id), under ``logger_runs``."""
-    from pytorch_lightning.loggers import WandbLogger
+    with the same run (W&B's run id, MLflow's run id), under ``logger_runs``."""
+    from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
 
-    ids = {"wandb": str(lg.experiment.id) for lg in trainer.loggers
-           if isinstance(lg, WandbLogger) and trainer.is_global_zero}
+    ids = {}
+    for lg in trainer.loggers if trainer.is_global_zero else ():
+        if isinstance(lg, WandbLogger):
+            ids["wandb"] = str(lg.experiment.id)
+        elif isinstance(lg, MLFlowLogger):
+            ids["mlflow"] = str(lg.run_id)
     if ids:
         record = json.loads((Path(out_dir) / RUN_INFO).read_text())
         if record.get("logger_runs") != ids:

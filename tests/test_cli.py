@@ -79,3 +79,9 @@ def test_open_keys_are_only_opened_for_tasks_that_have_them(cli):
     result = cli("chat", "run=nowhere", "sampling.temperature=0")
     assert result.returncode == 2
     assert "sampling" in result.stderr and "temperature" in result.stderr
+
+
+def test_two_hydra_modes_at_once_are_one_line_not_a_traceback(cli):
+    done = cli("train", "-m", "model.latent_dim=2,3", "--cfg", "hydra")
+    assert done.returncode == 2
+    assert "--cfg and -m cannot be combined" in done.stderr and "Traceback" not in done.stderr

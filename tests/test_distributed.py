@@ -365,3 +365,10 @@ def test_a_ddp_run_resumes_in_place_on_two_processes(cli, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["steps"] == 6 and len(info["resumes"]) == 1
     assert (run / "train_rank1.log").exists()  # the second process, started again, only trained
+
+
+def test_evaluate_under_several_processes_is_refused(cli, tmp_path):
+    assert cli("train", *FAST).returncode == 0
+    done = cli("evaluate", f"run={_only_run(tmp_path)}", "trainer=ddp")
+    assert done.returncode == 2
+    assert "runs in one process" in done.stderr and "trainer=cpu" in done.stderr

@@ -11,6 +11,8 @@ from typing import Any
 
 from genframe.errors import TrainingDiverged, UserError
 from genframe.files import atomic_write_json
+from genframe.loggers import log_config, log_samples
+from genframe.hardware import is_rank_zero
 from genframe.runs import (
     METRICS,
     WEIGHTS,
@@ -90,19 +92,24 @@ def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: 
 
     model, data, data_cfg = prepared.model, prepared.data, prepared.data_cfg
     lineage, before_save = prepared.lineage, prepared.before_save
-    if not continued:
+    # In a multi-process run every rank trains, rank zero alone writes the run directory.
+    writer = is_rank_zero()
+    if writer and not continued:
         # run.json names the model; its tokenizer (in the spec too) goes to tokenizer.json.
         start_run(out_dir, cfg, task, device=trainer.strategy.root_device, model=model.model_spec,
                   data=data_cfg, **(lineage or {}))
         if getattr(model, "tokenizer", None) is not None:
             model.tokenizer.save(out_dir)
-    record_logger_runs(out_dir, trainer)
+    if writer:
+        record_logger_runs(out_dir, trainer)
+    log_config(trainer, cfg)
     # A failure or Ctrl-C from here on is recorded in run.json by `genframe.tasks.run`.
     try:
         # weights_only: resuming never unpickles code (Lightning would default to False).
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     except TrainingDiverged as exc:
-        update_run(out_dir, status="diverged", error=str(exc))
+        if writer:
+            update_run(out_dir, status="diverged", error=str(exc))
         raise
     except MisconfigurationException as exc:
         raise UserError(f"{exc}".splitlines()[0] + f" (monitor={cfg.monitor})") from exc
@@ -111,9 +118,10 @@ def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: 
     if best is not None:  # export and sample from the best weights, not the last ones
         _, state = read_weights(best, where=f"the run's best checkpoint {best}")
         model.load_state_dict(state)
-    if before_save is not None:
+    if before_save is not None and writer:
         before_save(model, out_dir)
-    save_weights(model, out_dir / WEIGHTS)
+    if writer:
+        save_weights(model, out_dir / WEIGHTS)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     val = trainer.validate(model, datamodule=data, verbose=False)
@@ -122,6 +130,9 @@ def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: 
     metrics = {k: v for k, v in sorted(metrics.items())
                if not k.endswith("_step") and not (k.endswith("_epoch") and k[:-6] in metrics)}
 
+    if not writer:  # the other ranks took part in the validation above; they are done
+        return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get(cfg.get("monitor")),
+                "model": model, "trainer": trainer, "samples": None}
     samples = None
     if cfg.num_samples > 0:
         model.eval()
@@ -131,6 +142,7 @@ def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: 
                                  condition=caption_condition(model, data, cfg.num_samples),
                                  **generation_options(cfg, model))
         write_samples(samples, out_dir)
+        log_samples(trainer.loggers, samples, trainer.global_step, key="samples/final")
     atomic_write_json(out_dir / METRICS, metrics)
     update_run(out_dir, status="completed", best_checkpoint=str(best) if best else None,
                epochs=trainer.current_epoch, steps=trainer.global_step)

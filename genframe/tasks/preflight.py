@@ -221,9 +221,14 @@ def check_task_config(cfg: DictConfig, task: str) -> None:
                      where="trainer", source=lambda key: origin(f"trainer.{key}"))
         check_trainer_values(trainer)
         check_hardware(trainer, source=lambda key: origin(f"trainer.{key}"))
+        choice, multirun = trainer_choice()
         if task in ("train", "finetune"):
-            choice, multirun = trainer_choice()
             check_launch(trainer, multirun=multirun, choice=choice)
+        elif str(trainer.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed")):
+            raise UserError(
+                f"trainer.strategy={trainer['strategy']} (trainer={choice}): genframe {task} runs "
+                "in one process; several processes are for training. Use trainer=cpu, "
+                "trainer=gpu or trainer=auto")
     if isinstance(plain.get("finetune"), Mapping):
         _check_rules(plain["finetune"], FINETUNE, "finetune.")
     if task == "evaluate" and isinstance(plain.get("metrics"), Mapping):

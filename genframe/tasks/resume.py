@@ -382,8 +382,8 @@ def _check_limits(cfg: DictConfig, run: Run, step: int, epoch: int, where: str) 
 
 def _continued_loggers(cfg: DictConfig, run: Run, step: int) -> DictConfig:
     """`cfg` with its loggers set to go on with the run's own logger runs: TensorBoard
-    hides events from `step` on (the continued run writes them again), W&B reopens the
-    run id run.json recorded."""
+    hides events from `step` on (the continued run writes them again), W&B and MLflow
+    reopen the run ids run.json recorded."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     ids = run.info.get("logger_runs", {})
     for entry in (cfg.get("logger") or {}).values():
@@ -393,6 +393,8 @@ def _continued_loggers(cfg: DictConfig, run: Run, step: int) -> DictConfig:
         elif target.endswith("WandbLogger") and ids.get("wandb"):
             entry.id = ids["wandb"]
             entry.resume = "allow"
+        elif target.endswith("MLFlowLogger") and ids.get("mlflow"):
+            entry.run_id = ids["mlflow"]
     return cfg
 
 
