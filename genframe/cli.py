@@ -219,7 +219,7 @@ def _for_rank(task: str, overrides: list[str]) -> list[str]:
 
 def _with_genframe_launcher(overrides: list[str]) -> list[str]:
     """``hydra/launcher=submitit_local`` or ``submitit_slurm``: Hydra's launcher with its
-    own settings, run by genframe's class (`genframe.sweep_launchers`), whose sweep goes
+    own settings, run by genframe's class (`genframe.sweep.launchers`), whose sweep goes
     on when a job is killed from outside."""
     from genframe.sweep import SUBMITIT_LAUNCHERS
 
@@ -324,7 +324,7 @@ def _task_entry(cfg):
         from genframe.errors import Interrupted, UserError
         from genframe.hydra_errors import explain
         from genframe.sweep import job_runs_elsewhere
-        from genframe.sweep_jobs import record_job_error
+        from genframe.sweep.jobs import record_job_error
 
         hydra_cfg = HydraConfig.get()
         # A job in a joblib or submitit worker must never raise: its exception would stop

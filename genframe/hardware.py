@@ -281,6 +281,15 @@ def check_launch(kwargs: Mapping[str, Any], *, multirun: bool, choice: str = "?"
             every process), or when genframe was not started from its command line (a
             test or notebook: there is no command to start again).
     """
+    nodes = int(kwargs.get("num_nodes", 1) or 1)
+    env = launch_environment()
+    if nodes > 1 and not env.external and "NODE_RANK" not in os.environ:
+        raise UserError(
+            f"trainer.num_nodes={nodes} (trainer={choice}): a run over several machines is "
+            "started on every node by torchrun or SLURM's srun (or with MASTER_ADDR, "
+            "MASTER_PORT and NODE_RANK set on each); started alone it would wait for the "
+            "other nodes forever. See the README's \"Several GPUs and several nodes\", or "
+            "set trainer.num_nodes=1")
     if not starts_processes(kwargs):
         return
     strategy = f"trainer.strategy={kwargs.get('strategy')} (trainer={choice})"

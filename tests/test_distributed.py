@@ -134,6 +134,12 @@ def test_ddp_from_python_is_refused_with_ddp_spawn_named(compose_task):
         train(compose_task("train", *TWO, *FAST))
 
 
+def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting_forever(cli):
+    done = cli("train", "trainer=multinode", *FAST, timeout=120)
+    assert done.returncode == 2
+    assert "torchrun" in done.stderr and "trainer.num_nodes=2" in done.stderr
+
+
 def test_a_torchrun_rank_without_the_shared_run_directory_is_refused(cli, tmp_path):
     env = {"TORCHELASTIC_RUN_ID": "x", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
     done = cli("train", "trainer=multinode", *FAST, env=env)

@@ -107,7 +107,7 @@ def make_job(sweep: Path, num: int, overrides: list[str], run: dict | None,
 
 def test_summary_rows_read_status_metric_wall_time_and_error(tmp_path):
     from genframe.sweep import summary_csv
-    from genframe.sweep_jobs import read_jobs
+    from genframe.sweep.jobs import read_jobs
 
     make_job(tmp_path, 0, ["a=1"], {"status": "completed", "started": "2026-01-01T00:00:00+0000",
                                     "ended": "2026-01-01T00:01:30+0000"}, {"val/loss": 0.5})
@@ -137,7 +137,7 @@ def test_exit_status_of_jobs_that_failed_elsewhere(monkeypatch, capsys):
 
 
 def test_record_job_error_keeps_the_exit_status(tmp_path):
-    from genframe.sweep_jobs import record_job_error
+    from genframe.sweep.jobs import record_job_error
 
     record_job_error(tmp_path, "train", "refused", 2)  # no run.json yet: a short one
     info = json.loads((tmp_path / "run.json").read_text())
@@ -146,7 +146,7 @@ def test_record_job_error_keeps_the_exit_status(tmp_path):
 
 def test_interrupted_and_refused_trials_do_not_count(tmp_path):
     optuna = pytest.importorskip("optuna")
-    from genframe.optuna_sweep import _close_stale_trials, _fail, counted_trials
+    from genframe.sweep.optuna_sweeper import _close_stale_trials, _fail, counted_trials
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage)
@@ -169,7 +169,7 @@ def test_interrupted_and_refused_trials_do_not_count(tmp_path):
 def test_optuna_direction_follows_monitor_mode():
     pytest.importorskip("optuna")
     from genframe.errors import UserError
-    from genframe.optuna_sweep import _direction
+    from genframe.sweep.optuna_sweeper import _direction
 
     assert (_direction("min"), _direction("max"), _direction("maximize")) == \
         ("minimize", "maximize", "maximize")
@@ -179,7 +179,7 @@ def test_optuna_direction_follows_monitor_mode():
 
 def test_same_command_same_study_name():
     pytest.importorskip("optuna")
-    from genframe.optuna_sweep import default_study_name
+    from genframe.sweep.optuna_sweeper import default_study_name
 
     a = default_study_name("train", ["model.lr=interval(0.1,1)", "seed=1"])
     assert a == default_study_name("train", ["seed=1", "model.lr=interval(0.1,1)"])
@@ -193,7 +193,7 @@ def test_optuna_sweeper_without_optuna_says_what_to_install(tmp_path, monkeypatc
 
     from genframe.cli import main
 
-    monkeypatch.setitem(sys.modules, "genframe.optuna_sweep", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "genframe.sweep.optuna_sweeper", None)  # as if not installed
     code = main(["train", "-m", "hydra/sweeper=genframe_optuna", *FAST,
                  f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     err = capsys.readouterr().err

@@ -44,7 +44,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from genframe.errors import GenframeError, UserError
-from genframe.sweep_jobs import read_job
+from genframe.sweep.jobs import read_job
 
 log = logging.getLogger("genframe")
 

@@ -5,13 +5,18 @@ multirun, whatever the launcher (basic, joblib, submitit) or sweeper (basic, Opt
 row per job (overrides, status, the ``monitor`` metric, wall time, run directory, error)
 goes to ``summary.csv`` and ``summary.jsonl`` in the sweep folder and to the terminal; an
 Optuna sweep adds its best trial (from ``optimization_results.yaml``). `take_failed_jobs`
-gives the CLI the failed jobs (read from their run.json, see `genframe.sweep_jobs`), so
+gives the CLI the failed jobs (read from their run.json, see `genframe.sweep.jobs`), so
 the exit status is right when the jobs ran in other processes.
 
 Hydra runs this callback in the command's process, and pickles it along with every job
 to joblib's and submitit's workers: unpickled there it registers genframe's config
 resolvers and adopts the sweep folder the command created (a worker would otherwise make
 a new folder of its own for ``${genframe.fresh_dir:...}``).
+
+Beside it: `genframe.sweep.jobs` (a job folder read as a summary row; a job's error
+recorded in its run.json), `genframe.sweep.launchers` (Hydra's submitit launchers whose
+sweep survives a killed job) and `genframe.sweep.optuna_sweeper` (a resumable Optuna
+sweeper, ``hydra/sweeper=genframe_optuna``).
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from genframe.sweep_jobs import FAILED, read_jobs
+from genframe.sweep.jobs import FAILED, read_jobs
 
 # Hydra's submitit choices -> genframe's launchers standing in for them (see
-# genframe.sweep_launchers; the CLI sets hydra.launcher._target_ to these).
+# genframe.sweep.launchers; the CLI sets hydra.launcher._target_ to these).
 SUBMITIT_LAUNCHERS = {
     "submitit_local": "hydra_plugins.genframe_submitit.LocalLauncher",
     "submitit_slurm": "hydra_plugins.genframe_submitit.SlurmLauncher",
@@ -36,7 +41,7 @@ SUBMITIT_LAUNCHERS = {
 
 # Columns of summary.csv, in order; the monitor metric's column is named after the metric.
 CSV_COLUMNS = ("job", "status", "overrides", "{monitor}", "wall_time_s", "run_dir", "error")
-# The sweeper class conf/hydra/sweeper/genframe_optuna.yaml names (see genframe.optuna_sweep).
+# The sweeper class conf/hydra/sweeper/genframe_optuna.yaml names (see genframe.sweep.optuna_sweeper).
 OPTUNA_SWEEPER = "hydra_plugins.genframe_optuna.OptunaSweeper"
 
 
@@ -126,12 +131,12 @@ class SweepSummary(Callback):
 def _register(target: str) -> None:
     """Register genframe's Hydra plugin named by `target` (a sweeper or a launcher)."""
     if target in SUBMITIT_LAUNCHERS.values():
-        from genframe.sweep_launchers import register_submitit_launchers
+        from genframe.sweep.launchers import register_submitit_launchers
 
         register_submitit_launchers()
         return
     try:
-        from genframe.optuna_sweep import OptunaSweeper  # imports optuna: only here
+        from genframe.sweep.optuna_sweeper import OptunaSweeper  # imports optuna: only here
     except ImportError as exc:
         OptunaSweeper = _missing_sweeper(
             f"hydra/sweeper=genframe_optuna needs Optuna and Hydra's optuna sweeper "

@@ -36,7 +36,7 @@ class _KeepGoing:
         try:
             return self.job.results()
         except (FailedJobError, UncompletedJobError) as exc:
-            from genframe.sweep_jobs import record_job_error
+            from genframe.sweep.jobs import record_job_error
 
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             error = f"the job's process was killed (submitit: {reason}); see its log"
