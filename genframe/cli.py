@@ -9,6 +9,7 @@ imported by the task functions, never here, so `genframe --help` answers at once
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -211,6 +212,11 @@ def _for_rank(task: str, overrides: list[str]) -> list[str]:
     if env.rank == 0:
         _check_given_run_dir(overrides)
         return overrides
+    # Every further process logs to <task>_rank<N>.log beside the run's own log, however
+    # it was started (Lightning's relaunch names its processes' jobs train_ddp_process_N).
+    lightning = re.compile(r"\+*hydra\.job\.name=\w+_ddp_process_\d+$")
+    overrides = [a for a in overrides if not lightning.match(a)]
+    given = {a.lstrip("+").split("=", 1)[0] for a in overrides}
     extra = [] if "hydra.output_subdir" in given else ["hydra.output_subdir=null"]
     if "hydra.job.name" not in given:
         extra.append(f"hydra.job.name={task}_rank{env.rank}")

@@ -91,6 +91,10 @@ def check_hardware(kwargs: Mapping[str, Any], source: Callable[[str], str] | Non
 
 def _check_devices(devices: Any, on_gpu: bool, n_gpus: int, strategy: str, where: str) -> None:
     """``trainer.devices``: how many devices (or which indices) against what exists."""
+    if devices in (-1, "-1") and not on_gpu:
+        raise UserError(f"trainer.devices=-1{where} means every GPU, and this run uses the CPU; "
+                        "expected a number of processes >= 1 (e.g. trainer.devices=2 with "
+                        "trainer=ddp) or auto")
     if devices in ("auto", None, -1, "-1"):
         return
     if isinstance(devices, bool):
@@ -127,7 +131,7 @@ def _check_devices(devices: Any, on_gpu: bool, n_gpus: int, strategy: str, where
         raise UserError(
             f"trainer.devices={devices}{where}: this machine has 1 CPU device and no CUDA GPU "
             f"(torch.cuda.device_count() is 0); expected trainer.devices=1 (several processes "
-            f"on the CPU need trainer.strategy=ddp_spawn and at most {cores}, one per core)")
+            f"on the CPU need trainer=ddp or trainer=ddp_spawn, and at most {cores}, one per core)")
     if devices > cores:
         raise UserError(
             f"trainer.devices={devices}{where}: this machine has {cores} CPU cores for "
@@ -273,14 +277,35 @@ def _process_count(kwargs: Mapping[str, Any]) -> int:
     return torch.cuda.device_count() if on_gpu else 1  # auto, -1
 
 
-def check_launch(kwargs: Mapping[str, Any], *, multirun: bool, choice: str = "?") -> None:
-    """Refuse what `trainer=ddp`'s relaunch cannot do.
+def check_launch(kwargs: Mapping[str, Any], *, launcher: str | None = None,
+                 choice: str = "?") -> None:
+    """Refuse process layouts that cannot work: several nodes without a launcher, a
+    torchrun/SLURM launch the trainer does not match, ``ddp_spawn`` in joblib's workers,
+    and what `trainer=ddp`'s relaunch cannot do.
+
+    Args:
+        kwargs: the plain ``trainer`` config.
+        launcher: in a multirun job, the Hydra launcher's class (``_target_``); None
+            outside a multirun.
+        choice: the trainer preset chosen (for messages).
 
     Raises:
-        UserError: inside a multirun (the relaunch would run the whole sweep again in
+        UserError: ``trainer.num_nodes`` > 1 with no torchrun, SLURM or ``NODE_RANK``; a
+            torchrun/SLURM world size other than devices x nodes; ``ddp_spawn`` with
+            several processes in a joblib worker (its processes cannot start there);
+            ``ddp`` inside a multirun (the relaunch would run the whole sweep again in
             every process), or when genframe was not started from its command line (a
             test or notebook: there is no command to start again).
     """
+    multirun = launcher is not None
+    strategy_name = str(kwargs.get("strategy", "auto"))
+    if launcher and "joblib" in launcher.lower() and strategy_name.startswith("ddp_spawn") \
+            and _process_count(kwargs) > 1:
+        raise UserError(
+            f"trainer.strategy={strategy_name} (trainer={choice}) cannot start its processes "
+            "inside joblib's workers (their start method is joblib's own); use the basic "
+            "launcher (leave hydra/launcher out) or hydra/launcher=submitit_local for DDP "
+            "jobs, or trainer.devices=1 with joblib")
     nodes = int(kwargs.get("num_nodes", 1) or 1)
     env = launch_environment()
     if nodes > 1 and not env.external and "NODE_RANK" not in os.environ:
@@ -290,6 +315,16 @@ def check_launch(kwargs: Mapping[str, Any], *, multirun: bool, choice: str = "?"
             "MASTER_PORT and NODE_RANK set on each); started alone it would wait for the "
             "other nodes forever. See the README's \"Several GPUs and several nodes\", or "
             "set trainer.num_nodes=1")
+    if env.external and env.world_size > 1:
+        per_node = _process_count(kwargs)
+        if str(kwargs.get("strategy", "auto")) == "auto" or per_node * nodes != env.world_size:
+            raise UserError(
+                f"{env.launcher} started {env.world_size} processes, but the trainer (trainer="
+                f"{choice}) runs {per_node * nodes} (trainer.devices={kwargs.get('devices')} x "
+                f"trainer.num_nodes={nodes}, strategy {kwargs.get('strategy', 'auto')}): each "
+                "process would train a model of its own. Use trainer=multinode with "
+                "trainer.num_nodes x trainer.devices equal to the processes started (nodes x "
+                "processes per node)")
     if not starts_processes(kwargs):
         return
     strategy = f"trainer.strategy={kwargs.get('strategy')} (trainer={choice})"
@@ -306,12 +341,13 @@ def check_launch(kwargs: Mapping[str, Any], *, multirun: bool, choice: str = "?"
             "use trainer=ddp_spawn here, or run `genframe ...` from a shell")
 
 
-def prepare_launch(kwargs: Mapping[str, Any], *, multirun: bool, choice: str = "?") -> None:
+def prepare_launch(kwargs: Mapping[str, Any], *, launcher: str | None = None,
+                   choice: str = "?") -> None:
     """`check_launch`, then point ``sys.argv`` at the genframe command line, which
     Lightning's launcher (``_SubprocessScriptLauncher``) runs again for each further
     process, adding the run directory to it."""
     import sys
 
-    check_launch(kwargs, multirun=multirun, choice=choice)
+    check_launch(kwargs, launcher=launcher, choice=choice)
     if starts_processes(kwargs) and launch_environment().rank == 0:
         sys.argv = list(_RELAUNCH)

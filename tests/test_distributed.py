@@ -70,7 +70,7 @@ def test_ddp_two_processes_share_the_data_draw_their_own_noise_and_rank_zero_wri
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["steps"] == 3
     # The second process was the genframe command again, in the same run directory.
-    assert (run / "train_ddp_process_1.log").exists()
+    assert (run / "train_rank1.log").exists() and not (run / "train_ddp_process_1.log").exists()
     zero, one = _records(tmp_path, 0), _records(tmp_path, 1)
     assert [r["step"] for r in zero] == [r["step"] for r in one] == [0, 1, 2]
     for a, b in zip(zero, one):
@@ -110,6 +110,7 @@ def test_epoch_shuffle_gives_each_rank_its_share_of_one_order():
     (["trainer=tpu"], "TPU"),
     (["trainer=ddp", "trainer.devices=64"], "CPU cores"),
     (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=[0,1]"], "device indices need GPUs"),
+    (["trainer.devices=-1"], "means every GPU"),
 ])
 def test_presets_for_absent_hardware_are_refused_before_anything_runs(cli, tmp_path, args, expected):
     done = cli("train", *args, *FAST)
@@ -138,6 +139,22 @@ def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting_forever
     done = cli("train", "trainer=multinode", *FAST, timeout=120)
     assert done.returncode == 2
     assert "torchrun" in done.stderr and "trainer.num_nodes=2" in done.stderr
+
+
+@pytest.mark.parametrize("trainer", [["trainer=cpu"], ["trainer=multinode", "trainer.num_nodes=1"]])
+def test_a_torchrun_launch_the_trainer_does_not_match_is_refused(cli, tmp_path, trainer):
+    """torchrun started 2 processes: a trainer of 1 would train two separate models."""
+    env = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    done = cli("train", *trainer, *FAST, f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "torchrun started 2 processes" in done.stderr and "trainer=multinode" in done.stderr
+
+
+def test_ddp_spawn_inside_joblib_workers_is_refused(cli, tmp_path):
+    done = cli("train", "-m", "hydra/launcher=joblib", "trainer=ddp_spawn", "trainer.devices=2",
+               *FAST, "model.latent_dim=2,3")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "joblib's workers" in done.stderr and "submitit_local" in done.stderr
 
 
 def test_a_torchrun_rank_without_the_shared_run_directory_is_refused(cli, tmp_path):
@@ -371,6 +388,11 @@ def test_a_ddp_run_resumes_in_place_on_two_processes(cli, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["steps"] == 6 and len(info["resumes"]) == 1
     assert (run / "train_rank1.log").exists()  # the second process, started again, only trained
+    # On one process: allowed, with a warning (the global batch changes), from the epoch's start.
+    single = cli("resume", f"run={run}", "trainer.max_epochs=3", "trainer.devices=1",
+                 env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "trained on 2 process(es) and continues on 1" in single.stdout + single.stderr
 
 
 def test_evaluate_under_several_processes_is_refused(cli, tmp_path):

@@ -132,9 +132,11 @@ class ResumeState(pl.Callback):
         self._rng: dict[str, Any] | None = None
         self._configured: list[dict[str, Any]] = []
         self._train_size: int | None = None
+        self._world_size = 1
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._train_size = _train_size(trainer)
+        self._world_size = trainer.world_size
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -146,8 +148,17 @@ class ResumeState(pl.Callback):
         fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
         if "combined_loader" not in fit_loop:
             return
+        processes = saved.get("world_size", 1)
+        if processes != self._world_size:
+            # Each rank's position counts its own share of the epoch's order: with another
+            # number of processes the shares differ, and so does the global batch.
+            log.warning("the run trained on %d process(es) and continues on %d: the global "
+                        "batch changes, and the continuation is not the uninterrupted run",
+                        processes, self._world_size)
         if saved.get("loader") != LOADER_STATE:
             why = "was saved by another kind of data loader"
+        elif processes != self._world_size:
+            why = f"is a share of the epoch for {processes} process(es), now {self._world_size}"
         elif saved.get("train_size") != self._train_size:
             why = (f"is of other training data ({saved.get('train_size')} items, now "
                    f"{self._train_size})")
@@ -159,7 +170,8 @@ class ResumeState(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         np_state = np.random.get_state()
-        return {"train_size": self._train_size, "loader": LOADER_STATE, "rng": {
+        return {"train_size": self._train_size, "world_size": self._world_size,
+                "loader": LOADER_STATE, "rng": {
             "python": random.getstate(),
             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                       int(np_state[2]), int(np_state[3]), float(np_state[4])),

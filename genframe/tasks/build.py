@@ -250,17 +250,18 @@ def instantiate_group(node: Any, group: str) -> list[Any]:
     return objects
 
 
-def trainer_choice() -> tuple[str, bool]:
-    """(the ``trainer`` preset chosen, whether this is a multirun job) of the running
-    Hydra job; ``("?", False)`` outside one."""
+def trainer_choice() -> tuple[str, str | None]:
+    """(the ``trainer`` preset chosen, the launcher's class in a multirun job, else None)
+    of the running Hydra job; ``("?", None)`` outside one."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        return str(hc.runtime.choices.get("trainer", "?")), hc.mode == RunMode.MULTIRUN
+        launcher = str(hc.launcher.get("_target_") or "multirun") if hc.mode == RunMode.MULTIRUN else None
+        return str(hc.runtime.choices.get("trainer", "?")), launcher
     except ValueError:
-        return "?", False
+        return "?", None
 
 
 def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None, train: bool = True):
@@ -272,11 +273,11 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
 
     kwargs = to_plain(cfg.trainer)
     settings = {key: kwargs.pop(key, None) for key in GENFRAME_TRAINER_KEYS}
-    choice, multirun = trainer_choice()
+    choice, launcher = trainer_choice()
     n_params = sum(p.numel() for p in model.parameters())
     kwargs = resolve_trainer_kwargs(kwargs, n_params, choice, source=source_map("trainer"))
     if train:
-        prepare_launch(kwargs, multirun=multirun, choice=choice)
+        prepare_launch(kwargs, launcher=launcher, choice=choice)
     if getattr(model, "ddp_find_unused_parameters", False) and kwargs.get("strategy") in ("ddp", "ddp_spawn"):
         kwargs["strategy"] += "_find_unused_parameters_true"  # Lightning's registered name
     kwargs = check_kwargs(pl.Trainer, kwargs, where="trainer", source=source_map("trainer"))

@@ -221,9 +221,9 @@ def check_task_config(cfg: DictConfig, task: str) -> None:
                      where="trainer", source=lambda key: origin(f"trainer.{key}"))
         check_trainer_values(trainer)
         check_hardware(trainer, source=lambda key: origin(f"trainer.{key}"))
-        choice, multirun = trainer_choice()
+        choice, launcher = trainer_choice()
         if task in ("train", "finetune"):
-            check_launch(trainer, multirun=multirun, choice=choice)
+            check_launch(trainer, launcher=launcher, choice=choice)
         elif str(trainer.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed")):
             raise UserError(
                 f"trainer.strategy={trainer['strategy']} (trainer={choice}): genframe {task} runs "
