@@ -72,7 +72,7 @@ def test_optuna_sweep_resumes_with_only_the_missing_trials(cli, tmp_path):
     assert len(summary_rows(old)) == 2 and len(summary_rows(new)) == 1
     results = (new / "optimization_results.yaml").read_text()
     assert f"best_value: {study.best_value}" in results
-    assert f"best trial #{study.best_trial.number} of 3: val/loss" in second.stdout
+    assert f"best trial #{study.best_trial.number} of the study (of 3 counted): val/loss" in second.stdout
     assert f"model.latent_dim={study.best_params['model.latent_dim']}" in second.stdout
 
 

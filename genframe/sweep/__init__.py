@@ -230,9 +230,12 @@ def best_trial(sweep_dir: Path) -> str | None:
         return None
     params = " ".join(f"{k}={v}" for k, v in (result.get("best_params") or {}).items())
     number = result.get("best_trial")
-    where = f" ({result['best_run_dir']})" if result.get("best_run_dir") else ""
-    count = f" of {result['n_trials']}" if result.get("n_trials") is not None else ""
-    return (f"best trial{'' if number is None else f' #{number}'}{count}: "
+    # The trial's number counts the whole study (failed and earlier runs' trials too); its
+    # run directory may be a job of an earlier run of the sweep.
+    where = f" (run directory {result['best_run_dir']})" if result.get("best_run_dir") else ""
+    count = f" of {result['n_trials']} counted" if result.get("n_trials") is not None else ""
+    return (f"best trial{'' if number is None else f' #{number} of the study'}"
+            f"{f' ({count.strip()})' if count else ''}: "
             f"{result.get('monitor') or 'value'} {result['best_value']:.6g} with {params or '-'}{where}")
 
 
