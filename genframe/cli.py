@@ -53,7 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
 
 
-_USER_FULL_ERROR = bool(os.environ.get("HYDRA_FULL_ERROR"))
+# HYDRA_FULL_ERROR as the user set it. The CLI sets it itself while Hydra runs (and marks
+# that with _OWN_FULL_ERROR), and the processes a task starts inherit both: a DDP rank
+# started again by Lightning must not take it for the user's wish for tracebacks.
+_OWN_FULL_ERROR = "GENFRAME_SET_HYDRA_FULL_ERROR"
+_USER_FULL_ERROR = bool(os.environ.get("HYDRA_FULL_ERROR")) and not os.environ.get(_OWN_FULL_ERROR)
 
 
 def _show_traceback() -> bool:
@@ -126,6 +130,8 @@ def run_task(task: str, overrides: list[str]) -> int:
     # Let Hydra's exceptions reach us so they become our short messages (exit 2).
     user_wants_full = _USER_FULL_ERROR
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    if not user_wants_full:
+        os.environ[_OWN_FULL_ERROR] = "1"
     saved_argv = sys.argv
     sys.argv = [f"genframe {task}", *overrides]
     try:
@@ -161,6 +167,7 @@ def run_task(task: str, overrides: list[str]) -> int:
         sys.argv = saved_argv
         if not user_wants_full:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+            os.environ.pop(_OWN_FULL_ERROR, None)
     return _report_job_errors()
 
 

@@ -400,3 +400,23 @@ def test_evaluate_under_several_processes_is_refused(cli, tmp_path):
     done = cli("evaluate", f"run={_only_run(tmp_path)}", "trainer=ddp")
     assert done.returncode == 2
     assert "runs in one process" in done.stderr and "trainer=cpu" in done.stderr
+
+
+def test_a_user_error_on_every_rank_is_one_line_each_not_a_traceback(cli, tmp_path):
+    """The processes Lightning starts inherit the environment the CLI set for Hydra; they
+    must still report a user's mistake as one line (here: shards too few for 2 ranks)."""
+    from PIL import Image
+
+    for c in "ab":
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(30):
+            Image.new("RGB", (16, 16), (i * 8, 0, 0) if c == "a" else (0, i * 8, 0)).save(
+                tmp_path / "imgs" / c / f"{i}.png")
+    made = cli("shards", "data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.image_size=16",
+               f"out={tmp_path / 'shards'}", "shard_size=100")
+    assert made.returncode == 0, made.stderr[-2000:]
+    done = cli("train", *TWO, "data=image_shards", f"data.path={tmp_path / 'shards'}",
+               "data.image_size=16", "data.batch_size=8", *FAST_TRAINING, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "split has 1 shard for 2 ranks" in done.stderr
