@@ -20,6 +20,7 @@ OTHER_COMMANDS = {
     "resume": "continue a train or finetune run in place from its last checkpoint (run=DIR)",
     "plugins": "list loaded plugins and what each registered (--json)",
     "shards": "convert data into WebDataset shards to stream (data=... out=DIR)",
+    "hub": "the local model hub: push run=DIR name=N, list, show, pull, rm (name=N:VERSION)",
 }
 # Keys whose children are open-ended (model-specific, or any Trainer argument):
 # `sampling.x=1` and `trainer.strategy=ddp_spawn` need no `+`; the task checks the names.
@@ -51,6 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"genframe: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (`genframe hub show ... | head`): not an error. Python
+        # would report it again when flushing stdout at exit; point stdout at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 # HYDRA_FULL_ERROR as the user set it. The CLI sets it itself while Hydra runs (and marks
@@ -99,6 +105,10 @@ def _dispatch(argv: list[str]) -> int:
         from genframe.tasks.shards import main as shards_main
 
         return shards_main(rest)
+    if command == "hub":
+        from genframe.tasks.hub import main as hub_main
+
+        return hub_main(rest)
     if command not in TASKS:
         from genframe.errors import UserError, valid_list
 

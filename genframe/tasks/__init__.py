@@ -68,8 +68,18 @@ def run(cfg) -> Any:
 
     However the task ends, its run.json does not stay ``running`` (see `guarded`).
     """
-    result = guarded(cfg.task_name, _output_dir(cfg), lambda: TASKS[cfg.task_name].function()(cfg))
+    result = guarded(cfg.task_name, _output_dir(cfg),
+                     lambda: TASKS[cfg.task_name].function()(_with_hub(cfg)))
     return result.get("objective")
+
+
+def _with_hub(cfg):
+    """A task given ``hub=NAME[:VERSION]`` reads that verified entry as ``run=``."""
+    if cfg.get("hub") is None:
+        return cfg
+    from genframe.tasks.build import resolve_hub
+
+    return resolve_hub(cfg)
 
 
 def guarded(task: str, out_dir, call) -> Any:

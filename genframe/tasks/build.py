@@ -323,6 +323,32 @@ def model_settings(model, *, compile: Any = None, activation_checkpointing: Any 
     return callbacks
 
 
+def resolve_hub(cfg):
+    """``hub=NAME[:VERSION]``: the verified hub entry becomes ``cfg.run`` (an entry is a
+    run directory); returns `cfg`. Checked every time it is used (`genframe.hub.verify`).
+
+    Raises:
+        UserError: ``hub=`` with ``run=`` or ``ckpt=``; an unknown or damaged entry.
+    """
+    ref = cfg.get("hub")
+    if ref is None:
+        return cfg
+    from pathlib import Path
+
+    from genframe.hub import verified
+
+    entry = verified(ref, key="hub")
+    # A config this function already resolved (a resumed finetune run's) names the entry twice.
+    same = (cfg.get("run") is not None
+            and Path(str(cfg.run)).expanduser().resolve() == entry.path.resolve())
+    given = [k for k in ("run", "ckpt") if cfg.get(k) is not None and not (k == "run" and same)]
+    if given:
+        raise UserError(f"hub={ref} and {'= and '.join(given)}=: give one source of the "
+                        "model, not both")
+    cfg.run = str(entry.path)
+    return cfg
+
+
 def trained_model_and_data(cfg, task: str):
     """The model of ``cfg.run``/``cfg.ckpt`` and the data to use with it.
 
