@@ -137,6 +137,8 @@ def run_task(task: str, overrides: list[str]) -> int:
     overrides = [_open_key(a, roots) for a in overrides]
     overrides = _for_rank(task, overrides)
     overrides = _with_genframe_launcher(overrides)
+    if "hub" in roots:
+        _check_hub_source(overrides)
     # Let Hydra's exceptions reach us so they become our short messages (exit 2).
     user_wants_full = _USER_FULL_ERROR
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -238,6 +240,25 @@ def _for_rank(task: str, overrides: list[str]) -> list[str]:
     if "hydra.job.name" not in given:
         extra.append(f"hydra.job.name={task}_rank{env.rank}")
     return [*overrides, *extra]
+
+
+def _check_hub_source(overrides: list[str]) -> None:
+    """Refuse ``hub=NAME[:VERSION]`` that names no sound entry, or comes with ``run=`` or
+    ``ckpt=``, before Hydra makes a run directory for a task that could not start (the
+    task verifies the entry again when it reads it)."""
+    from genframe.errors import UserError
+
+    given = {a.lstrip("+").split("=", 1)[0]: a.split("=", 1)[1] for a in overrides if "=" in a}
+    ref = given.get("hub")
+    if not ref or "${" in ref or ref == "null" or any(a in ("-m", "--multirun") for a in overrides):
+        return
+    others = [k for k in ("run", "ckpt") if given.get(k) not in (None, "", "null")]
+    if others:
+        raise UserError(f"hub={ref} and {'= and '.join(others)}=: give one source of the "
+                        "model, not both")
+    from genframe.hub import verified
+
+    verified(ref, key="hub")
 
 
 def _with_genframe_launcher(overrides: list[str]) -> list[str]:

@@ -93,6 +93,9 @@ def hub_dir() -> Path:
 def check_name(name: Any, key: str = "name") -> str:
     """`name` when it is a valid hub name (lower-case letters, digits, ``.``, ``_``, ``-``,
     starting with a letter or digit); else a `UserError`."""
+    if isinstance(name, str) and ":" in name and NAME.match(name.split(":", 1)[0]):
+        raise UserError(f"{key}={name}: a push takes a name without a version; versions are "
+                        f"given in order (name={name.split(':', 1)[0]})")
     if not isinstance(name, str) or not NAME.match(name):
         raise UserError(f"{key}={name}: not a valid hub name; expected lower-case letters, "
                         "digits, '.', '_' and '-', starting with a letter or digit "

@@ -302,3 +302,11 @@ def test_card_reports_test_split_metrics_from_evaluate(run_dir, hub_root, tmp_pa
     assert card["energy"]["kwh"] == pytest.approx(3600 * hub.POWER_W["cpu"] / 3.6e6)
     text = (hub_root / "vae" / "1" / "MODEL_CARD.md").read_text()
     assert "| test/loss | 12.5000 |" in text
+
+
+def test_a_bad_hub_source_leaves_no_run_directory(cli, tmp_path, monkeypatch):
+    """Refused before Hydra makes the task's run directory."""
+    monkeypatch.setenv("GENFRAME_HUB", str(tmp_path / "hub"))
+    done = cli("generate", "hub=nothing-here:1", env={"GENFRAME_HUB": str(tmp_path / "hub")})
+    assert done.returncode == 2 and "nothing-here" in done.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("run.json"))
