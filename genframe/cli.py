@@ -243,9 +243,9 @@ def _for_rank(task: str, overrides: list[str]) -> list[str]:
 
 
 def _check_hub_source(overrides: list[str]) -> None:
-    """Refuse ``hub=NAME[:VERSION]`` that names no sound entry, or comes with ``run=`` or
-    ``ckpt=``, before Hydra makes a run directory for a task that could not start (the
-    task verifies the entry again when it reads it)."""
+    """Refuse ``hub=NAME[:VERSION]`` that names no entry, or comes with ``run=`` or
+    ``ckpt=``, before Hydra makes a run directory for a task that could not start. The
+    checksums are verified once, by the task, when it reads the entry."""
     from genframe.errors import UserError
 
     given = {a.lstrip("+").split("=", 1)[0]: a.split("=", 1)[1] for a in overrides if "=" in a}
@@ -256,9 +256,9 @@ def _check_hub_source(overrides: list[str]) -> None:
     if others:
         raise UserError(f"hub={ref} and {'= and '.join(others)}=: give one source of the "
                         "model, not both")
-    from genframe.hub import verified
+    from genframe.hub import resolve
 
-    verified(ref, key="hub")
+    resolve(ref, key="hub")
 
 
 def _with_genframe_launcher(overrides: list[str]) -> list[str]:

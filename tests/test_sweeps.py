@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST
+from tests.test_resume import _killer_env
 
 FAST_VAE = [o for o in FAST if "latent_dim" not in o]
 
@@ -202,26 +203,11 @@ def test_optuna_sweeper_without_optuna_says_what_to_install(tmp_path, monkeypatc
     assert not (tmp_path / "sweep" / "0").exists()  # no job ran
 
 
-KILLER = '''
-import os, signal
-import pytorch_lightning as pl
-
-class KillAt(pl.Callback):
-    """SIGKILL this job's process after optimizer step `step` (as the OOM killer would)."""
-    def __init__(self, step):
-        self.step = step
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-'''
-
-
 def test_a_submitit_job_killed_from_outside_is_recorded_and_the_sweep_goes_on(cli, tmp_path):
-    (tmp_path / "killer.py").write_text(KILLER)
     # Job 0 is killed after its first step; job 1 never reaches step 1000.
     result = cli("train", "-m", "hydra/launcher=submitit_local", *FAST,
                  "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.step=1,1000",
-                 env={"PYTHONPATH": str(tmp_path)})
+                 env=_killer_env(tmp_path))
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "killed" in result.stderr
     [sweep] = sweep_dirs(tmp_path)

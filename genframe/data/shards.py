@@ -383,7 +383,9 @@ class ShardDataModule(GenerativeDataModule):
         self.test_fraction = 0 if not self.index["splits"].get("test", {}).get("shards") else None
 
     def _decoder(self, split: str) -> Callable:
-        raise NotImplementedError
+        """What turns one stored sample of `split` into batch items (each subclass's own:
+        `DecodeImage`, `DecodeTokens`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _decoder()")
 
     def _counts(self, split: str) -> list[int]:
         return [s["count"] for s in self.index["splits"][split]["shards"]]

@@ -177,7 +177,7 @@ def _missing_sweeper(message: str) -> type:
 
     class MissingSweeper(Sweeper):
         def __init__(self, **params: Any) -> None:
-            pass
+            self.params = params  # the sweeper's settings, unused: setup() refuses to run
 
         def setup(self, **kwargs: Any) -> None:
             raise UserError(message)

@@ -225,7 +225,7 @@ def _outcome(trial: Any, ret: Any, monitor: str) -> _Outcome:
         try:
             return _Outcome(float(ret._return_value))
         except (TypeError, ValueError):
-            pass
+            pass  # not a number: the job's metrics.json below says what it measured
     job = None if run_dir is None else read_job(Path(run_dir), monitor)
     if job is None or job["status"] == "completed":
         logged = sorted((job or {}).get("metrics") or {})
