@@ -9,6 +9,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
+    "load": "genframe.api",
+    "write_samples": "genframe.sample_writer",
     "GenerativeModule": "genframe.module",
     "GenerativeDataModule": "genframe.data.base",
     "Samples": "genframe.samples",

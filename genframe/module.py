@@ -178,6 +178,15 @@ class GenerativeModule(pl.LightningModule):
         arguments while training (no state written)."""
         return ()
 
+    def export_graphs(self) -> dict[str, Any]:
+        """The networks `genframe export format=onnx|torchscript` writes, by name (the
+        file name): `genframe.exporters.ExportGraph` values holding a module that runs
+        one part of sampling (a decoder, a generator, one denoising step, a forward pass)
+        on plain tensors, with example inputs. Built on the model's current device, in
+        float32. Empty (the default): the model exports no networks, and only
+        ``format=safetensors`` serves it."""
+        return {}
+
     def sampling_options(self) -> list[str]:
         """The sampling options `generate` accepts: the keyword arguments of `sample`."""
         params = inspect.signature(self.sample).parameters

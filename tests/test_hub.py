@@ -144,6 +144,13 @@ def test_tampered_missing_and_extra_files_are_refused(run_dir, hub_root, capsys)
     (entry.path / "metrics.json").unlink()
     code, _, err = hub_cli("show", "name=vae:1", capsys=capsys)
     assert code == 2 and "metrics.json is missing" in err
+    other = hub.push(run_dir, "other")
+    code, out, _ = hub_cli("list", "--json", capsys=capsys)
+    status = {row["ref"]: row["status"] for row in json.loads(out)}
+    assert code == 0 and status == {"vae:1": "damaged", "other:1": "ok"}
+    code, out, _ = hub_cli("list", capsys=capsys)
+    assert code == 0 and "STATUS" in out and "damaged" in out.splitlines()[1 + sorted(status).index("vae:1")]
+    hub.remove(other.ref)
 
     entry = hub.push(run_dir, "vae")
     (entry.path / "notes.txt").write_text("added later")
@@ -310,3 +317,21 @@ def test_a_bad_hub_source_leaves_no_run_directory(cli, tmp_path, monkeypatch):
     done = cli("generate", "hub=nothing-here:1", env={"GENFRAME_HUB": str(tmp_path / "hub")})
     assert done.returncode == 2 and "nothing-here" in done.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("run.json"))
+
+
+def test_evaluate_takes_hub_and_leaves_the_entry_unchanged(run_dir, hub_root, tmp_path):
+    """evaluate writes evaluations.jsonl into a run it reads; a hub entry is never changed."""
+    from genframe.config import compose
+    from genframe.tasks import _with_hub
+    from genframe.tasks.evaluate import evaluate
+
+    entry = hub.push(run_dir, "vae")
+    cfg = compose("evaluate", ["hub=vae", "metrics.enabled=false", "trainer.limit_val_batches=1",
+                               "trainer.enable_progress_bar=false",
+                               f"paths.output_dir={tmp_path / 'eval'}"])
+    result = evaluate(_with_hub(cfg))
+    assert "test/loss" in result["metrics"]
+    assert not (entry.path / "evaluations.jsonl").exists()
+    hub.verify(entry)
+    source = json.loads((tmp_path / "eval" / "run.json").read_text())["source"]
+    assert source["hub"] == "vae" and source["run"] == str(entry.path)

@@ -78,7 +78,7 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
 
     out_dir = Path(cfg.paths.output_dir)
     start_run(out_dir, cfg, "chat",
-              source=source_record(run, weights),
+              source=source_record(run, weights, cfg.get("hub")),
               chat_template=template.to_dict(), chat_template_from=template_from)
     session = ChatSession(
         generate=model.generate, count_tokens=lambda text: len(model.tokenizer.encode(text)),

@@ -114,9 +114,13 @@ def mapping_of(cfg: DictConfig, key: str, example: str) -> dict[str, Any]:
     return dict(value)
 
 
-def source_record(run, weights: Path) -> dict[str, Any]:
-    """What a task that reads a trained model records about where it came from."""
-    return {"run": str(run.path) if run is not None else None, "weights": str(weights)}
+def source_record(run, weights: Path, hub: Any = None) -> dict[str, Any]:
+    """What a task that reads a trained model records about where it came from: the run
+    directory, the weights file and, for ``hub=``, the entry asked for."""
+    record = {"run": str(run.path) if run is not None else None, "weights": str(weights)}
+    if hub is not None:
+        record["hub"] = str(hub)
+    return record
 
 
 def report(out_dir: Path, metrics: dict[str, float], title: str) -> None:

@@ -31,7 +31,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     chose its checkpoint; ``split=val`` the validation split that chose the checkpoint.
     Keys carry the split's prefix (``test/loss``, ``test/fd``, ...; ``val/...``), the
     image metrics' too. Writes ``metrics.json`` into the new run directory and appends a
-    line (with the split) to the evaluated run's ``evaluations.jsonl``.
+    line (with the split) to the evaluated run's ``evaluations.jsonl`` -- not for
+    ``hub=``: a hub entry never changes (its card holds the test metrics of the run
+    pushed).
     """
     import pytorch_lightning as pl
 
@@ -66,7 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     bar = [SplitProgressBar(split)] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer = build_trainer(cfg, model, train=False, extra_callbacks=bar)
     start_run(out_dir, cfg, "evaluate", device=trainer.strategy.root_device,
-              source=source_record(run, weights), data=data_cfg)
+              source=source_record(run, weights, cfg.get("hub")), data=data_cfg)
     # The model's validation step logs val/...; over another split they are that split's.
     results = trainer.validate(model, dataloaders=loader, verbose=False)
     metrics = {_with_prefix(k, split): float(v)
@@ -77,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(_alignment_metrics(cfg, model, prompts, split))
     atomic_write_json(out_dir / "metrics.json", metrics)
     update_run(out_dir, status="completed")
-    if run is not None:
+    if run is not None and cfg.get("hub") is None:
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "evaluate_run": str(out_dir),
                 "split": split, "data": data_cfg, "metrics": metrics,
                 "sampling": to_plain(cfg.get("sampling")) or {}}

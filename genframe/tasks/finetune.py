@@ -100,7 +100,7 @@ def prepare_finetuning(cfg: DictConfig) -> Prepared:
     if changes:
         model = with_hparams(model, changes)
         check_fit(model, data, data_cfg)
-    lineage: dict[str, Any] = {"started_from": source_record(run, weights),
+    lineage: dict[str, Any] = {"started_from": source_record(run, weights, cfg.get("hub")),
                                "finetune_choices": choices}
     if subject is not None:
         lineage["subject"] = subject

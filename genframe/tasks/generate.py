@@ -125,7 +125,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                total=total, batch=batch, folder=folder, device=device)
 
     stages = {} if cascade is None else {"upscaler": cascade.source}
-    start_run(out_dir, cfg, "generate", source=source_record(run, weights), **stages)
+    start_run(out_dir, cfg, "generate", source=source_record(run, weights, cfg.get("hub")), **stages)
     kept: list[Samples] = []
     kept_count = kept_bytes = 0
     progress = _Progress(total, shown=total > batch)

@@ -62,12 +62,20 @@ def _parse(verb: str, args: list[str]) -> tuple[dict[str, str], bool]:
 
 
 def _row(entry: hub.Entry) -> dict[str, Any]:
+    """One line of `hub list`. STATUS compares the files with the manifest by presence and
+    size (`hub verify` adds the checksums): a partial or changed entry shows as damaged."""
+    try:
+        hub.verify(entry, checksums=False)
+        status = "ok"
+    except UserError:
+        status = "damaged"
     card = entry.card()
     size = sum(p.stat().st_size for p in entry.path.rglob("*") if p.is_file())
     return {"name": entry.name, "version": entry.version, "ref": entry.ref,
             "model": (card.get("model") or {}).get("name"),
             "data": (card.get("data") or {}).get("name"),
-            "created": card.get("created"), "bytes": size, "path": str(entry.path)}
+            "created": card.get("created"), "bytes": size, "status": status,
+            "path": str(entry.path)}
 
 
 def main(args: list[str]) -> int:
@@ -97,9 +105,9 @@ def main(args: list[str]) -> int:
         elif not rows:
             print(f"the hub {hub.hub_dir()} is empty (genframe hub push run=DIR name=NAME)")
         else:
-            head = ("NAME:VERSION", "MODEL", "DATA", "CREATED", "MB")
+            head = ("NAME:VERSION", "MODEL", "DATA", "CREATED", "MB", "STATUS")
             table = [head, *[(r["ref"], str(r["model"]), str(r["data"]), str(r["created"]),
-                              f"{r['bytes'] / 1e6:.2f}") for r in rows]]
+                              f"{r['bytes'] / 1e6:.2f}", r["status"]) for r in rows]]
             widths = [max(len(r[i]) for r in table) for i in range(len(head))]
             for r in table:
                 print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

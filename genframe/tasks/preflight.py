@@ -204,8 +204,13 @@ def check_task_config(cfg: DictConfig, task: str) -> None:
         task: the task's name (``train``, ``finetune``, ``evaluate``, ...).
     """
     plain = {k: to_plain(cfg.get(k)) for k in cfg if k not in ("data", "model", "hydra")}
-    if task == "export" and "merge" in plain:
-        _check_rules(plain, {"merge": (lambda v: isinstance(v, bool), "true or false")}, "")
+    if task == "export":
+        from genframe.exporters import FORMATS
+
+        boolean = (lambda v: isinstance(v, bool), "true or false")
+        rules = {"merge": boolean, "adapter_only": boolean,
+                 "format": (lambda v: v in FORMATS, " or ".join(FORMATS))}
+        _check_rules({k: v for k, v in plain.items() if k in rules}, rules, "")
     if task == "generate":
         _check_rules(plain, GENERATE, "")
         plain = {k: v for k, v in plain.items() if k not in GENERATE}

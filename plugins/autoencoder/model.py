@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from genframe.errors import UserError, argument_check
+from genframe.exporters import ExportGraph, latent_decoder_graph
 from genframe.layers import ConvDecoder, ConvEncoder
 from genframe.module import GenerativeModule
 from genframe.samples import Samples
@@ -187,9 +188,45 @@ class AutoencoderKL(GenerativeModule):
         images = (self.decode_latents(z).float() + 1) / 2
         return Samples(images=images, conditions=[{} for _ in range(num_samples)], metadata=metadata)
 
+    def export_graphs(self) -> dict[str, ExportGraph]:
+        """``encoder``: images (B, C, H, W) in [0, 1] -> the posterior mean latents
+        (B, c, h, w); ``decoder``: latents (B, c, h, w) -> images (B, C, H, W) in [0, 1]."""
+        gen = torch.Generator().manual_seed(0)
+        shape = (self.in_channels, self.image_size, self.image_size)
+        images = [torch.rand((n, *shape), generator=gen).to(self.device) for n in (2, 3)]
+        encoder = ExportGraph(
+            _Encoder(self), {"images": images[0]}, ("latents",), {"images": {0: "batch"}},
+            check_inputs=[{"images": images[1]}],
+            notes={"images": "(B, C, H, W) in [0, 1]", "latents": "the mean of q(z|x)"})
+        decoder = latent_decoder_graph(_Decoder(self), tuple(self.latent_shape),
+                                       notes={"images": "(B, C, H, W) in [0, 1]"})
+        return {"encoder": encoder, "decoder": decoder}
+
     def _check_image(self, image: Any, num_samples: int) -> torch.Tensor:
         return self.image_argument(image, num_samples, key="condition.image", channels=self.in_channels,
                                    size=self.image_size, sizes_from="in_channels and image_size")
+
+
+class _Encoder(nn.Module):
+    """For export: images in [0, 1] -> the posterior mean latents."""
+
+    def __init__(self, autoencoder: AutoencoderKL) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode_latents(images * 2 - 1)
+
+
+class _Decoder(nn.Module):
+    """For export: latents -> images in [0, 1]."""
+
+    def __init__(self, autoencoder: AutoencoderKL) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return (self.autoencoder.decode_latents(latents).float() + 1) / 2
 
 
 def _validate(args: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genframe.errors import UserError, argument_check, valid_list
+from genframe.exporters import ExportGraph, latent_decoder_graph
 from genframe.module import GenerativeModule
 from genframe.samplers.base import Sampler
 from genframe.samplers.ddim import DDIMSampler
@@ -213,6 +214,64 @@ class Diffusion(GenerativeModule):
     ) -> torch.Tensor:
         """The online network's raw prediction (eps or v) at (x_t, t): (B, C, H, W)."""
         return self.unet(x_t, t, label)
+
+    # -- export -------------------------------------------------------------------------
+
+    def export_graphs(self) -> dict[str, ExportGraph]:
+        """``unet``: one denoising step of the sampling network (the EMA copy when there
+        is one), ``sample`` (B, C, H, W) in the U-Net's space and ``timestep`` (B,) long
+        -> ``model_output`` (the eps or v prediction), plus the conditioning inputs of
+        `unet_export_inputs`; with an autoencoder also ``vae_decoder``: latents of the
+        U-Net's space (B, c, h, w) -> images (B, C, H, W) in [0, 1] (the division by
+        ``latent_scale`` included). The notes give the noise schedule a sampler needs."""
+        def inputs(batch: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+            gen = torch.Generator().manual_seed(batch)
+            made = {"sample": torch.randn((batch, *self.net_shape), generator=gen),
+                    "timestep": torch.randint(0, self.schedule.num_steps, (batch,), generator=gen)}
+            extra = self.unet_export_inputs(batch, gen)
+            made.update({name: tensor for name, (_, tensor) in extra.items()})
+            return ({k: v.to(self.device) for k, v in made.items()},
+                    {name: kwarg for name, (kwarg, _) in extra.items()})
+
+        example, kwargs = inputs(2)
+        dynamic = {name: {0: "batch"} for name in example}
+        for name, axes in self.unet_export_axes().items():
+            dynamic[name] = {**dynamic[name], **axes}
+        notes = {
+            "model_output": f"the {self.prediction} prediction (prediction={self.prediction})",
+            "schedule": self.schedule.kind,
+            "num_train_timesteps": self.schedule.num_steps,
+            "alphas_cumprod": [round(float(a), 8) for a in self.schedule.alphas_cumprod],
+            **self.unet_export_notes(),
+        }
+        graphs = {"unet": ExportGraph(_UNetStep(self.sampling_net, kwargs), example, ("model_output",),
+                                      dynamic, check_inputs=[inputs(3)[0]], notes=notes)}
+        if self.autoencoder is not None:
+            graphs["vae_decoder"] = latent_decoder_graph(
+                _LatentDecoder(self), self.net_shape,
+                notes={"latents": "what the U-Net sampled (scaled by latent_scale)",
+                       "images": "(B, C, H, W) in [0, 1]", "latent_scale": float(self.latent_scale)})
+        return graphs
+
+    def unet_export_inputs(self, batch: int, gen: torch.Generator) -> dict[str, tuple[str, torch.Tensor]]:
+        """The exported U-Net step's inputs after ``sample`` and ``timestep``: name ->
+        (the network's keyword argument, an example of `batch` rows). A class-conditional
+        model adds ``class_labels`` (B,); a subclass with other conditioning adds its own."""
+        if not self.num_classes:
+            return {}
+        labels = torch.randint(0, self.num_classes + 1, (batch,), generator=gen)
+        return {"class_labels": ("label", labels)}
+
+    def unet_export_axes(self) -> dict[str, dict[int, str]]:
+        """Axes of `unet_export_inputs` that may change size besides the batch (axis 0)."""
+        return {}
+
+    def unet_export_notes(self) -> dict[str, Any]:
+        """What an application needs to know about `unet_export_inputs`."""
+        if not self.num_classes:
+            return {}
+        return {"class_labels": f"class ids 0..{self.num_classes - 1}; {self.null_label} is the "
+                                "null label of classifier-free guidance"}
 
     # -- latent space ---------------------------------------------------------------
 
@@ -618,6 +677,33 @@ class Diffusion(GenerativeModule):
         """`init_image` checked and shaped (N, C, H, W), float32 on the model's device."""
         return self.image_argument(image, num_samples, key="init_image", channels=self.in_channels,
                                    size=self.image_size, sizes_from="in_channels and image_size")
+
+
+class _UNetStep(nn.Module):
+    """For export: a U-Net called with plain positional tensors, ``(sample, timestep,
+    *conditioning)``, the conditioning passed on as the network's keyword arguments."""
+
+    def __init__(self, unet: nn.Module, kwargs: dict[str, str]) -> None:
+        super().__init__()
+        self.unet = unet
+        self.kwargs = list(kwargs.values())
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, **dict(zip(self.kwargs, conditioning)))
+
+
+class _LatentDecoder(nn.Module):
+    """For export: a latent model's sampled latents -> images in [0, 1]."""
+
+    def __init__(self, model: Diffusion) -> None:
+        super().__init__()
+        self.model = model
+        # `from_latent`'s test of the scale, made here: a graph cannot branch on a value.
+        self.scaled = float(model.latent_scale) > 0
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.model.latent_scale if self.scaled else latents
+        return ((self.model.autoencoder.decode_latents(z).float() + 1) / 2).clamp(0, 1)
 
 
 def _borrowed_autoencoder(run: str | None, spec: dict[str, Any] | None, in_channels: int,

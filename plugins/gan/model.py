@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from genframe.errors import UserError, argument_check, did_you_mean, valid_list
+from genframe.exporters import ExportGraph, latent_decoder_graph
 from genframe.module import GenerativeModule
 from genframe.samples import Samples
 from genframe_plugins.gan.augment import AUGMENTS, diff_augment
@@ -389,6 +390,16 @@ class GAN(GenerativeModule):
             z = torch.where(out, self._noise(n, generator), z)
         return z.clamp(-truncation, truncation)  # only binds for absurdly small t
 
+    def export_graphs(self) -> dict[str, ExportGraph]:
+        """``generator``: latents (B, latent_dim) [and labels (B,)] -> images (B, C, H, W)
+        in [0, 1], from the EMA generator when there is one (what ``generate`` draws)."""
+        notes = {"latents": "draws from N(0, I) (truncated for the truncation trick)",
+                 "images": "(B, C, H, W) in [0, 1]"}
+        if self.num_classes:
+            notes["labels"] = f"class ids 0..{self.num_classes - 1}"
+        return {"generator": latent_decoder_graph(_UnitRange(self.sampling_generator), (self.latent_dim,),
+                                                  num_classes=self.num_classes, notes=notes)}
+
     def sample(
         self,
         num_samples: int,
@@ -416,6 +427,17 @@ class GAN(GenerativeModule):
         images = ((x.float() + 1) / 2).clamp(0, 1)
         metadata = {"truncation": None if truncation is None else float(truncation)}
         return Samples(images=images, conditions=conditions, metadata=metadata)
+
+
+class _UnitRange(nn.Module):
+    """The generator for export, its tanh output mapped from [-1, 1] to [0, 1]."""
+
+    def __init__(self, generator: nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, latents: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return ((self.generator(latents, labels).float() + 1) / 2).clamp(0, 1)
 
 
 def _validate(args: dict[str, Any]) -> None:

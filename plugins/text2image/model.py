@@ -209,6 +209,48 @@ class Text2Image(Diffusion):
                             f"{vocab}; set model.vocab_size=null to take the data's size")
         super().set_tokenizer(tokenizer)
 
+    def export_graphs(self) -> dict[str, Any]:
+        """Diffusion's graphs, with the U-Net reading ``encoder_hidden_states`` (B, T, D)
+        and ``encoder_attention_mask`` (B, T) bool, plus ``text_encoder``: ``input_ids``
+        (B, T) long and ``attention_mask`` (B, T) bool (True at real tokens; ids of the
+        model's ``tokenizer.json``, right-padded, at most ``max_length``) ->
+        ``last_hidden_state`` (B, T, D)."""
+        from genframe.exporters import ExportGraph
+
+        graphs = super().export_graphs()
+        example, other = (self._export_text(n, n + 1) for n in (2, 3))
+        graphs["text_encoder"] = ExportGraph(
+            self.sampling_text_encoder, example, ("last_hidden_state",),
+            {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
+            check_inputs=[other],
+            notes={"max_length": self.max_length,
+                   "attention_mask": "True at real tokens; an all-False row is the empty "
+                                     "text (the unconditional input of guidance)"})
+        return graphs
+
+    def _export_text(self, batch: int, length: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(batch)
+        length = min(length, self.max_length)
+        vocab = getattr(self.tokenizer, "vocab_size", None) or self.hparams.vocab_size or 2
+        ids = torch.randint(1, int(vocab), (batch, length), generator=gen)
+        mask = torch.ones(batch, length, dtype=torch.bool)
+        mask[0, length // 2:] = False  # one right-padded row
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def unet_export_inputs(self, batch: int, gen: torch.Generator) -> dict[str, Any]:
+        text = self._export_text(batch, batch + 1)
+        context = self.sampling_text_encoder(text["input_ids"], text["attention_mask"])
+        return {"encoder_hidden_states": ("context", context.detach().cpu()),
+                "encoder_attention_mask": ("mask", text["attention_mask"].cpu())}
+
+    def unet_export_axes(self) -> dict[str, dict[int, str]]:
+        return {"encoder_hidden_states": {1: "sequence"}, "encoder_attention_mask": {1: "sequence"}}
+
+    def unet_export_notes(self) -> dict[str, Any]:
+        return {"encoder_hidden_states": "the text_encoder's last_hidden_state",
+                "guidance": "classifier-free guidance runs the step again with an all-False "
+                            "encoder_attention_mask (the empty text) and mixes u + w (c - u)"}
+
     # -- text -------------------------------------------------------------------------
 
     def encode(self, texts: list[str], encoder=None) -> tuple[torch.Tensor, torch.Tensor]:

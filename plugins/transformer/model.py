@@ -21,7 +21,7 @@ from genframe.module import GenerativeModule
 from genframe.samples import Samples
 
 from .generation import RowText, choose_tokens, decode
-from .network import GPT, POSITIONS, Block
+from .network import GPT, POSITIONS, Block, DecoderGraph, DecoderWithPastGraph
 
 log = logging.getLogger("genframe")
 
@@ -125,6 +125,43 @@ class Transformer(GenerativeModule):
     def forward(self, idx: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); see `GPT.forward` for the options."""
         return self.net(idx, **kwargs)
+
+    def export_graphs(self) -> dict[str, Any]:
+        """``decoder_model``: ``input_ids`` (B, T) -> ``logits`` (B, T, V), the prompt's
+        forward pass; ``decoder_with_past_model``: the same with the key/value cache as
+        tensors (`DecoderWithPastGraph`), one step of cached generation (Hugging Face
+        Optimum's two-graph layout). Ids are those of the model's ``tokenizer.json``; T
+        plus the past stays within ``block_size``."""
+        from genframe.exporters import ExportGraph
+
+        net = self.net
+        shape = (net.n_layer, 0, net.n_head, 0, net.head_dim)
+
+        def ids(batch: int, length: int) -> torch.Tensor:
+            gen = torch.Generator().manual_seed(batch * 100 + length)
+            return torch.randint(0, net.vocab_size, (batch, length), generator=gen).to(self.device)
+
+        def with_past(batch: int, length: int, past: int) -> dict[str, torch.Tensor]:
+            gen = torch.Generator().manual_seed(past)
+            full = (shape[0], batch, shape[2], past, shape[4])
+            return {"input_ids": ids(batch, length),
+                    "past_keys": torch.randn(full, generator=gen).to(self.device),
+                    "past_values": torch.randn(full, generator=gen).to(self.device)}
+
+        sequence = {0: "batch", 1: "sequence"}
+        past = {1: "batch", 3: "past_sequence"}
+        notes = {"block_size": net.block_size, "vocab_size": net.vocab_size,
+                 "logits": "unnormalised next-token scores (B, T, vocab_size)"}
+        short = min(3, net.block_size // 2)
+        return {
+            "decoder_model": ExportGraph(
+                DecoderGraph(net), {"input_ids": ids(2, short)}, ("logits",),
+                {"input_ids": sequence}, check_inputs=[{"input_ids": ids(3, short + 1)}], notes=notes),
+            "decoder_with_past_model": ExportGraph(
+                DecoderWithPastGraph(net), with_past(2, 1, short), ("logits", "present_keys", "present_values"),
+                {"input_ids": sequence, "past_keys": past, "past_values": past},
+                check_inputs=[with_past(3, 2, short + 1), with_past(1, 1, 1)], notes=notes),
+        }
 
     @property
     def feature_dim(self) -> int:

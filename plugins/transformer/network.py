@@ -267,3 +267,65 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.transformer["ln_f"](x)  # (B, T, C)
+
+
+class PastKeyValues:
+    """A key/value cache held in plain tensors, for exported graphs (no state between
+    calls): the past keys and values (n_layer, B, H, P, D) come in, and `update` makes
+    each layer's present ones (past + new) by concatenation; `present` stacks them,
+    (n_layer, B, H, P + T, D). Duck-types `KVCache` for `GPT.forward`."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys = keys
+        self.values = values
+        self.length = keys.shape[3]
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        k = torch.cat([self.keys[layer].to(k.dtype), k], dim=2)
+        v = torch.cat([self.values[layer].to(v.dtype), v], dim=2)
+        self._k.append(k)
+        self._v.append(v)
+        return k, v
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def present(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack(self._k), torch.stack(self._v)
+
+
+class DecoderGraph(nn.Module):
+    """For export: ``input_ids`` (B, T) -> ``logits`` (B, T, V), positions 0..T-1."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.gpt(input_ids)
+
+
+class DecoderWithPastGraph(nn.Module):
+    """For export: one step with the key/value cache as tensors.
+
+    ``input_ids`` (B, T) at positions P..P+T-1, ``past_keys``/``past_values``
+    (n_layer, B, n_head, P, head_dim) -> ``logits`` (B, T, V) and ``present_keys``/
+    ``present_values`` (n_layer, B, n_head, P + T, head_dim), the next call's past. The
+    first step runs `DecoderGraph` and takes the keys and values from here, or passes an
+    empty past (P = 0) where the runtime allows it.
+    """
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
+        B, T = input_ids.shape
+        query = torch.arange(T, device=input_ids.device) + past_keys.shape[3]  # (T,)
+        keys = torch.arange(past_keys.shape[3] + T, device=input_ids.device)  # (P + T,)
+        mask = keys[None, :] <= query[:, None]  # (T, P + T): causal over past and new
+        cache = PastKeyValues(past_keys, past_values)
+        logits = self.gpt(input_ids, positions=query.expand(B, T), attn_mask=mask, cache=cache)
+        return (logits, *cache.present())

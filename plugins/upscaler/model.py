@@ -179,6 +179,27 @@ class Upscaler(Diffusion):
         upsampled low-resolution image `low_res` (B, C, H, W) at level `aug_t` (B,)."""
         return self.unet(x_t, t, aug_t, low_res=low_res)
 
+    def unet_export_inputs(self, batch: int, gen: torch.Generator) -> dict[str, tuple[str, torch.Tensor]]:
+        """``noise_level`` (B,) long: the augmentation timestep (-1: a clean input);
+        ``low_res`` (B, C, H, W): the low-resolution image in [-1, 1], noised to that
+        level and upsampled bilinearly to ``image_size`` (`conditioning`)."""
+        levels = torch.randint(-1, self.schedule.num_steps, (batch,), generator=gen)
+        low_res = torch.rand((batch, self.in_channels, self.image_size, self.image_size), generator=gen) * 2 - 1
+        return {"noise_level": ("aug_t", levels), "low_res": ("low_res", low_res)}
+
+    def unet_export_notes(self) -> dict[str, Any]:
+        return {
+            "noise_level": "augmentation timestep of low_res, -1 (clean) .. num_train_timesteps - 1; "
+                           f"the model's default level {self.hparams.noise_augmentation} is timestep "
+                           f"{self.aug_step(self.hparams.noise_augmentation)}",
+            "low_res": f"the ({self.low_res_size}x{self.low_res_size}) image in [-1, 1], noised to "
+                       "noise_level by the forward process, then upsampled bilinearly to "
+                       f"{self.image_size}x{self.image_size}",
+            "residual": (f"{bool(self.hparams.residual)}: the sampled x is the residual over the bilinearly "
+                         "upsampled clean low_res image; add it back" if self.hparams.residual
+                         else "False: the sampled x is the image"),
+        }
+
     # -- the low-resolution input ------------------------------------------------------
 
     def downsample(self, images: torch.Tensor) -> torch.Tensor:

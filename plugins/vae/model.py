@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from genframe.errors import UserError, argument_check, did_you_mean, valid_list
+from genframe.exporters import ExportGraph, latent_decoder_graph
 from genframe.layers import ConvDecoder, ConvEncoder
 from genframe.module import GenerativeModule
 from genframe.samples import Samples
@@ -363,12 +364,34 @@ class VAE(GenerativeModule):
                 x = quantize(x, self.num_levels)
         return ((x + 1) / 2).clamp(0, 1)
 
+    def export_graphs(self) -> dict[str, ExportGraph]:
+        """``decoder``: latents (B, latent_dim) [and labels (B,)] -> the mean image of
+        p(x|z), (B, C, H, W) in [0, 1] (what ``generate(mean=true)`` returns)."""
+        notes = {"latents": "draws from N(0, I), times the sampling temperature",
+                 "images": "(B, C, H, W) in [0, 1], the mean of p(x|z)"}
+        if self.num_classes:
+            notes["labels"] = f"class ids 0..{self.num_classes - 1}"
+        return {"decoder": latent_decoder_graph(_MeanDecoder(self), (self.latent_dim,),
+                                                num_classes=self.num_classes, notes=notes)}
+
     def example_batch(self, batch_size: int = 4) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(0)
         shape = (batch_size, self.in_channels, self.image_size, self.image_size)
         levels = torch.randint(0, self.num_levels, shape, generator=gen)
         image = levels.float() * (2 / (self.num_levels - 1)) - 1  # on the data's grid
         return self._with_labels({"image": image.to(self.device)}, gen)
+
+
+class _MeanDecoder(nn.Module):
+    """A VAE's decoder for export: latents [, labels] -> the mean image in [0, 1]."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.vae.decode(latents, labels).float()
+        return self.vae._to_images(out, None, mean=True)
 
 
 def _validate(args: dict[str, Any]) -> None:
