@@ -85,8 +85,7 @@ def main() -> None:
     opts = parser.parse_args()
     common = [f"trainer.max_steps={opts.steps}", "trainer.max_epochs=-1", "trainer.limit_val_batches=1",
               "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1000",
-              "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "num_samples=0",
-              "callbacks=none"]
+              "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "num_samples=0"]
     print(f"{'family':<18} {'network':<24} {'onnx max|diff|':>15} {'ts max|diff|':>13} "
           f"{'onnx s':>7} {'ts s':>6} {'MB':>7} {'ort/eager':>10}")
     with tempfile.TemporaryDirectory() as tmp:

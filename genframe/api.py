@@ -15,6 +15,7 @@ from typing import Any
 from genframe.errors import UserError
 
 HUB_PREFIX = "hub:"
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def load(source: str | os.PathLike, *, device: Any = "cpu", adapter: str | os.PathLike | None = None):
@@ -45,15 +46,28 @@ def load(source: str | os.PathLike, *, device: Any = "cpu", adapter: str | os.Pa
     from genframe.weights import load_model
 
     text = os.fspath(source)
+    valid = ("give a run directory, a weights file (.safetensors or .ckpt) or "
+             "'hub:NAME[:VERSION]'")
     if text.startswith(HUB_PREFIX):
         from genframe.hub import verified
 
         run, ckpt = str(verified(text[len(HUB_PREFIX):], key="source").path), None
     else:
         path = Path(text).expanduser()
-        if not path.exists():
-            raise UserError(f"genframe.load({text!r}): no such run directory or weights file "
-                            f"(or give 'hub:NAME[:VERSION]' for a hub entry)")
+        if not text.strip() or not path.exists():
+            raise UserError(f"genframe.load({text!r}): no such run directory or weights file; {valid}")
+        if path.is_dir() and (path / "export.json").is_file() and not (path / "model.safetensors").exists():
+            raise UserError(f"genframe.load({text!r}): this is an ONNX/TorchScript export (export.json "
+                            "lists its files): run them with onnxruntime or torch.jit.load; "
+                            "genframe.load reads run directories and safetensors exports")
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES:
+            raise UserError(f"genframe.load({text!r}): a {path.suffix or 'suffix-less'} file is not "
+                            f"genframe weights; {valid}")
         run, ckpt = (str(path), None) if path.is_dir() else (None, str(path))
     model, _, _ = load_model(run, ckpt, None if adapter is None else os.fspath(adapter))
-    return model.to(torch.device(device)).eval()
+    try:
+        target = torch.device(device)
+        return model.to(target).eval()
+    except (RuntimeError, AssertionError, ValueError) as exc:  # an unknown or absent device
+        raise UserError(f"genframe.load(device={device!r}): {str(exc).splitlines()[0]}; "
+                        "use 'cpu', or 'cuda' on a machine with a GPU") from None

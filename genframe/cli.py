@@ -24,7 +24,7 @@ OTHER_COMMANDS = {
 }
 # Keys whose children are open-ended (model-specific, or any Trainer argument):
 # `sampling.x=1` and `trainer.strategy=ddp_spawn` need no `+`; the task checks the names.
-OPEN_KEYS = ("sampling.", "condition.", "template.vars.", "finetune.hparams.", "trainer.")
+OPEN_KEYS = ("sampling.", "condition.", "template.vars.", "finetune.hparams.", "trainer.", "models.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,11 +121,7 @@ def _dispatch(argv: list[str]) -> int:
 
 def run_task(task: str, overrides: list[str]) -> int:
     """Run one task through Hydra with the given command-line arguments."""
-    import hydra
-    from hydra.errors import HydraException
-
-    from genframe.config import conf_dir, register_plugin_configs
-    from genframe.hydra_errors import explain
+    from genframe.config import register_plugin_configs
     from genframe.runs import register_run_dir_resolver
 
     register_plugin_configs()
@@ -139,6 +135,21 @@ def run_task(task: str, overrides: list[str]) -> int:
     overrides = _with_genframe_launcher(overrides)
     if "hub" in roots:
         _check_hub_source(overrides)
+    if task == "export":
+        overrides, export_out = _export_out_as_run_dir(overrides)
+        try:
+            return _run_hydra(task, overrides)
+        finally:
+            _remove_unless_completed(export_out)
+    return _run_hydra(task, overrides)
+
+
+def _run_hydra(task: str, overrides: list[str]) -> int:
+    import hydra
+    from hydra.errors import HydraException
+
+    from genframe.config import conf_dir
+    from genframe.hydra_errors import explain
     # Let Hydra's exceptions reach us so they become our short messages (exit 2).
     user_wants_full = _USER_FULL_ERROR
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -242,6 +253,58 @@ def _for_rank(task: str, overrides: list[str]) -> list[str]:
     return [*overrides, *extra]
 
 
+def _export_out_as_run_dir(overrides: list[str]) -> list[str]:
+    """``genframe export out=DIR``: DIR becomes the task's run directory, so one command
+    makes one folder (not DIR and a run directory under outputs/ besides). Checked here,
+    before Hydra creates anything: DIR must be new, or an empty folder outside any run."""
+    from pathlib import Path
+
+    from genframe.errors import UserError
+    from genframe.runs import run_dir_problem
+
+    given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in overrides if "=" in a and not a.startswith("-")}
+    out = given.get("out")
+    if out in (None, "", "null") or "hydra.run.dir" in given or "-m" in overrides or "--multirun" in overrides:
+        return overrides, None
+    path = Path(out).expanduser().absolute()
+    problem = run_dir_problem(path, "out")
+    if problem is None and path.is_dir() and any(path.iterdir()):
+        problem = (f"out={out} is a folder with files in it; give a new or empty folder "
+                   "(nothing was changed)")
+    if problem:
+        raise UserError(problem)
+    missing = None  # the outermost folder this command will create
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return [*overrides, f"hydra.run.dir={path}"], (path, missing)
+
+
+def _remove_unless_completed(out) -> None:
+    """An ``export out=`` folder whose export did not complete (refused, failed,
+    interrupted) is taken away again with what Hydra wrote into it, and so are the
+    folders above it this command created (an empty folder that was there before stays,
+    empty): the command leaves no folder behind but the finished export's."""
+    import json
+    import shutil
+
+    if out is None or not out[0].is_dir():
+        return
+    folder, created = out
+    try:
+        done = json.loads((folder / "run.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        done = False
+    if done:
+        return
+    for child in [created] if created is not None else list(folder.iterdir()):
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def _check_hub_source(overrides: list[str]) -> None:
     """Refuse ``hub=NAME[:VERSION]`` that names no entry, or comes with ``run=`` or
     ``ckpt=``, before Hydra makes a run directory for a task that could not start. The
@@ -254,8 +317,8 @@ def _check_hub_source(overrides: list[str]) -> None:
         return
     others = [k for k in ("run", "ckpt") if given.get(k) not in (None, "", "null")]
     if others:
-        raise UserError(f"hub={ref} and {'= and '.join(others)}=: give one source of the "
-                        "model, not both")
+        shown = " and ".join(f"{k}={given[k]}" for k in others)
+        raise UserError(f"hub={ref} and {shown}: give one source of the model, not both")
     from genframe.hub import resolve
 
     resolve(ref, key="hub")

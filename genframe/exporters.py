@@ -60,6 +60,8 @@ class ExportGraph:
             file is run on these as well, which catches a size baked into the graph.
         notes: what an application needs to use the graph (value ranges, the noise
             schedule, the null label), written to ``export.json``.
+        output_axes: named axes of the outputs, as `dynamic` names the inputs'; default:
+            axis 0 is ``batch`` when axis 0 of every input is.
     """
 
     module: nn.Module
@@ -68,6 +70,7 @@ class ExportGraph:
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
     check_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    output_axes: dict[str, dict[int, str]] | None = None
 
     def describe(self) -> dict[str, Any]:
         """The inputs and outputs with their shapes (named axes for dynamic ones) and
@@ -77,11 +80,16 @@ class ExportGraph:
             return [names.get(i, n) for i, n in enumerate(tensor.shape)]
 
         outputs = _as_tuple(self.run(self.inputs))
+        axes = self.output_axes
+        if axes is None:
+            batched = all(self.dynamic.get(k, {}).get(0) == "batch" for k in self.inputs)
+            axes = {k: {0: "batch"} for k in self.outputs} if batched else {}
         return {
             "inputs": [{"name": k, "shape": shape(k, v), "dtype": str(v.dtype).removeprefix("torch.")}
                        for k, v in self.inputs.items()],
-            "outputs": [{"name": k, "dtype": str(v.dtype).removeprefix("torch."),
-                         "example_shape": list(v.shape)} for k, v in zip(self.outputs, outputs)],
+            "outputs": [{"name": k, "shape": [axes.get(k, {}).get(i, n) for i, n in enumerate(v.shape)],
+                         "dtype": str(v.dtype).removeprefix("torch.")}
+                        for k, v in zip(self.outputs, outputs)],
             **({"notes": self.notes} if self.notes else {}),
         }
 
@@ -179,8 +187,17 @@ def _export_torchscript(graph: ExportGraph, path: Path) -> None:
     # sets this flag for the same reason.
     from pytorch_lightning.core.module import _jit_is_scripting
 
-    with _jit_is_scripting():
-        traced = torch.jit.trace(graph.module, tuple(graph.inputs.values()), check_trace=False)
+    # Parameters traced without requires_grad: the saved module's outputs need no
+    # `.detach()` or `torch.no_grad()` in an application.
+    flags = [(p, p.requires_grad) for p in graph.module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        with _jit_is_scripting():
+            traced = torch.jit.trace(graph.module, tuple(graph.inputs.values()), check_trace=False)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     traced.save(str(path))
 
 

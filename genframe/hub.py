@@ -205,6 +205,20 @@ def verify(entry: Entry, *, checksums: bool = True) -> Entry:
     return entry
 
 
+def entry_at(path: str | os.PathLike) -> Entry | None:
+    """The hub entry folder `path` is (``<hub>/<name>/<version>``), or None for any other
+    path: a run given by its path inside the hub is still an entry, checked and never
+    written to."""
+    try:
+        path = Path(path).expanduser().resolve()
+        root = hub_dir().expanduser().resolve()
+    except OSError:
+        return None
+    if path.parent.parent != root or not path.name.isdigit():
+        return None
+    return Entry(path.parent.name, int(path.name), path)
+
+
 def verified(ref: Any, *, key: str = "hub") -> Entry:
     """`resolve` then `verify`: the entry to read, checked."""
     return verify(resolve(ref, key=key))
@@ -300,6 +314,8 @@ def push(run_dir: str | os.PathLike, name: str, *, license: str | None = None,
             files = {rel: {"sha256": _sha256(tmp / rel), "size": (tmp / rel).stat().st_size}
                      for rel in _files(tmp)}
             atomic_write_json(tmp / MANIFEST, {"name": name, "version": version, "files": files})
+            for rel in [*files, MANIFEST]:  # versions are immutable: read-only files
+                (tmp / rel).chmod(0o444)
             _fsync_dir(tmp)
             os.rename(tmp, name_dir / str(version))
             _fsync_dir(name_dir)

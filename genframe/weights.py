@@ -316,6 +316,12 @@ def load_model(run: str | None = None, ckpt: str | None = None,
     if run is None and ckpt is None:
         raise UserError("give run=<run directory> or ckpt=<checkpoint file>")
     opened = open_run(run) if run is not None else None
+    if opened is not None:
+        from genframe.hub import entry_at, verify
+
+        entry = entry_at(opened.path)
+        if entry is not None:  # a hub entry given by its path: checked as hub= is
+            verify(entry)
     if opened is None:
         path = Path(ckpt).expanduser()
         where = f"ckpt={ckpt}"

@@ -69,3 +69,29 @@ def compose_task(tmp_path):
         return compose(task, [*overrides, f"paths.output_dir={out}"])
 
     return _compose
+
+
+def _train_once(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    """A run trained once per test session (per worker), with the session's cache."""
+    from genframe.config import compose
+    from genframe.tasks.train import train
+
+    out = tmp_path_factory.mktemp(name) / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GENFRAME_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        return train(compose("train", [*overrides, f"paths.output_dir={out}"]))["run_dir"]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_run(tmp_path_factory) -> Path:
+    """A small character language model (2 layers, width 32, context 32), 20 steps."""
+    return _train_once(tmp_path_factory, "tiny_lm", [
+        "model=transformer", "data=text", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+        "model.block_size=32", "data.block_size=32", "trainer.max_steps=20",
+        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "num_samples=1"])
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_run(tmp_path_factory) -> Path:
+    """The tiny digits VAE of `FAST`, one short epoch."""
+    return _train_once(tmp_path_factory, "tiny_vae", FAST)

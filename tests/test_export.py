@@ -112,33 +112,18 @@ def test_a_network_the_exporter_cannot_express_is_refused(tmp_path):
         export_graph(graph, tmp_path / "dd.onnx", "onnx")
 
 
-@pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    """A small character language model, trained a few steps."""
-    from genframe.config import compose
-    from genframe.tasks.train import train
-
-    out = tmp_path_factory.mktemp("lm") / "run"
-    cfg = compose("train", ["model=transformer", "data=text", "model.n_layer=2", "model.n_embd=32",
-                            "model.n_head=2", "model.block_size=32", "data.block_size=32",
-                            "trainer.max_steps=20",
-                            "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-                            "num_samples=1", f"paths.output_dir={out}"])
-    return train(cfg)["run_dir"]
-
-
-def test_onnx_language_model_generates_what_pytorch_generates(lm_run, cli, tmp_path):
+def test_onnx_language_model_generates_what_pytorch_generates(tiny_lm_run, cli, tmp_path):
     """Greedy decoding with the exported cached graph in onnxruntime (an empty past for
     the prompt, then one token per step) gives the model's own greedy text."""
     import onnxruntime as ort
 
-    done = cli("export", f"run={lm_run}", "format=onnx", f"out={tmp_path / 'onnx'}")
+    done = cli("export", f"run={tiny_lm_run}", "format=onnx", f"out={tmp_path / 'onnx'}")
     assert done.returncode == 0, done.stderr
     assert "decoder_with_past_model.onnx  max |onnx - torch|" in done.stdout
     info = json.loads((tmp_path / "onnx" / "export.json").read_text())
     assert info["graphs"]["decoder_model"]["max_abs_diff"] < 1e-4
     assert (tmp_path / "onnx" / "tokenizer.json").is_file()
-    model = genframe.load(lm_run)
+    model = genframe.load(tiny_lm_run)
     prompt = "The "
     session = ort.InferenceSession(str(tmp_path / "onnx" / "decoder_with_past_model.onnx"))
     layers, _, heads, _, dim = info["graphs"]["decoder_with_past_model"]["inputs"][1]["shape"]
@@ -155,17 +140,18 @@ def test_onnx_language_model_generates_what_pytorch_generates(lm_run, cli, tmp_p
     assert model.tokenizer.decode(made) == expected
 
 
-def test_lora_adapters_export_alone_merged_or_in_the_graph(lm_run, cli, tmp_path):
-    tuned = cli("finetune", f"run={lm_run}", "method=lora", "trainer.max_steps=3",
+def test_lora_adapters_export_alone_merged_or_in_the_graph(tiny_lm_run, cli, tmp_path):
+    tuned = cli("finetune", f"run={tiny_lm_run}", "method=lora", "trainer.max_steps=3",
                 "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
                 f"hydra.run.dir={tmp_path / 'lora'}")
     assert tuned.returncode == 0, tuned.stderr
     alone = cli("export", f"run={tmp_path / 'lora'}", "adapter_only=true", f"out={tmp_path / 'a'}")
     assert alone.returncode == 0, alone.stderr
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter.safetensors", "config.yaml", "run.json"]
+    written = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name not in (".hydra", "export.log"))
+    assert written == ["adapter.safetensors", "config.yaml", "run.json"]
     # The adapters alone on the base give the tuned model back.
     tuned_model = genframe.load(tmp_path / "lora")
-    rebuilt = genframe.load(lm_run, adapter=tmp_path / "a" / "adapter.safetensors")
+    rebuilt = genframe.load(tiny_lm_run, adapter=tmp_path / "a" / "adapter.safetensors")
     ids = torch.randint(0, 50, (1, 8))
     assert torch.allclose(tuned_model(ids), rebuilt(ids), atol=1e-5)
     for merge in ("false", "true"):
@@ -177,24 +163,24 @@ def test_lora_adapters_export_alone_merged_or_in_the_graph(lm_run, cli, tmp_path
         assert json.loads((out / "export.json").read_text())["merged_adapters"] is (merge == "true")
 
 
-def test_refusals_leave_no_files(lm_run, cli, tmp_path, monkeypatch):
+def test_refusals_leave_no_files(tiny_lm_run, cli, tmp_path, monkeypatch):
     # adapter_only / merge on a model without adapters; adapter_only with a graph format
     for bad, said in [(["adapter_only=true"], "carries no LoRA adapters"),
                       (["merge=true"], "carries no LoRA adapters"),
-                      (["adapter_only=true", "format=onnx"], "adapter_only=true writes"),
+                      (["adapter_only=true", "format=onnx"], "cannot go with format=onnx"),
                       (["format=tflite"], "format"),
                       (["format=onnx", "merge=maybe"], "merge")]:
-        done = cli("export", f"run={lm_run}", *bad, f"out={tmp_path / 'x' / 'y'}")
+        done = cli("export", f"run={tiny_lm_run}", *bad, f"out={tmp_path / 'x' / 'y'}")
         assert done.returncode == 2 and said in done.stderr, (bad, done.stderr)
         assert not (tmp_path / "x").exists(), bad
     blocker = tmp_path / "file"  # a path below a file cannot be written (even as root)
     blocker.write_text("not a folder")
-    done = cli("export", f"run={lm_run}", "format=onnx", f"out={blocker / 'e'}")
+    done = cli("export", f"run={tiny_lm_run}", "format=onnx", f"out={blocker / 'e'}")
     assert done.returncode == 2 and "is a file, not a folder" in done.stderr
     assert blocker.read_text() == "not a folder"
 
 
-def test_a_failing_graph_leaves_no_files(lm_run, tmp_path, monkeypatch, compose_task):
+def test_a_failing_graph_leaves_no_files(tiny_lm_run, tmp_path, monkeypatch, compose_task):
     """The second network fails to export: the first one's file, already written and
     checked, is removed with the staging folder, and the folder given is not created."""
     from genframe.tasks.export import export
@@ -210,11 +196,11 @@ def test_a_failing_graph_leaves_no_files(lm_run, tmp_path, monkeypatch, compose_
     monkeypatch.setattr(Transformer, "export_graphs", one_bad)
     out = tmp_path / "new" / "folder"
     with pytest.raises(UserError, match="cannot export its 'zz_bad' network"):
-        export(compose_task("export", f"run={lm_run}", "format=onnx", f"out={out}"))
+        export(compose_task("export", f"run={tiny_lm_run}", "format=onnx", f"out={out}"))
     assert not (tmp_path / "new").exists()
     monkeypatch.setattr(Transformer, "export_graphs", lambda self: {})
     with pytest.raises(UserError, match="exports no networks"):
-        export(compose_task("export", f"run={lm_run}", "format=torchscript", f"out={out}"))
+        export(compose_task("export", f"run={tiny_lm_run}", "format=torchscript", f"out={out}"))
     assert not (tmp_path / "new").exists()
 
 
@@ -236,15 +222,27 @@ def test_the_python_api_loads_runs_files_and_hub_entries(tmp_path, monkeypatch):
     assert len((folder / "manifest.jsonl").read_text().splitlines()) == 3
     with pytest.raises(UserError, match="no such run directory"):
         genframe.load(tmp_path / "missing")
+    with pytest.raises(UserError, match="no such run directory"):
+        genframe.load("")
+    with pytest.raises(UserError, match="a .png file is not genframe weights"):
+        genframe.load(run / "samples" / "grid.png")
+    with pytest.raises(UserError, match="device='nonsense'"):
+        genframe.load(run, device="nonsense")
+    exported = tmp_path / "onnx-export"
+    exported.mkdir()
+    (exported / "export.json").write_text("{}")
+    with pytest.raises(UserError, match="ONNX/TorchScript export"):
+        genframe.load(exported)
     with pytest.raises(UserError, match="no model named 'other'"):
         genframe.load("hub:other")
     weights = hub.resolve("digits:1").path / "model.safetensors"
+    weights.chmod(0o644)
     weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
     with pytest.raises(UserError, match="checksum|changed|damaged"):
         genframe.load("hub:digits")
 
 
-def test_the_python_api_from_a_plain_script(lm_run, tmp_path):
+def test_the_python_api_from_a_plain_script(tiny_lm_run, tmp_path):
     import subprocess
     import sys
 
@@ -253,7 +251,7 @@ def test_the_python_api_from_a_plain_script(lm_run, tmp_path):
         "import sys, genframe\n"
         "lm = genframe.load(sys.argv[1])\n"
         "print(lm.generate(2, condition={'prompt': 'A'}, seed=1, max_new_tokens=5).texts)\n")
-    done = subprocess.run([sys.executable, str(script), str(lm_run)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(script), str(tiny_lm_run)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     texts = eval(done.stdout.strip().splitlines()[-1])

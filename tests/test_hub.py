@@ -105,13 +105,19 @@ def test_generate_from_the_hub_and_refuse_a_tampered_entry(run_dir, hub_root, cl
     both = cli("generate", "hub=vae:1", f"run={run_dir}", env=env)
     assert both.returncode == 2 and "not both" in both.stderr
 
-    with open(hub_root / "vae" / "1" / "model.safetensors", "ab") as f:
+    weights = hub_root / "vae" / "1" / "model.safetensors"
+    assert weights.stat().st_mode & 0o222 == 0  # pushed files are read-only
+    weights.chmod(0o644)
+    with open(weights, "ab") as f:
         f.write(b"x")
     bad = cli("generate", "hub=vae:1", "num_samples=2", f"hydra.run.dir={tmp_path / 'gen2'}",
               env=env)
     assert bad.returncode == 2 and "model.safetensors" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert not (tmp_path / "gen2" / "samples").exists()
+    # The entry given by its path is the same entry: checked too.
+    by_path = cli("generate", f"run={hub_root / 'vae' / '1'}", "num_samples=2", env=env)
+    assert by_path.returncode == 2 and "hub entry vae:1" in by_path.stderr and "model.safetensors" in by_path.stderr
 
 
 def test_finetune_and_export_take_hub(run_dir, hub_root, cli, tmp_path):
@@ -134,6 +140,7 @@ def test_tampered_missing_and_extra_files_are_refused(run_dir, hub_root, capsys)
     entry = hub.push(run_dir, "vae")
     hub.verify(entry)
     card = entry.path / "model_card.json"
+    card.chmod(0o644)
     original = card.read_bytes()
     card.write_bytes(original.replace(b'"vae"', b'"vaf"', 1))  # same size, other bytes
     with pytest.raises(UserError, match="model_card.json does not match its sha256"):
@@ -147,7 +154,10 @@ def test_tampered_missing_and_extra_files_are_refused(run_dir, hub_root, capsys)
     other = hub.push(run_dir, "other")
     code, out, _ = hub_cli("list", "--json", capsys=capsys)
     status = {row["ref"]: row["status"] for row in json.loads(out)}
-    assert code == 0 and status == {"vae:1": "damaged", "other:1": "ok"}
+    assert code == 0 and status == {"vae:1": "damaged", "other:1": "complete"}
+    code, out, err = hub_cli("verify", capsys=capsys)  # every entry, with checksums
+    assert code == 2 and "other:1: all files match" in out and "metrics.json is missing" in out
+    assert "1 hub entry is damaged" in err
     code, out, _ = hub_cli("list", capsys=capsys)
     assert code == 0 and "STATUS" in out and "damaged" in out.splitlines()[1 + sorted(status).index("vae:1")]
     hub.remove(other.ref)
@@ -332,6 +342,11 @@ def test_evaluate_takes_hub_and_leaves_the_entry_unchanged(run_dir, hub_root, tm
     result = evaluate(_with_hub(cfg))
     assert "test/loss" in result["metrics"]
     assert not (entry.path / "evaluations.jsonl").exists()
+    hub.verify(entry)
+    by_path = compose("evaluate", [f"run={entry.path}", "metrics.enabled=false",
+                                   "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+                                   f"paths.output_dir={tmp_path / 'eval2'}"])
+    evaluate(by_path)  # the entry given by its path is not written to either
     hub.verify(entry)
     source = json.loads((tmp_path / "eval" / "run.json").read_text())["source"]
     assert source["hub"] == "vae" and source["run"] == str(entry.path)

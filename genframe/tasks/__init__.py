@@ -58,8 +58,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "genframe.tasks.evaluate:evaluate"),
     Task("chat", "talk with a trained language model (interactive, or one turn per stdin line)",
          "genframe.tasks.chat:chat"),
-    Task("export", "write a run's model to a self-contained folder (merge=true folds in LoRA)",
+    Task("export", "write a model as safetensors, ONNX or TorchScript (verified) to a folder",
          "genframe.tasks.export:export"),
+    Task("serve", "serve models over HTTP (API, OpenAI-compatible, a page to rate samples)",
+         "genframe.tasks.serve:serve"),
 )}
 
 

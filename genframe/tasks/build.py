@@ -343,7 +343,8 @@ def resolve_hub(cfg):
             and Path(str(cfg.run)).expanduser().resolve() == entry.path.resolve())
     given = [k for k in ("run", "ckpt") if cfg.get(k) is not None and not (k == "run" and same)]
     if given:
-        raise UserError(f"hub={ref} and {'= and '.join(given)}=: give one source of the "
+        shown = " and ".join(f"{k}={cfg.get(k)}" for k in given)
+        raise UserError(f"hub={ref} and {shown}: give one source of the "
                         "model, not both")
     cfg.run = str(entry.path)
     return cfg

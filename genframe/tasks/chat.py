@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from genframe.errors import UserError
 from genframe.files import atomic_write_bytes
 from genframe.runs import start_run, update_run
-from genframe.tasks.common import resolve_device, source_record
+from genframe.feedback import new_id, sample_records
+from genframe.tasks.common import feedback_store, model_version, resolve_device, source_record
 from genframe.tasks.build import to_plain
 from genframe.terminal import (
     clean_input,
@@ -80,8 +81,22 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
     start_run(out_dir, cfg, "chat",
               source=source_record(run, weights, cfg.get("hub")),
               chat_template=template.to_dict(), chat_template_from=template_from)
+    store = feedback_store(cfg)
+    version = model_version(cfg, run, weights)
+    sample_ids: list[str] = []
+
+    def generate(n: int, **kwargs: Any):
+        """`model.generate`, each reply recorded in the feedback store."""
+        samples = model.generate(n, **kwargs)
+        ids = [new_id() for _ in range(n)]
+        if store is not None:
+            store.add_samples(sample_records(samples, ids, source="chat", model=name, model_version=version,
+                                             run_dir=str(out_dir)))
+        sample_ids.extend(ids)
+        return samples
+
     session = ChatSession(
-        generate=model.generate, count_tokens=lambda text: len(model.tokenizer.encode(text)),
+        generate=generate, count_tokens=lambda text: len(model.tokenizer.encode(text)),
         encode=(lambda messages: template.encode_prompt(messages, model.tokenizer))
         if "prompt_ids" in model.condition_keys else None,
         template=template, block_size=int(block_size), max_new_tokens=max_new,
@@ -148,7 +163,7 @@ def chat(cfg: DictConfig) -> dict[str, Any]:
     conversations = session.conversations()
     _write_transcript(transcript, conversations)
     update_run(out_dir, status="completed", turns=len(replies),
-               conversations=len(conversations))
+               conversations=len(conversations), sample_ids=sample_ids)
     say(f"run directory: {out_dir}\n  transcript: {transcript}")
     return {"run_dir": out_dir, "metrics": {}, "replies": replies, "transcript": conversations}
 

@@ -123,6 +123,26 @@ def source_record(run, weights: Path, hub: Any = None) -> dict[str, Any]:
     return record
 
 
+def model_version(cfg, run, weights: Path) -> str:
+    """What the feedback store records as the model's version: ``hub:NAME:VERSION`` for
+    ``hub=`` (the entry resolved), else the run directory, else the weights file."""
+    if cfg.get("hub") is not None and cfg.get("run") is not None:
+        entry = Path(str(cfg.run))
+        return f"hub:{entry.parent.name}:{entry.name}"
+    return str(run.path) if run is not None else str(weights)
+
+
+def feedback_store(cfg):
+    """The `genframe.feedback.FeedbackStore` of ``cfg.feedback`` (None when
+    ``feedback.record`` is false)."""
+    node = cfg.get("feedback")
+    if node is None or not node.get("record", True):
+        return None
+    from genframe.feedback import FeedbackStore
+
+    return FeedbackStore(node.get("db"))
+
+
 def report(out_dir: Path, metrics: dict[str, float], title: str) -> None:
     """Print where the run is and its metrics under `title`, and keep the same lines in
     the run's log file (``<task>.log``)."""

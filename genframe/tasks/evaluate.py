@@ -79,7 +79,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(_alignment_metrics(cfg, model, prompts, split))
     atomic_write_json(out_dir / "metrics.json", metrics)
     update_run(out_dir, status="completed")
-    if run is not None and cfg.get("hub") is None:
+    from genframe.hub import entry_at
+
+    if run is not None and entry_at(run.path) is None:  # a hub entry never changes
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "evaluate_run": str(out_dir),
                 "split": split, "data": data_cfg, "metrics": metrics,
                 "sampling": to_plain(cfg.get("sampling")) or {}}

@@ -64,17 +64,21 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     check_format(fmt)
     adapter_only = bool(cfg.get("adapter_only", False))
     if adapter_only and (fmt != "safetensors" or cfg.merge):
-        raise UserError("adapter_only=true writes the LoRA adapters alone as safetensors; "
-                        "it takes neither format=" + fmt + (" nor merge=true" if cfg.merge else ""))
+        clash = f"format={fmt}" if fmt != "safetensors" else "merge=true"
+        raise UserError(f"adapter_only=true writes the LoRA adapters alone as safetensors, so it "
+                        f"cannot go with {clash}; drop one of them")
     model, run, weights = load_model(cfg.get("run"), cfg.get("ckpt"), cfg.get("adapter"))
     adapted = has_lora(model)
     if (cfg.merge or adapter_only) and not adapted:
         raise UserError(
             f"{'merge' if cfg.merge else 'adapter_only'}=true: the model of {weights} carries no "
             "LoRA adapters; export without it (or from a `method=lora` run)")
-    out_dir = Path(cfg.out).expanduser().resolve() if cfg.get("out") else Path(cfg.paths.output_dir)
-    if cfg.get("out"):
+    own = Path(cfg.paths.output_dir).resolve()
+    out_dir = Path(cfg.out).expanduser().resolve() if cfg.get("out") else own
+    if out_dir != own:  # (the CLI makes out= the run directory, checked before Hydra)
         problem = run_dir_problem(out_dir, "out")
+        if problem is None and out_dir.is_dir() and any(out_dir.iterdir()):
+            problem = f"out={cfg.out} is a folder with files in it; give a new or empty folder"
         if problem:
             raise UserError(problem)
     taken = [n for n in (WEIGHTS, EXPORT_INFO, ADAPTER_FILE) if (out_dir / n).exists()]

@@ -24,12 +24,20 @@ from typing import Any
 from omegaconf import DictConfig
 
 from genframe.errors import Interrupted, UserError, plural
+from genframe.feedback import new_id, sample_records
 from genframe.files import atomic_write_json
 from genframe.runs import start_run, update_run
 from genframe.sample_writer import GRID_MAX, SampleWriter, png_bytes
 from genframe.samples import Samples
 from genframe.tasks.build import to_plain
-from genframe.tasks.common import generation_options, mapping_of, resolve_device, source_record
+from genframe.tasks.common import (
+    feedback_store,
+    generation_options,
+    mapping_of,
+    model_version,
+    resolve_device,
+    source_record,
+)
 from genframe.terminal import SampleStreamPrinter
 from genframe.weights import load_model
 
@@ -125,6 +133,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                total=total, batch=batch, folder=folder, device=device)
 
     stages = {} if cascade is None else {"upscaler": cascade.source}
+    store = feedback_store(cfg)
+    version = model_version(cfg, run, weights)
     start_run(out_dir, cfg, "generate", source=source_record(run, weights, cfg.get("hub")), **stages)
     kept: list[Samples] = []
     kept_count = kept_bytes = 0
@@ -146,7 +156,16 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                 base_writer.add(cascade.base)
                 samples.per_sample["base_file"] = [
                     f"base/{i:06d}.png" for i in range(writer.count, writer.count + n)]
+            ids = [new_id() for _ in range(n)]
+            samples.per_sample["id"] = ids
+            first = writer.count
             writer.add(samples)
+            if store is not None:
+                suffix = ".png" if samples.kind == "image" else ".txt"
+                files = [str(folder / f"{first + i:06d}{suffix}") for i in range(n)]
+                store.add_samples(sample_records(samples, ids, source="generate", model=name,
+                                                 model_version=version, files=files,
+                                                 run_dir=str(out_dir)))
             size = _nbytes(samples)
             if kept_count < KEEP_SAMPLES and kept_bytes + size <= KEEP_BYTES:
                 kept.append(samples)

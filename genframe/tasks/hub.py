@@ -13,11 +13,12 @@ from genframe.errors import UserError, did_you_mean
 VERBS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "push": (("run", "name"), ("license", "intended_use", "limitations"),
              "store a completed run as the next version of NAME"),
-    "list": ((), (), "every stored name:version"),
+    "list": ((), (), "every stored name:version (STATUS: files present at their sizes)"),
     "show": (("name",), (), "the model card and files of NAME[:VERSION] (checked)"),
     "pull": (("name", "out"), (), "copy NAME[:VERSION] (checked) into the new folder OUT"),
     "rm": (("name",), (), "remove NAME:VERSION, NAME:latest or NAME:all"),
-    "verify": (("name",), (), "check every file of NAME[:VERSION] against its checksums"),
+    "verify": ((), ("name",), "check every file of NAME[:VERSION] (all entries without name=) "
+                              "against its checksums"),
 }
 
 HELP = f"""usage: genframe hub <verb> [key=value ...] [--json]
@@ -29,7 +30,7 @@ The local model hub in {hub.HUB_ENV} (default: the genframe cache folder's hub/)
   show name=NAME[:VERSION]
   pull name=NAME[:VERSION] out=DIR
   rm   name=NAME:VERSION | NAME:latest | NAME:all
-  verify name=NAME[:VERSION]
+  verify [name=NAME[:VERSION]]   (every entry without name=)
 
 NAME: lower-case letters, digits, '.', '_', '-'. A version is an integer; 'latest' (or no
 version) is the highest. Versions never change and are never reused. Tasks that take
@@ -63,10 +64,11 @@ def _parse(verb: str, args: list[str]) -> tuple[dict[str, str], bool]:
 
 def _row(entry: hub.Entry) -> dict[str, Any]:
     """One line of `hub list`. STATUS compares the files with the manifest by presence and
-    size (`hub verify` adds the checksums): a partial or changed entry shows as damaged."""
+    size only (`hub verify` reads every byte against the checksums): ``complete`` or
+    ``damaged`` (a missing, added or cut file)."""
     try:
         hub.verify(entry, checksums=False)
-        status = "ok"
+        status = "complete"
     except UserError:
         status = "damaged"
     card = entry.card()
@@ -111,6 +113,11 @@ def main(args: list[str]) -> int:
             widths = [max(len(r[i]) for r in table) for i in range(len(head))]
             for r in table:
                 print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    elif verb == "verify" and not opts.get("name"):
+        problems = _verify_all(as_json)
+        if problems:
+            raise UserError(f"{problems} hub {'entry is' if problems == 1 else 'entries are'} damaged "
+                            "(listed above)")
     elif verb in ("show", "verify"):
         entry = hub.verified(opts["name"], key="name")
         card = entry.card()
@@ -134,6 +141,25 @@ def main(args: list[str]) -> int:
              "removed " + ", ".join(e.ref for e in removed), as_json)
     sys.stdout.flush()
     return 0
+
+
+def _verify_all(as_json: bool) -> int:
+    """Check every entry against its checksums, one line each; returns how many fail."""
+    results = []
+    for entry in hub.list_entries():
+        try:
+            hub.verify(entry)
+            results.append({"ref": entry.ref, "ok": True})
+        except UserError as exc:
+            results.append({"ref": entry.ref, "ok": False, "problem": str(exc)})
+    if as_json:
+        _out(results, True)
+    else:
+        for r in results:
+            print(f"{r['ref']}: " + ("all files match their checksums" if r["ok"] else r["problem"]))
+        if not results:
+            print(f"the hub {hub.hub_dir()} is empty")
+    return sum(not r["ok"] for r in results)
 
 
 def _out(value: Any, as_json: bool) -> None:

@@ -85,6 +85,8 @@ TOP_LEVEL: dict[str, tuple[Callable[[Any], bool], str]] = {
               "test (held out from training and checkpoint choice) or val"),
     "sampling": (_optional(lambda v: isinstance(v, Mapping)),
                  "keys under sampling, e.g. sampling.temperature=0.8"),
+    "feedback.record": (lambda v: isinstance(v, bool), "true or false"),
+    "feedback.db": (_optional(_path), "the path of an SQLite file, or null"),
     # finetune=subject (the token and class word are checked against the model)
     "prior_preservation": (lambda v: isinstance(v, bool), "true or false"),
     "num_class_images": (lambda v: _is_int(v) and 1 <= v <= MAX_CLASS_IMAGES,

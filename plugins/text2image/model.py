@@ -222,7 +222,7 @@ class Text2Image(Diffusion):
         graphs["text_encoder"] = ExportGraph(
             self.sampling_text_encoder, example, ("last_hidden_state",),
             {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
-            check_inputs=[other],
+            check_inputs=[other], output_axes={"last_hidden_state": {0: "batch", 1: "sequence"}},
             notes={"max_length": self.max_length,
                    "attention_mask": "True at real tokens; an all-False row is the empty "
                                      "text (the unconditional input of guidance)"})

@@ -150,17 +150,30 @@ class Transformer(GenerativeModule):
 
         sequence = {0: "batch", 1: "sequence"}
         past = {1: "batch", 3: "past_sequence"}
-        notes = {"block_size": net.block_size, "vocab_size": net.vocab_size,
-                 "logits": "unnormalised next-token scores (B, T, vocab_size)"}
+        present = {1: "batch", 3: "past_sequence + sequence"}
+        notes = {
+            "block_size": net.block_size, "vocab_size": net.vocab_size,
+            "input_ids": "token ids of tokenizer.json beside this file ({'kind': 'char', 'vocab': "
+                         "[...]}: an id is an index into vocab, 0 = <unk>; {'kind': 'bpe', "
+                         "'tokenizer': {...}}: a Hugging Face tokenizers file)",
+            "logits": "unnormalised next-token scores (B, T, vocab_size)",
+            "context": "past_sequence + sequence must stay within block_size; to go on, start "
+                       "again from decoder_model (or an empty past) on the last tokens that fit "
+                       "(a sliding window, as genframe generate does)",
+            "padding": "no attention mask: every row of a batch has the same length (batch "
+                       "prompts of equal length, or one row at a time)",
+        }
         short = min(3, net.block_size // 2)
         return {
             "decoder_model": ExportGraph(
                 DecoderGraph(net), {"input_ids": ids(2, short)}, ("logits",),
-                {"input_ids": sequence}, check_inputs=[{"input_ids": ids(3, short + 1)}], notes=notes),
+                {"input_ids": sequence}, check_inputs=[{"input_ids": ids(3, short + 1)}], notes=notes,
+                output_axes={"logits": sequence}),
             "decoder_with_past_model": ExportGraph(
                 DecoderWithPastGraph(net), with_past(2, 1, short), ("logits", "present_keys", "present_values"),
                 {"input_ids": sequence, "past_keys": past, "past_values": past},
-                check_inputs=[with_past(3, 2, short + 1), with_past(1, 1, 1)], notes=notes),
+                check_inputs=[with_past(3, 2, short + 1), with_past(1, 1, 1)], notes=notes,
+                output_axes={"logits": sequence, "present_keys": present, "present_values": present}),
         }
 
     @property

@@ -1,0 +1,495 @@
+"""The HTTP API (FastAPI): generation, OpenAI-compatible completions, feedback, metrics,
+and the page at ``/`` to try a model and rate what it makes.
+
+Endpoints (all JSON; with a token, every one but ``/`` and ``/health`` needs
+``Authorization: Bearer <token>``):
+
+- ``POST /generate``: ``{"model", "num_samples", "prompt", "label", "seed", "steps",
+  "sampling"}`` -> ``{"model", "version", "samples": [{"id", "image" (PNG, base64) |
+  "text", ...}]}``.
+- ``POST /v1/completions`` and ``POST /v1/chat/completions``: OpenAI's request and
+  response shapes for language models, ``"stream": true`` as server-sent events.
+- ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
+- ``POST /feedback``: ``{"sample_id", "rating" (-1, 0, 1), "flag", "corrected_text",
+  "comment"}`` -> 201.
+
+A user's mistake is a 4xx with a reason (``{"detail": ..., "error": {"message": ...}}``,
+the second for OpenAI clients): 400 a value the model refuses, 401 a missing or wrong
+token, 404 an unknown model or sample id, 413 a body or request over the limits, 422 a
+malformed body, 503 a request that waited longer than ``limits.timeout_s``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import queue
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from starlette.exceptions import HTTPException
+
+from genframe.errors import UserError
+from genframe.feedback import FeedbackStore, UnknownSample, new_id, sample_records
+from genframe.samples import Samples
+from genframe.serving.models import Limits, ServedModel
+from genframe.serving.page import PAGE
+from genframe.serving.worker import Job
+
+log = logging.getLogger(__name__)
+
+Scalar = StrictInt | StrictFloat | StrictBool | StrictStr | None
+# Sampling options that are objects, not JSON values (or belong to the server).
+RESERVED = ("stream", "sampler", "init_image", "generator")
+MAX_SEED = 2**63 - 1
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP `status` with `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# -- request bodies --------------------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = Field(None, description="the served model's name (optional with one)")
+    num_samples: StrictInt = Field(1, ge=1)
+    prompt: StrictStr | None = None
+    label: StrictInt | None = Field(None, ge=0)
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
+    steps: StrictInt | None = Field(None, ge=1, description="DDIM steps (diffusion models)")
+    sampling: dict[StrictStr, Scalar] = Field(default_factory=dict)
+
+
+class _TextRequest(BaseModel):
+    """The fields OpenAI's completion and chat requests share."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send more (logprobs, user, ...)
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | StrictInt = Field(1.0, ge=0, le=10)
+    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
+    n: StrictInt = Field(1, ge=1)
+    stream: StrictBool = False
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
+
+
+class CompletionRequest(_TextRequest):
+    prompt: StrictStr | list[StrictStr] = ""
+    stop: StrictStr | list[StrictStr] | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class ChatRequest(_TextRequest):
+    messages: list[Message] = Field(min_length=1)
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sample_id: StrictStr = Field(min_length=1, max_length=64)
+    rating: Literal[-1, 0, 1] | None = None
+    flag: StrictStr | None = Field(None, min_length=1, max_length=64)
+    corrected_text: StrictStr | None = Field(None, max_length=100_000)
+    comment: StrictStr | None = Field(None, max_length=10_000)
+
+
+# -- the app -------------------------------------------------------------------------------
+
+
+class _Metrics:
+    """The Prometheus series of one app (its own registry, so apps never share counts)."""
+
+    def __init__(self, served: dict[str, ServedModel]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("genframe_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.errors = Counter("genframe_errors", "HTTP responses with status >= 400",
+                              ["route", "status"], registry=r)
+        self.latency = Histogram("genframe_request_seconds", "request latency by route", ["route"],
+                                 registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.samples = Counter("genframe_samples", "samples generated", ["model"], registry=r)
+        self.batch_rows = Histogram("genframe_batch_rows", "rows of each generate() batch", ["model"],
+                                    registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.batch_jobs = Histogram("genframe_batch_requests", "requests merged into one batch", ["model"],
+                                    registry=r, buckets=(1, 2, 4, 8, 16, 32))
+        self.feedback = Counter("genframe_feedback", "feedback stored", ["rating"], registry=r)
+        queue_depth = Gauge("genframe_queue_depth", "requests waiting for a model", ["model"], registry=r)
+        for name, sm in served.items():
+            queue_depth.labels(name).set_function(sm.worker.pending)
+
+    def on_batch(self, model: str, jobs: int, rows: int, seconds: float) -> None:
+        self.batch_rows.labels(model).observe(rows)
+        self.batch_jobs.labels(model).observe(jobs)
+
+
+def create_app(served: list[ServedModel], *, limits: Limits | None = None, token: str | None = None,
+               store: FeedbackStore | None = None, samples_dir: Path | None = None) -> FastAPI:
+    """The FastAPI app serving `served`.
+
+    Args:
+        served: the models, by their distinct names.
+        limits: per-request bounds (`Limits`).
+        token: a bearer token every request but ``/`` and ``/health`` must carry.
+        store: where generated samples and feedback are recorded (None: not recorded, and
+            ``/feedback`` answers 503).
+        samples_dir: where images are saved as ``<id>.png`` (None: not saved).
+    """
+    limits = limits or Limits()
+    models = {m.name: m for m in served}
+    if len(models) != len(served):
+        raise UserError("two served models have the same name; give each its own")
+    metrics = _Metrics(models)
+    for m in served:
+        m.worker.on_batch = (lambda name: lambda jobs, rows, s: metrics.on_batch(name, jobs, rows, s))(m.name)
+    app = FastAPI(title="genframe", version=_version(), docs_url="/docs", redoc_url=None)
+    app.state.models, app.state.metrics, app.state.store = models, metrics, store
+
+    def check_token(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(), token.encode()):
+            raise ApiError(401, "a valid bearer token is needed: Authorization: Bearer <token>")
+
+    auth = [Depends(check_token)]
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        route = _route(request)
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            response = _error(413, f"the request body is over limits.max_body_bytes={limits.max_body_bytes}")
+        else:
+            response = await call_next(request)
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        if response.status_code >= 400:
+            metrics.errors.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError):
+        return _error(404 if isinstance(exc, UnknownSample) else 400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
+                             f"{e.get('msg')}" for e in exc.errors()[:5])
+        return _error(422, f"invalid request: {problems}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__} (see the server log)")
+
+    # -- pages and status ------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "models": [m.describe() for m in models.values()],
+                "feedback": store is not None, "auth": token is not None}
+
+    @app.get("/metrics", dependencies=auth)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=auth)
+    def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": m.name, "object": "model", "owned_by": "genframe",
+                                            "genframe": m.describe()} for m in models.values()]}
+
+    # -- generation ------------------------------------------------------------------------
+
+    def pick(name: str | None) -> ServedModel:
+        if name is None:
+            if len(models) == 1:
+                return next(iter(models.values()))
+            raise ApiError(400, f"give \"model\": one of {', '.join(sorted(models))}")
+        if name not in models:
+            raise ApiError(404, f"no model named {name!r} is served; served: {', '.join(sorted(models))}")
+        return models[name]
+
+    def wait(sm: ServedModel, job: Job) -> Samples:
+        future = sm.worker.submit(job)
+        try:
+            return future.result(timeout=limits.timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise ApiError(503, f"the request waited over limits.timeout_s={limits.timeout_s} s; "
+                                "try again later or ask for fewer samples") from None
+        except (ValueError, TypeError) as exc:  # a value the model's checks let through
+            raise ApiError(400, f"the model refused the request: {exc}") from None
+
+    def check_count(n: int) -> None:
+        if n > limits.max_samples:
+            raise ApiError(413, f"{n} samples asked for; at most limits.max_samples={limits.max_samples}")
+
+    def check_prompt(text: str) -> None:
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(413, f"the prompt has {len(text)} characters; at most "
+                                f"limits.max_prompt_chars={limits.max_prompt_chars}")
+
+    def text_options(sm: ServedModel, max_tokens: int | None, **options: Any) -> dict[str, Any]:
+        if sm.kind != "text":
+            raise ApiError(400, f"model {sm.name!r} makes images, not text; use POST /generate")
+        if max_tokens is not None and max_tokens > limits.max_new_tokens:
+            raise ApiError(413, f"max_tokens={max_tokens}; at most limits.max_new_tokens="
+                                f"{limits.max_new_tokens}")
+        chosen = {"max_new_tokens": max_tokens or limits.max_new_tokens,
+                  **{k: v for k, v in options.items() if v is not None}}
+        sm.model.check_sampling(chosen)
+        return chosen
+
+    def record(sm: ServedModel, samples: Samples, *, prompts: list[str | None], settings: dict[str, Any]
+               ) -> list[str]:
+        ids = [new_id() for _ in range(len(samples))]
+        metrics.samples.labels(sm.name).inc(len(samples))
+        files: list[str | None] = [None] * len(samples)
+        if samples.images is not None and samples_dir is not None:
+            from genframe.sample_writer import png_bytes
+
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(samples.images):
+                path = samples_dir / f"{ids[i]}.png"
+                path.write_bytes(png_bytes(image))
+                files[i] = str(path)
+        if store is not None:
+            records = sample_records(samples, ids, source="serve", model=sm.model.registered_name,
+                                     model_version=sm.version, settings=settings, files=files)
+            for record, prompt in zip(records, prompts):
+                record.prompt = prompt
+            store.add_samples(records)
+        return ids
+
+    @app.post("/generate", dependencies=auth)
+    def generate(body: GenerateRequest) -> dict[str, Any]:
+        sm = pick(body.model)
+        check_count(body.num_samples)
+        bad = [k for k in body.sampling if k in RESERVED]
+        if bad:
+            raise ApiError(400, f"sampling.{bad[0]} cannot be given here"
+                                + ("; use \"steps\" for a diffusion model's DDIM steps" if bad[0] == "sampler" else ""))
+        options = dict(body.sampling)
+        extra: dict[str, Any] = {}
+        if body.prompt is not None:
+            check_prompt(body.prompt)
+            if "prompt" not in sm.model.condition_keys:
+                raise ApiError(400, f"model {sm.name!r} takes no prompt")
+        if body.label is not None:
+            if "label" not in sm.model.condition_keys:
+                raise ApiError(400, f"model {sm.name!r} is not class-conditional; it takes no label")
+            num_classes = int(getattr(sm.model, "num_classes", 0) or 0)
+            if body.label >= num_classes:
+                raise ApiError(400, f"label={body.label}: model {sm.name!r} has classes 0..{num_classes - 1}")
+        if sm.kind == "text":
+            options = text_options(sm, options.pop("max_new_tokens", None), **options)
+        if body.steps is not None:
+            if "sampler" not in sm.model.sampling_options():
+                raise ApiError(400, f"steps: model {sm.name!r} has no sampler steps (diffusion models do)")
+            if body.steps > limits.max_steps:
+                raise ApiError(413, f"steps={body.steps}; at most limits.max_steps={limits.max_steps}")
+            from genframe.samplers.ddim import DDIMSampler
+
+            extra["sampler"] = DDIMSampler(steps=body.steps)
+        sm.model.check_sampling({**options, **extra})
+        samples = wait(sm, Job(body.num_samples, prompt=body.prompt, label=body.label, seed=body.seed,
+                               sampling=options, extra=extra))
+        settings = {**options, **({"steps": body.steps} if body.steps else {})}
+        ids = record(sm, samples, prompts=[body.prompt] * len(samples), settings=settings)
+        out = []
+        for i, sample_id in enumerate(ids):
+            item: dict[str, Any] = {"id": sample_id, "condition": _plain(samples.conditions[i])}
+            if samples.images is not None:
+                from genframe.sample_writer import png_bytes
+
+                item["image"] = base64.b64encode(png_bytes(samples.images[i])).decode()
+            else:
+                item["text"] = samples.texts[i]
+                item.update({("finish_reason" if k == "finish_reasons" else k): v[i]
+                             for k, v in samples.per_sample.items()})
+            out.append(item)
+        return {"model": sm.name, "version": sm.version, "seed": samples.metadata.get("seed"),
+                "samples": out}
+
+    def completion(sm: ServedModel, prompts: list[str], *, n: int, seed: int | None, stream: bool,
+                   options: dict[str, Any], kind: str, chat: bool):
+        """Run the prompts (n each) and answer in OpenAI's shapes (or stream them)."""
+        check_count(len(prompts) * n)
+        created = int(time.time())
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if stream:
+            if len(prompts) * n != 1:
+                raise ApiError(400, "stream=true takes one prompt and n=1")
+            return StreamingResponse(_stream(sm, prompts[0], seed, options, ident, created, chat, record),
+                                     media_type="text/event-stream")
+        futures = [sm.worker.submit(Job(n, prompt=p, seed=seed, sampling=options)) for p in prompts]
+        results = []
+        for future in futures:
+            try:
+                results.append(future.result(timeout=limits.timeout_s))
+            except FutureTimeout:
+                raise ApiError(503, f"the request waited over limits.timeout_s={limits.timeout_s} s") from None
+            except (ValueError, TypeError) as exc:
+                raise ApiError(400, f"the model refused the request: {exc}") from None
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for p, samples in zip(prompts, results):
+            ids = record(sm, samples, prompts=[p] * len(samples), settings=dict(options))
+            for i, sample_id in enumerate(ids):
+                text = samples.texts[i]
+                reason = samples.per_sample.get("finish_reasons", ["length"] * len(samples))[i]
+                choice: dict[str, Any] = {"index": len(choices), "finish_reason": reason,
+                                          "sample_id": sample_id}
+                choice.update({"message": {"role": "assistant", "content": text}} if chat
+                              else {"text": text, "logprobs": None})
+                choices.append(choice)
+                completion_tokens += samples.per_sample.get("tokens_generated", [0] * len(samples))[i]
+            prompt_tokens += samples.per_sample.get("prompt_tokens", [0])[0]
+        return {"id": ident, "object": kind, "created": created, "model": sm.name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    @app.post("/v1/completions", dependencies=auth)
+    def completions(body: CompletionRequest):
+        sm = pick(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise ApiError(400, "prompt: give a text or a list of texts")
+        for p in prompts:
+            check_prompt(p)
+        options = text_options(sm, body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                               stop=body.stop)
+        return completion(sm, prompts, n=body.n, seed=body.seed, stream=body.stream, options=options,
+                          kind="text_completion", chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    def chat_completions(body: ChatRequest):
+        sm = pick(body.model)
+        if sm.chat_template is None:
+            raise ApiError(400, f"model {sm.name!r} is not a language model; it cannot chat")
+        template = sm.chat_template
+        messages = [m.model_dump() for m in body.messages]
+        check_prompt("".join(m["content"] for m in messages))
+        prompt = template.render(messages, add_generation_prompt=True)
+        options = text_options(sm, body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                               stop=list(template.stop) or None)
+        return completion(sm, [prompt], n=body.n, seed=body.seed, stream=body.stream, options=options,
+                          kind="chat.completion", chat=True)
+
+    # -- feedback --------------------------------------------------------------------------
+
+    @app.post("/feedback", status_code=201, dependencies=auth)
+    def feedback(body: FeedbackRequest) -> dict[str, Any]:
+        if store is None:
+            raise ApiError(503, "this server records no feedback (feedback.record=false)")
+        row = store.add_feedback(body.sample_id, rating=body.rating, flag=body.flag,
+                                 corrected_text=body.corrected_text, comment=body.comment)
+        metrics.feedback.labels(str(body.rating)).inc()
+        return {"id": row, "sample_id": body.sample_id, "stored": True}
+
+    def _stream(sm: ServedModel, prompt: str, seed: int | None, options: dict[str, Any], ident: str,
+                created: int, chat: bool, record_fn) -> Iterator[str]:
+        """Server-sent events: each new piece of text as it is made, then the final chunk
+        (with the finish reason and the sample id) and ``[DONE]``."""
+        pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
+        job = Job(1, prompt=prompt, seed=seed, sampling=options,
+                  stream=lambda row, piece: pieces.put(("piece", piece)))
+        future = sm.worker.submit(job)
+        future.add_done_callback(lambda f: pieces.put(("done", None)))
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(delta: str | None, reason: str | None = None, **more: Any) -> str:
+            if chat:
+                content = {"role": "assistant", "content": delta} if delta is not None else {}
+                choice = {"index": 0, "delta": content, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
+            body = {"id": ident, "object": kind, "created": created, "model": sm.name,
+                    "choices": [{**choice, **more}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        deadline = time.monotonic() + limits.timeout_s
+        while True:
+            try:
+                what, piece = pieces.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                yield f"data: {json.dumps({'error': {'message': 'timed out'}})}\n\n"
+                return
+            if what == "done":
+                break
+            yield event(piece)
+        try:
+            samples = future.result()
+        except Exception as exc:
+            yield f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n"
+            return
+        ids = record_fn(sm, samples, prompts=[prompt], settings=dict(options))
+        reason = samples.per_sample.get("finish_reasons", ["length"])[0]
+        yield event(None, reason, sample_id=ids[0])
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def _route(request: Request) -> str:
+    """The route's path template (a fixed set of labels), or ``other``."""
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match.name == "FULL":
+            return getattr(route, "path", "other")
+    return "other"
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"detail": message, "error": {"message": message, "type": kind}},
+                        status_code=status, headers=headers)
+
+
+def _plain(value: Any) -> Any:
+    """`value` with what JSON cannot hold (tensors, objects) as text."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _version() -> str:
+    from genframe import __version__
+
+    return __version__
+
