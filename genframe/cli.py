@@ -21,6 +21,7 @@ OTHER_COMMANDS = {
     "plugins": "list loaded plugins and what each registered (--json)",
     "shards": "convert data into WebDataset shards to stream (data=... out=DIR)",
     "hub": "the local model hub: push run=DIR name=N, list, show, pull, rm (name=N:VERSION)",
+    "feedback": "what people said about generated samples: report [db=FILE] [model=V] [out=DIR]",
 }
 # Keys whose children are open-ended (model-specific, or any Trainer argument):
 # `sampling.x=1` and `trainer.strategy=ddp_spawn` need no `+`; the task checks the names.
@@ -109,6 +110,10 @@ def _dispatch(argv: list[str]) -> int:
         from genframe.tasks.hub import main as hub_main
 
         return hub_main(rest)
+    if command == "feedback":
+        from genframe.tasks.feedback import main as feedback_main
+
+        return feedback_main(rest)
     if command not in TASKS:
         from genframe.errors import UserError, valid_list
 

@@ -163,3 +163,28 @@ def log_to_files(text: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def parse_key_values(args: list[str], known: tuple[str, ...], where: str) -> tuple[dict[str, str], bool]:
+    """The ``key=value`` arguments of a management command (``hub``, ``feedback``) and
+    whether ``--json`` was given.
+
+    Raises:
+        UserError: an argument that is not key=value, or a key not in `known`.
+    """
+    from genframe.errors import did_you_mean
+
+    opts: dict[str, str] = {}
+    as_json = False
+    for arg in args:
+        if arg == "--json":
+            as_json = True
+            continue
+        key, eq, value = arg.partition("=")
+        if not eq or arg.startswith("-"):
+            raise UserError(f"{where}: {arg!r} is not key=value; see `genframe {where.split()[0]} --help`")
+        if key not in known:
+            expected = ", ".join(f"{k}=" for k in known) or "no keys"
+            raise UserError(f"{where}: unknown key {key!r}.{did_you_mean(key, known)} Expected {expected}")
+        opts[key] = value
+    return opts, as_json

@@ -72,7 +72,54 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
             subject folder with no readable image, a token the model already knows or
             cannot read, a class word it never saw (`genframe.data.subject.check_token`).
     """
-    return fit(cfg, prepare_finetuning(cfg), task="finetune")
+    result = fit(cfg, prepare_finetuning(cfg), task="finetune")
+    if (finetune_choices(cfg)["finetune"] == "feedback" and cfg.get("hub") is not None
+            and cfg.feedback.get("push", True)):
+        from genframe.hub import entry_at, push
+
+        base = entry_at(cfg.run)
+        entry = push(result["run_dir"], base.name if base is not None else str(cfg.hub).split(":")[0],
+                     intended_use=f"fine-tuned on the feedback of {base.ref if base else cfg.hub}")
+        print(f"pushed {entry.ref} (use it: genframe generate hub={entry.ref})", flush=True)
+        result["hub"] = entry.ref
+    return result
+
+
+def _with_feedback_data(cfg: DictConfig) -> DictConfig:
+    """``finetune=feedback``: the training set built from the feedback store becomes
+    ``cfg.data`` (and its snapshot ``cfg._feedback_snapshot``, for run.json)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from genframe.runs import open_run
+    from genframe.tasks.common import model_version
+    from genframe.tasks.feedback import feedback_training_set
+
+    if cfg.get("_feedback_snapshot") is not None:  # a resumed run: its training set is built
+        return cfg
+    if cfg.get("data") is not None:
+        raise UserError("finetune=feedback builds its training set from the feedback store; "
+                        "give no data=")
+    if cfg.get("run") is None:
+        raise UserError("finetune=feedback needs the model as hub=NAME[:VERSION] or run=DIR "
+                        "(the version whose samples were rated)")
+    from genframe.feedback import FeedbackStore
+
+    node = cfg.feedback
+    run = open_run(cfg.run)
+    version = node.get("model_version") or model_version(cfg, run, run.path)
+    min_rating = node.get("min_rating", 0.5)
+    if isinstance(min_rating, bool) or not isinstance(min_rating, (int, float)) or not -1 <= min_rating <= 1:
+        raise UserError(f"feedback.min_rating must be a number in [-1, 1], got {min_rating!r}")
+    data, snapshot = feedback_training_set(
+        FeedbackStore(node.get("db")), str(version), Path(cfg.paths.output_dir),
+        min_rating=float(min_rating), use_corrections=bool(node.get("use_corrections", True)),
+        min_samples=int(node.get("min_samples", 8)), base_data=run.data_config)
+    print(f"feedback training set: {snapshot['samples']} samples of {version} "
+          f"({snapshot['corrected']} corrected) from {snapshot['store']}", flush=True)
+    with open_dict(cfg):
+        cfg.data = OmegaConf.create(data)
+        cfg._feedback_snapshot = snapshot
+    return cfg
 
 
 def prepare_finetuning(cfg: DictConfig) -> Prepared:
@@ -92,6 +139,8 @@ def prepare_finetuning(cfg: DictConfig) -> Prepared:
             if cfg.get(key) is not None:
                 raise UserError(f"{key}={cfg.get(key)}: only finetune=subject reads it; add "
                                 f"finetune=subject (and data.root=<the subject's images>)")
+        if choices["finetune"] == "feedback":
+            cfg = _with_feedback_data(cfg)
         model, run, weights, data, data_cfg = trained_model_and_data(cfg, "finetune")
 
     changes = dict(to_plain(cfg.finetune.get("hparams")) or {})
@@ -104,6 +153,8 @@ def prepare_finetuning(cfg: DictConfig) -> Prepared:
                                "finetune_choices": choices}
     if subject is not None:
         lineage["subject"] = subject
+    if choices["finetune"] == "feedback":
+        lineage["feedback_snapshot"] = to_plain(cfg.get("_feedback_snapshot"))
     if has_lora(model):
         merge_lora(model)
         lineage["merged_adapters_of_start"] = True
@@ -128,7 +179,7 @@ def prepare_finetuning(cfg: DictConfig) -> Prepared:
 
 
 #: The choices of the two groups: what is learned, and how.
-LEARNS = ("data", "subject")
+LEARNS = ("data", "subject", "feedback")
 METHODS = ("full", "lora")
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from genframe import hub
 from genframe.errors import UserError, did_you_mean
+from genframe.tasks.common import parse_key_values
 
 #: verb -> (required keys, optional keys, one line of help)
 VERBS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
@@ -40,21 +41,7 @@ run= also take hub=NAME[:VERSION] (e.g. genframe generate hub=digits-vae:1).
 
 def _parse(verb: str, args: list[str]) -> tuple[dict[str, str], bool]:
     required, optional, _ = VERBS[verb]
-    known = (*required, *optional)
-    opts: dict[str, str] = {}
-    as_json = False
-    for arg in args:
-        if arg == "--json":
-            as_json = True
-            continue
-        key, eq, value = arg.partition("=")
-        if not eq or arg.startswith("-"):
-            raise UserError(f"hub {verb}: {arg!r} is not key=value; see `genframe hub --help`")
-        if key not in known:
-            expected = ", ".join(f"{k}=" for k in known) or "no keys"
-            raise UserError(f"hub {verb}: unknown key {key!r}.{did_you_mean(key, known)} "
-                            f"Expected {expected}")
-        opts[key] = value
+    opts, as_json = parse_key_values(args, (*required, *optional), f"hub {verb}")
     missing = [k for k in required if not opts.get(k)]
     if missing:
         raise UserError(f"hub {verb}: give {' and '.join(f'{k}=...' for k in missing)}; "

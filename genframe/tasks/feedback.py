@@ -1,0 +1,222 @@
+"""The feedback loop's two ends: ``genframe feedback report`` (what people said, by model
+version, prompt and setting, with a plot) and the training set ``finetune=feedback``
+builds from well-rated samples and corrected texts.
+
+Fine-tuning on the samples people rated well (and on their corrections) is the
+rejection-sampling form of learning from feedback (RAFT, Dong et al. 2023,
+https://arxiv.org/abs/2304.06767; the "best-of-n" fine-tuning of Touvron et al. 2023,
+https://arxiv.org/abs/2307.09288): the model is pulled toward what was preferred.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from genframe.errors import UserError, did_you_mean
+from genframe.feedback import FeedbackStore
+from genframe.files import atomic_write_bytes, atomic_write_json
+from genframe.tasks.common import parse_key_values
+
+SNAPSHOT = "feedback_snapshot.json"
+DATA_DIR = "feedback_data"
+
+
+# -- the training set -------------------------------------------------------------------
+
+
+def feedback_training_set(store: FeedbackStore, model_version: str, out_dir: Path, *,
+                          min_rating: float, use_corrections: bool, min_samples: int,
+                          base_data: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write the samples of `model_version` rated at least `min_rating` (mean of their
+    ratings) and, for texts, the corrected texts into ``<out_dir>/feedback_data/``, and
+    return (the data config that reads them, the snapshot recorded with the run).
+
+    Images are copied as PNG files (an ``image_folder``, at the base data's size,
+    channels and grey levels); texts are written one sample per document (``text``
+    data from that file): the prompt followed by the output, or by the corrected text
+    where one was given.
+
+    Raises:
+        UserError: fewer than `min_samples` usable samples; a class-conditional image
+            model (labels are not kept yet); an image file that is gone.
+    """
+    rated = store.rated_samples(model_version)
+    chosen = [r for r in rated
+              if (r["rating"] is not None and r["rating"] >= min_rating)
+              or (use_corrections and r["kind"] == "text" and r["corrected_text"])]
+    if len(chosen) < min_samples:
+        versions = sorted({str(r.get("model_version")) for r in store.rated_samples()})
+        raise UserError(
+            f"finetune=feedback: {len(chosen)} samples of {model_version} are rated >= "
+            f"feedback.min_rating={min_rating}{' or corrected' if use_corrections else ''}; at "
+            f"least feedback.min_samples={min_samples} are needed (the store {store.path} has "
+            f"{len(rated)} rated samples of it; rated versions: {', '.join(versions) or 'none'})")
+    kinds = {r["kind"] for r in chosen}
+    folder = out_dir / DATA_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if kinds == {"text"}:
+        documents = [(r.get("prompt") or "") + (r["corrected_text"] if use_corrections and r["corrected_text"]
+                                                 else (r.get("output") or "")) for r in chosen]
+        path = folder / "texts.jsonl"
+        atomic_write_bytes(path, "".join(json.dumps({"text": d}) + "\n" for d in documents).encode())
+        data = {**_keep(base_data, ("tokenizer", "block_size", "batch_size")),
+                "name": "text", "source": "jsonl", "path": str(path)}
+    elif kinds == {"image"}:
+        if any((r.get("condition") or {}).get("label") is not None for r in chosen):
+            raise UserError("finetune=feedback: class-conditional image models are not supported "
+                            "yet (their labels would need to be kept); fine-tune an unconditional one")
+        for r in chosen:
+            source = Path(r.get("file") or "")
+            if not source.is_file():
+                raise UserError(f"finetune=feedback: the image of sample {r['id']} ({source}) is gone; "
+                                "remove its feedback or generate and rate again")
+            shutil.copyfile(source, folder / f"{r['id']}.png")
+        base = base_data or {}
+        data = {"name": "image_folder", "root": str(folder), "labels": False,
+                "image_size": base.get("image_size", 32), "channels": base.get("channels", 3),
+                "num_levels": base.get("num_levels", 256),
+                "batch_size": min(int(base.get("batch_size", 64)), max(1, len(chosen) // 2)),
+                "test_fraction": 0.0}
+    else:
+        raise UserError(f"finetune=feedback: the rated samples of {model_version} mix images and texts")
+    ids = sorted(r["id"] for r in chosen)
+    snapshot = {
+        "store": str(store.path), "model_version": model_version, "min_rating": min_rating,
+        "use_corrections": use_corrections, "samples": len(chosen),
+        "corrected": sum(bool(r["corrected_text"]) for r in chosen),
+        "rated_samples_of_version": len(rated),
+        "feedback_rows_up_to": max((f["id"] for f in store.feedback()), default=0),
+        "sample_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+    }
+    atomic_write_json(out_dir / SNAPSHOT, {**snapshot, "sample_ids": ids})
+    return data, snapshot
+
+
+def _keep(node: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: node[k] for k in keys if node and node.get(k) is not None}
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def summarize(store: FeedbackStore, model_version: str | None = None) -> dict[str, Any]:
+    """Ratings by model version, by prompt (text) or condition, and by sampling setting:
+    for each group the samples rated, the mean rating and the share rated up."""
+    rows = store.rated_samples(model_version)
+    groups: dict[str, dict[str, list[float]]] = {"version": defaultdict(list), "prompt": defaultdict(list),
+                                                 "setting": defaultdict(list)}
+    for r in rows:
+        if r["rating"] is None:
+            continue
+        groups["version"][str(r["model_version"])].append(r["rating"])
+        key = r["prompt"] if r["prompt"] is not None else json.dumps(r["condition"] or {}, sort_keys=True)
+        groups["prompt"][key].append(r["rating"])
+        settings = r["settings"] or {}
+        shown = {k: settings[k] for k in ("temperature", "top_k", "top_p", "steps", "guidance",
+                                          "truncation", "max_new_tokens") if settings.get(k) is not None}
+        groups["setting"][json.dumps(shown, sort_keys=True)].append(r["rating"])
+
+    def table(values: dict[str, list[float]]) -> list[dict[str, Any]]:
+        return sorted(({"key": k, "samples": len(v), "mean_rating": sum(v) / len(v),
+                        "rated_up": sum(x > 0 for x in v) / len(v)} for k, v in values.items()),
+                      key=lambda row: (-row["samples"], row["key"]))
+
+    counts = store.counts()
+    return {"store": str(store.path), "samples": counts["samples"], "feedback": counts["feedback"],
+            "rated_samples": len(rows), "corrected": sum(bool(r["corrected_text"]) for r in rows),
+            "flags": sum(len(r["flags"]) for r in rows),
+            **{f"by_{name}": table(values) for name, values in groups.items()}}
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """A bar chart of the mean rating and the share rated up per model version (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["by_version"]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.5), dpi=100)
+    labels = [r["key"] if len(r["key"]) <= 28 else "..." + r["key"][-25:] for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["mean_rating"] for r in rows], width=0.4, label="mean rating (-1..1)")
+    ax.bar([i + 0.2 for i in x], [r["rated_up"] for r in rows], width=0.4, label="share rated up")
+    for i, r in enumerate(rows):
+        ax.annotate(f"n={r['samples']}", (i, 1.02), ha="center", fontsize=8)
+    ax.set_xticks(list(x), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(-1, 1.15)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set_title("feedback by model version")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+HELP = """usage: genframe feedback report [db=FILE] [model=VERSION] [out=DIR] [--json]
+
+What people said about generated samples (the feedback store: db=, $GENFRAME_FEEDBACK,
+or the genframe cache's feedback.sqlite): ratings by model version, by prompt and by
+sampling setting. out=DIR also writes report.json and ratings.png (a plot by version).
+model=VERSION keeps one version (hub:NAME:VERSION or a run directory).
+"""
+KEYS = ("db", "model", "out")
+
+
+def main(args: list[str]) -> int:
+    """``genframe feedback report key=value ...``; returns the exit status."""
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    verb, rest = args[0], args[1:]
+    if verb != "report":
+        raise UserError(f"feedback {verb}: unknown command.{did_you_mean(verb, ['report'])} "
+                        "Use: genframe feedback report")
+    opts, as_json = parse_key_values(rest, KEYS, "feedback report")
+    db = opts.get("db")
+    if db is not None and not Path(db).expanduser().is_file():
+        raise UserError(f"feedback report: db={db}: no such file")
+    store = FeedbackStore(db)
+    summary = summarize(store, opts.get("model"))
+    if opts.get("out"):
+        out = Path(opts["out"]).expanduser()
+        if out.exists() and not out.is_dir():
+            raise UserError(f"feedback report: out={out} is a file, not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        summary["plot"] = str(plot(summary, out / "ratings.png"))
+        atomic_write_json(out / "report.json", summary)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(_text(summary))
+    sys.stdout.flush()
+    return 0
+
+
+def _text(summary: dict[str, Any]) -> str:
+    lines = [f"feedback store {summary['store']}: {summary['samples']} samples, "
+             f"{summary['feedback']} feedback rows, {summary['rated_samples']} samples rated "
+             f"({summary['corrected']} corrected, {summary['flags']} flags)"]
+    for name in ("version", "prompt", "setting"):
+        rows = summary[f"by_{name}"]
+        if not rows:
+            continue
+        lines += ["", f"by {name}:", f"  {'samples':>7}  {'mean':>6}  {'up':>5}  {name}"]
+        for r in rows[:20]:
+            key = r["key"].replace("\n", "\\n")
+            lines.append(f"  {r['samples']:>7}  {r['mean_rating']:>6.2f}  {r['rated_up']:>5.0%}  "
+                         f"{key[:70]}")
+        if len(rows) > 20:
+            lines.append(f"  ... {len(rows) - 20} more (--json for all)")
+    if "plot" in summary:
+        lines += ["", f"plot: {summary['plot']}"]
+    return "\n".join(lines)
