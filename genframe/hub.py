@@ -47,7 +47,9 @@ EVALUATIONS = "evaluations.jsonl"
 #: What a push copies from the run directory (the first three must be there), besides
 #: the LoRA adapters (`genframe.lora.ADAPTER_FILE`; imported when used: it needs torch,
 #: which `genframe hub list` should not wait for).
-COPIED = (RUN_INFO, CONFIG, WEIGHTS, METRICS, TOKENIZER, EVALUATIONS)
+#: The ids of the rated samples a finetune=feedback run trained on (`genframe.tasks.feedback`).
+FEEDBACK_SNAPSHOT = "feedback_snapshot.json"
+COPIED = (RUN_INFO, CONFIG, WEIGHTS, METRICS, TOKENIZER, EVALUATIONS, FEEDBACK_SNAPSHOT)
 REQUIRED = (RUN_INFO, CONFIG, WEIGHTS)
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
 _LOCK = ".lock"
@@ -56,7 +58,8 @@ _TMP = ".tmp-"
 #: Assumed mean power draw of one device while training, for the energy estimate (W).
 POWER_W = {"cpu": 65.0, "cuda": 300.0}
 #: run.json keys that record where a run came from.
-LINEAGE_KEYS = ("started_from", "resumed_from", "resume", "resumes", "subject_from", "lineage")
+LINEAGE_KEYS = ("started_from", "resumed_from", "resume", "resumes", "subject_from", "lineage",
+                "feedback_snapshot")
 
 
 @dataclass(frozen=True)
@@ -393,6 +396,8 @@ def pull(ref: Any, out: str | os.PathLike) -> Path:
         raise UserError(f"out={out} already exists; give a new (or empty) folder "
                         "(nothing was written)")
     _writable(out.parent, "the folder")
+    for stale in out.parent.glob(f".{out.name}{_TMP}*"):  # what a killed pull into `out` left
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}{_TMP}{uuid.uuid4().hex[:8]}"
     try:
         shutil.copytree(entry.path, tmp)

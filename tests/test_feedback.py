@@ -54,6 +54,8 @@ def test_report_groups_by_version_prompt_and_setting(env, tmp_path, capsys):
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["rated_samples"] == 2 + 1
     assert main(["feedback", "report", "model=hub:lm:2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rated_samples"] == 1
+    assert main(["feedback", "report", "model=hub:lm:9"]) == 2
+    assert "rated versions: hub:lm:1, hub:lm:2" in capsys.readouterr().err
     assert main(["feedback", "report", "bad=1"]) == 2
     assert main(["feedback", "report", f"db={tmp_path / 'none.sqlite'}"]) == 2
     assert main(["feedback", "reprot"]) == 2
@@ -81,11 +83,11 @@ def test_text_training_set_keeps_liked_samples_and_corrections(tmp_path, env):
                               min_samples=3, base_data=None)
     with pytest.raises(UserError, match="rated versions: run-a"):
         feedback_training_set(store, "other", tmp_path, min_rating=0.5, use_corrections=True,
-                              min_samples=1, base_data=None)
+                              min_samples=0, base_data=None)
 
 
 def test_finetune_on_feedback_pushes_the_next_version(tiny_vae_run, env, cli, tmp_path):
-    hub.push(tiny_vae_run, "digits")
+    hub.push(tiny_vae_run, "digits", license="apache-2.0")
     made = cli("generate", "hub=digits", "num_samples=12", f"hydra.run.dir={tmp_path / 'gen'}", env=env)
     assert made.returncode == 0, made.stderr
     rows = [json.loads(line) for line in (tmp_path / "gen" / "samples" / "manifest.jsonl").read_text().splitlines()]
@@ -111,4 +113,7 @@ def test_finetune_on_feedback_pushes_the_next_version(tiny_vae_run, env, cli, tm
     assert snapshot["samples"] == 6 and snapshot["model_version"] == "hub:digits:1"
     assert info["finetune_choices"] == {"finetune": "feedback", "method": "lora"}
     entry = hub.verified("digits:2")
-    assert entry.card()["lineage"]
+    card = entry.card()
+    assert card["lineage"]["feedback_snapshot"]["samples"] == 6
+    assert sorted(json.loads((entry.path / "feedback_snapshot.json").read_text())["sample_ids"]) == sorted(liked)
+    assert card["license"] == "apache-2.0"

@@ -193,8 +193,11 @@ def test_rm_and_versions_are_never_reused(run_dir, hub_root, capsys):
 def test_pull_copies_a_verified_entry(run_dir, hub_root, tmp_path, capsys):
     hub.push(run_dir, "vae")
     out = tmp_path / "pulled"
+    killed = tmp_path / ".pulled.tmp-deadbeef"  # what a pull killed mid-copy leaves
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
     code, _, _ = hub_cli("pull", "name=vae", f"out={out}", capsys=capsys)
-    assert code == 0
+    assert code == 0 and not killed.exists()
     assert (out / "model.safetensors").read_bytes() == (run_dir / "model.safetensors").read_bytes()
     hub.verify(hub.Entry("vae", 1, out))
     code, _, err = hub_cli("pull", "name=vae", f"out={out}", capsys=capsys)

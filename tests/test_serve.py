@@ -124,12 +124,60 @@ def test_openai_completions_chat_and_streaming(client):
      AUTH, 422, "role"),
     ("post", "/feedback", {"sample_id": "nope", "rating": 1}, AUTH, 404, "no generated sample has id"),
     ("post", "/feedback", {"sample_id": "x", "rating": 5}, AUTH, 422, "rating"),
+    ("post", "/feedback", {"sample_id": "x", "rating": True}, AUTH, 422, "rating"),
+    ("post", "/generate", {"model": "lm", "prompt": "a\ud800b"}, AUTH, 422, "lone surrogate"),
+    ("post", "/v1/chat/completions", {"model": "lm", "messages": [{"role": "user", "content": "\udfff"}]},
+     AUTH, 422, "lone surrogate"),
+    ("post", "/generate", {"model": "digits", "sampling": {"temperature": float("inf")}}, AUTH, 422,
+     "temperature"),
+    ("post", "/v1/completions", {"model": "lm", "prompt": "x" * 200, "stream": True, "max_tokens": 2},
+     AUTH, 400, "context"),
+    ("get", "/docs", None, {}, 401, "bearer token"),
+    ("get", "/v1/models/nope", None, AUTH, 404, "no model named 'nope'"),
     ("get", "/nothing", None, AUTH, 404, "Not Found"),
 ])
 def test_bad_requests_get_a_4xx_with_a_reason(client, method, path, body, headers, status, said):
-    r = getattr(client, method)(path, headers=headers, **({"json": body} if body is not None else {}))
+    # json.dumps escapes a lone surrogate as \\ud800, as a client's JSON encoder would.
+    sent = {"content": json.dumps(body).encode(), "headers": {**headers, "content-type": "application/json"}} \
+        if body is not None else {"headers": headers}
+    r = client.request(method.upper(), path, **sent)
     assert r.status_code == status, r.text
     assert said in r.json()["detail"] and r.json()["error"]["message"] == r.json()["detail"]
+
+
+def test_openai_extras(client, app):
+    assert client.get("/v1/models/lm", headers=AUTH).json()["id"] == "lm"
+    r = client.post("/v1/chat/completions", headers=AUTH, json={
+        "model": "lm", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_completion_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+            "model": "lm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "stream": True, "stream_options": {"include_usage": True}}) as s:
+        chunks = [json.loads(line.removeprefix("data: ")) for line in s.iter_lines()
+                  if line and line != "data: [DONE]"]
+    assert [("role" in c["choices"][0]["delta"]) for c in chunks].count(True) == 1
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+    image = client.post("/generate", json={"model": "digits"}, headers=AUTH).json()["samples"][0]["id"]
+    r = client.post("/feedback", headers=AUTH, json={"sample_id": image, "corrected_text": "a 3"})
+    assert r.status_code == 400 and "is an image" in r.json()["detail"]
+
+
+def test_anonymous_and_oversized_bodies_are_refused_before_they_are_parsed(client):
+    """Bodies that are not JSON: a 401 or 413 (not the 422 parsing would give) shows the
+    token and the size were checked first; the chunked body has no Content-Length to
+    refuse up front, so its bytes are counted as they come."""
+    def chunked():
+        for _ in range(500):
+            yield b"x" * 1024
+
+    r = client.post("/feedback", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 401
+    r = client.post("/feedback", content=chunked(), headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and "max_body_bytes=4096" in r.json()["detail"]
+    r = client.post("/feedback", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401
 
 
 def test_malformed_and_oversized_bodies(client):
@@ -324,3 +372,31 @@ def test_serve_command_refuses_bad_setups(cli, tiny_vae_run, tmp_path):
     assert unknown.returncode == 2 and "nothing-here" in unknown.stderr
     clash = cli("serve", f"run={tiny_vae_run}", f"models.vae={tiny_vae_run}", f"port={_free_port()}")
     assert clash.returncode == 2 and "taken" in clash.stderr
+
+
+def test_serve_stops_cleanly_on_sigterm(tiny_vae_run, tmp_path):
+    """SIGTERM is how services are stopped: exit status 0, run.json completed."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.conftest import GENFRAME
+
+    env = {**os.environ, "GENFRAME_FEEDBACK": str(tmp_path / "fb.sqlite")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    server = subprocess.Popen([*GENFRAME, "serve", f"run={tiny_vae_run}", f"port={_free_port()}",
+                               f"hydra.run.dir={tmp_path / 'srv'}"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        while line and not line.startswith("serving"):
+            line = server.stdout.readline()
+        assert line.startswith("serving"), server.stderr.read()
+        time.sleep(1)
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == 0, err
+    assert "stopped" in out
+    assert json.loads((tmp_path / "srv" / "run.json").read_text())["status"] == "completed"

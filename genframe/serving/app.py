@@ -31,13 +31,24 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 from starlette.exceptions import HTTPException
 
 from genframe.errors import UserError
@@ -49,7 +60,8 @@ from genframe.serving.worker import Job
 
 log = logging.getLogger(__name__)
 
-Scalar = StrictInt | StrictFloat | StrictBool | StrictStr | None
+Finite = Annotated[float, Strict(), AllowInfNan(False)]
+Scalar = StrictInt | Finite | StrictBool | StrictStr | None
 # Sampling options that are objects, not JSON values (or belong to the server).
 RESERVED = ("stream", "sampler", "init_image", "generator")
 MAX_SEED = 2**63 - 1
@@ -67,7 +79,34 @@ class ApiError(Exception):
 # -- request bodies --------------------------------------------------------------------
 
 
-class GenerateRequest(BaseModel):
+class _Body(BaseModel):
+    """A request body: every text in it must be valid Unicode (JSON's "\\ud800" escapes
+    can carry a lone surrogate, which no tokenizer, file or database takes)."""
+
+    @model_validator(mode="after")
+    def _unicode(self):
+        def walk(value: Any, where: str) -> None:
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{where} is not valid Unicode (it holds a lone surrogate)") from None
+            elif isinstance(value, BaseModel):
+                for key in type(value).model_fields:
+                    walk(getattr(value, key), f"{where}.{key}" if where else key)
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    walk(key, where)
+                    walk(item, f"{where}.{key}")
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    walk(item, f"{where}[{i}]")
+
+        walk(self, "")
+        return self
+
+
+class GenerateRequest(_Body):
     model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = Field(None, description="the served model's name (optional with one)")
     num_samples: StrictInt = Field(1, ge=1)
@@ -78,14 +117,16 @@ class GenerateRequest(BaseModel):
     sampling: dict[StrictStr, Scalar] = Field(default_factory=dict)
 
 
-class _TextRequest(BaseModel):
+class _TextRequest(_Body):
     """The fields OpenAI's completion and chat requests share."""
 
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send more (logprobs, user, ...)
     model: StrictStr | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: StrictFloat | StrictInt = Field(1.0, ge=0, le=10)
-    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
+    temperature: Finite | StrictInt = Field(1.0, ge=0, le=10)
+    top_p: Finite | StrictInt | None = Field(None, gt=0, le=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # OpenAI's newer name of max_tokens
+    stream_options: dict[StrictStr, StrictBool] | None = None
     n: StrictInt = Field(1, ge=1)
     stream: StrictBool = False
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
@@ -96,23 +137,40 @@ class CompletionRequest(_TextRequest):
     stop: StrictStr | list[StrictStr] | None = None
 
 
-class Message(BaseModel):
+class ContentPart(_Body):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(_Body):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    content: StrictStr | list[ContentPart]
+
+    def text(self) -> str:
+        """The content as one text (OpenAI's list of text parts joined)."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatRequest(_TextRequest):
     messages: list[Message] = Field(min_length=1)
 
 
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FeedbackRequest(_Body):
+    model_config = ConfigDict(extra="forbid", strict=True)  # "rating": true is not 1
     sample_id: StrictStr = Field(min_length=1, max_length=64)
     rating: Literal[-1, 0, 1] | None = None
     flag: StrictStr | None = Field(None, min_length=1, max_length=64)
     corrected_text: StrictStr | None = Field(None, max_length=100_000)
     comment: StrictStr | None = Field(None, max_length=10_000)
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # True == 1 in Python; a rating is -1, 0 or 1
+            raise ValueError("rating must be -1, 0 or 1 (a number, not true/false)")
+        return value
 
 
 # -- the app -------------------------------------------------------------------------------
@@ -167,25 +225,14 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
     app = FastAPI(title="genframe", version=_version(), docs_url="/docs", redoc_url=None)
     app.state.models, app.state.metrics, app.state.store = models, metrics, store
 
-    def check_token(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(), token.encode()):
-            raise ApiError(401, "a valid bearer token is needed: Authorization: Bearer <token>")
-
-    auth = [Depends(check_token)]
+    auth: list[Any] = []  # the token is checked by `_Guard`, before any body is read
+    app.add_middleware(_Guard, token=token, max_body=int(limits.max_body_bytes))
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
         route = _route(request)
         started = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            response = _error(413, f"the request body is over limits.max_body_bytes={limits.max_body_bytes}")
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         metrics.latency.labels(route).observe(time.perf_counter() - started)
         metrics.requests.labels(route, str(response.status_code)).inc()
         if response.status_code >= 400:
@@ -230,10 +277,17 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_object(m: ServedModel) -> dict[str, Any]:
+        return {"id": m.name, "object": "model", "created": 0, "owned_by": "genframe",
+                "genframe": m.describe()}
+
     @app.get("/v1/models", dependencies=auth)
     def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": m.name, "object": "model", "owned_by": "genframe",
-                                            "genframe": m.describe()} for m in models.values()]}
+        return {"object": "list", "data": [model_object(m) for m in models.values()]}
+
+    @app.get("/v1/models/{name}", dependencies=auth)
+    def get_model(name: str) -> dict[str, Any]:
+        return model_object(pick(name))
 
     # -- generation ------------------------------------------------------------------------
 
@@ -349,7 +403,7 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
                 "samples": out}
 
     def completion(sm: ServedModel, prompts: list[str], *, n: int, seed: int | None, stream: bool,
-                   options: dict[str, Any], kind: str, chat: bool):
+                   options: dict[str, Any], kind: str, chat: bool, usage: bool = False):
         """Run the prompts (n each) and answer in OpenAI's shapes (or stream them)."""
         check_count(len(prompts) * n)
         created = int(time.time())
@@ -357,8 +411,7 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
         if stream:
             if len(prompts) * n != 1:
                 raise ApiError(400, "stream=true takes one prompt and n=1")
-            return StreamingResponse(_stream(sm, prompts[0], seed, options, ident, created, chat, record),
-                                     media_type="text/event-stream")
+            return _stream(sm, prompts[0], seed, options, ident, created, chat, record, usage)
         futures = [sm.worker.submit(Job(n, prompt=p, seed=seed, sampling=options)) for p in prompts]
         results = []
         for future in futures:
@@ -393,10 +446,10 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
             raise ApiError(400, "prompt: give a text or a list of texts")
         for p in prompts:
             check_prompt(p)
-        options = text_options(sm, body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                               stop=body.stop)
+        options = text_options(sm, body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+                               top_p=body.top_p, stop=body.stop)
         return completion(sm, prompts, n=body.n, seed=body.seed, stream=body.stream, options=options,
-                          kind="text_completion", chat=False)
+                          kind="text_completion", chat=False, usage=_include_usage(body))
 
     @app.post("/v1/chat/completions", dependencies=auth)
     def chat_completions(body: ChatRequest):
@@ -404,13 +457,13 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
         if sm.chat_template is None:
             raise ApiError(400, f"model {sm.name!r} is not a language model; it cannot chat")
         template = sm.chat_template
-        messages = [m.model_dump() for m in body.messages]
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         check_prompt("".join(m["content"] for m in messages))
         prompt = template.render(messages, add_generation_prompt=True)
-        options = text_options(sm, body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                               stop=list(template.stop) or None)
+        options = text_options(sm, body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+                               top_p=body.top_p, stop=list(template.stop) or None)
         return completion(sm, [prompt], n=body.n, seed=body.seed, stream=body.stream, options=options,
-                          kind="chat.completion", chat=True)
+                          kind="chat.completion", chat=True, usage=_include_usage(body))
 
     # -- feedback --------------------------------------------------------------------------
 
@@ -418,25 +471,50 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
     def feedback(body: FeedbackRequest) -> dict[str, Any]:
         if store is None:
             raise ApiError(503, "this server records no feedback (feedback.record=false)")
+        if body.corrected_text is not None:
+            sample = store.sample(body.sample_id)
+            if sample is not None and sample["kind"] != "text":
+                raise ApiError(400, f"corrected_text: sample {body.sample_id} is an image; a correction "
+                                    "is a text (rate it, or flag it)")
         row = store.add_feedback(body.sample_id, rating=body.rating, flag=body.flag,
                                  corrected_text=body.corrected_text, comment=body.comment)
         metrics.feedback.labels(str(body.rating)).inc()
         return {"id": row, "sample_id": body.sample_id, "stored": True}
 
     def _stream(sm: ServedModel, prompt: str, seed: int | None, options: dict[str, Any], ident: str,
-                created: int, chat: bool, record_fn) -> Iterator[str]:
+                created: int, chat: bool, record_fn, usage: bool) -> StreamingResponse:
         """Server-sent events: each new piece of text as it is made, then the final chunk
-        (with the finish reason and the sample id) and ``[DONE]``."""
+        (with the finish reason and the sample id; with ``usage`` the token counts) and
+        ``[DONE]``. The job starts before the response: a request the model refuses
+        before its first piece is a 400, as without streaming."""
         pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
         job = Job(1, prompt=prompt, seed=seed, sampling=options,
                   stream=lambda row, piece: pieces.put(("piece", piece)))
         future = sm.worker.submit(job)
         future.add_done_callback(lambda f: pieces.put(("done", None)))
         kind = "chat.completion.chunk" if chat else "text_completion"
+        deadline = time.monotonic() + limits.timeout_s
+
+        def next_event() -> tuple[str, Any]:
+            try:
+                return pieces.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return "timeout", None
+
+        first = next_event()
+        if first[0] == "timeout":
+            future.cancel()
+            raise ApiError(503, f"the request waited over limits.timeout_s={limits.timeout_s} s")
+        if first[0] == "done" and future.exception() is not None:
+            exc = future.exception()
+            raise ApiError(400, str(exc) if isinstance(exc, UserError)
+                           else f"the model refused the request: {exc}")
 
         def event(delta: str | None, reason: str | None = None, **more: Any) -> str:
             if chat:
-                content = {"role": "assistant", "content": delta} if delta is not None else {}
+                content = {} if delta is None else {"content": delta}
+                if not sent_role:
+                    content = {"role": "assistant", **content}
                 choice = {"index": 0, "delta": content, "finish_reason": reason}
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
@@ -444,27 +522,104 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
                     "choices": [{**choice, **more}]}
             return f"data: {json.dumps(body)}\n\n"
 
-        deadline = time.monotonic() + limits.timeout_s
-        while True:
-            try:
-                what, piece = pieces.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+        sent_role = False
+
+        def events() -> Iterator[str]:
+            nonlocal sent_role
+            what, piece = first
+            while what == "piece":
+                yield event(piece)
+                sent_role = True
+                what, piece = next_event()
+            if what == "timeout":
                 yield f"data: {json.dumps({'error': {'message': 'timed out'}})}\n\n"
                 return
-            if what == "done":
-                break
-            yield event(piece)
-        try:
-            samples = future.result()
-        except Exception as exc:
-            yield f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n"
-            return
-        ids = record_fn(sm, samples, prompts=[prompt], settings=dict(options))
-        reason = samples.per_sample.get("finish_reasons", ["length"])[0]
-        yield event(None, reason, sample_id=ids[0])
-        yield "data: [DONE]\n\n"
+            try:
+                samples = future.result()
+            except Exception as exc:  # failed after the first piece: the status is sent
+                yield f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n"
+                return
+            ids = record_fn(sm, samples, prompts=[prompt], settings=dict(options))
+            reason = samples.per_sample.get("finish_reasons", ["length"])[0]
+            final = event(None, reason, sample_id=ids[0])
+            if usage:
+                prompt_tokens = samples.per_sample.get("prompt_tokens", [0])[0]
+                made = samples.per_sample.get("tokens_generated", [0])[0]
+                body = json.loads(final.removeprefix("data: "))
+                body["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": made,
+                                 "total_tokens": prompt_tokens + made}
+                final = f"data: {json.dumps(body)}\n\n"
+            yield final
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+class _BodyTooLarge(BaseException):
+    """Raised from `_Guard`'s receive when a body grows past the limit (a BaseException,
+    so no handler inside the app turns it into a 500)."""
+
+
+class _Guard:
+    """ASGI middleware in front of the app: the bearer token (every path but `PUBLIC`) and
+    the body size are checked before the app reads a byte of the body, so an anonymous
+    or oversized request (a declared Content-Length, or a chunked body as it arrives)
+    costs nothing."""
+
+    PUBLIC = ("/", "/health")
+
+    def __init__(self, app, *, token: str | None, max_body: int) -> None:
+        self.app = app
+        self.token = token
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if self.token is not None and scope["path"] not in self.PUBLIC:
+            scheme, _, value = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(),
+                                                                        self.token.encode()):
+                await _error(401, "a valid bearer token is needed: Authorization: Bearer <token>")(
+                    scope, receive, send)
+                return
+        too_large = _error(413, f"the request body is over limits.max_body_bytes={self.max_body}")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await too_large(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await too_large(scope, receive, send)
+
+
+def _include_usage(body: _TextRequest) -> bool:
+    """OpenAI's ``stream_options: {"include_usage": true}``."""
+    return bool((body.stream_options or {}).get("include_usage"))
 
 
 def _route(request: Request) -> str:

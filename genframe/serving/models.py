@@ -33,8 +33,11 @@ class Limits:
 
     def __post_init__(self) -> None:
         for key, value in vars(self).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise UserError(f"limits.{key} must be a positive number, got {value!r}")
+            whole = key != "timeout_s"
+            kind = int if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                raise UserError(f"limits.{key} must be a positive {'integer' if whole else 'number'}, "
+                                f"got {value!r}")
 
 
 @dataclass

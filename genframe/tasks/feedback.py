@@ -21,9 +21,9 @@ from typing import Any
 from genframe.errors import UserError, did_you_mean
 from genframe.feedback import FeedbackStore
 from genframe.files import atomic_write_bytes, atomic_write_json
+from genframe.hub import FEEDBACK_SNAPSHOT as SNAPSHOT
 from genframe.tasks.common import parse_key_values
 
-SNAPSHOT = "feedback_snapshot.json"
 DATA_DIR = "feedback_data"
 
 
@@ -50,7 +50,7 @@ def feedback_training_set(store: FeedbackStore, model_version: str, out_dir: Pat
     chosen = [r for r in rated
               if (r["rating"] is not None and r["rating"] >= min_rating)
               or (use_corrections and r["kind"] == "text" and r["corrected_text"])]
-    if len(chosen) < min_samples:
+    if len(chosen) < max(1, min_samples):
         versions = sorted({str(r.get("model_version")) for r in store.rated_samples()})
         raise UserError(
             f"finetune=feedback: {len(chosen)} samples of {model_version} are rated >= "
@@ -66,8 +66,10 @@ def feedback_training_set(store: FeedbackStore, model_version: str, out_dir: Pat
                                                  else (r.get("output") or "")) for r in chosen]
         path = folder / "texts.jsonl"
         atomic_write_bytes(path, "".join(json.dumps({"text": d}) + "\n" for d in documents).encode())
+        # A small set: a quarter held out to pick the checkpoint, none for a test split.
         data = {**_keep(base_data, ("tokenizer", "block_size", "batch_size")),
-                "name": "text", "source": "jsonl", "path": str(path)}
+                "name": "text", "source": "jsonl", "path": str(path), "val_fraction": 0.25,
+                "test_fraction": 0.0}
     elif kinds == {"image"}:
         if any((r.get("condition") or {}).get("label") is not None for r in chosen):
             raise UserError("finetune=feedback: class-conditional image models are not supported "
@@ -83,7 +85,7 @@ def feedback_training_set(store: FeedbackStore, model_version: str, out_dir: Pat
                 "image_size": base.get("image_size", 32), "channels": base.get("channels", 3),
                 "num_levels": base.get("num_levels", 256),
                 "batch_size": min(int(base.get("batch_size", 64)), max(1, len(chosen) // 2)),
-                "test_fraction": 0.0}
+                "val_fraction": 0.2, "test_fraction": 0.0}
     else:
         raise UserError(f"finetune=feedback: the rated samples of {model_version} mix images and texts")
     ids = sorted(r["id"] for r in chosen)
@@ -187,6 +189,10 @@ def main(args: list[str]) -> int:
         raise UserError(f"feedback report: db={db}: no such file")
     store = FeedbackStore(db)
     summary = summarize(store, opts.get("model"))
+    if opts.get("model") and not summary["rated_samples"]:
+        versions = sorted({r["key"] for r in summarize(store)["by_version"]})
+        raise UserError(f"feedback report: no rated samples of model={opts['model']} in {store.path}; "
+                        f"rated versions: {', '.join(versions) or 'none'}")
     if opts.get("out"):
         out = Path(opts["out"]).expanduser()
         if out.exists() and not out.is_dir():

@@ -78,8 +78,12 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         from genframe.hub import entry_at, push
 
         base = entry_at(cfg.run)
+        card = base.card() if base is not None else {}
         entry = push(result["run_dir"], base.name if base is not None else str(cfg.hub).split(":")[0],
-                     intended_use=f"fine-tuned on the feedback of {base.ref if base else cfg.hub}")
+                     license=card.get("license"),
+                     intended_use=f"fine-tuned on the feedback of {base.ref if base else cfg.hub}: "
+                                  f"{card.get('intended_use') or 'as the base model'}",
+                     limitations=card.get("limitations"))
         print(f"pushed {entry.ref} (use it: genframe generate hub={entry.ref})", flush=True)
         result["hub"] = entry.ref
     return result
@@ -114,6 +118,7 @@ def _with_feedback_data(cfg: DictConfig) -> DictConfig:
         FeedbackStore(node.get("db")), str(version), Path(cfg.paths.output_dir),
         min_rating=float(min_rating), use_corrections=bool(node.get("use_corrections", True)),
         min_samples=int(node.get("min_samples", 8)), base_data=run.data_config)
+    data.update(to_plain(node.get("data")) or {})  # feedback.data.*: the built data's settings
     print(f"feedback training set: {snapshot['samples']} samples of {version} "
           f"({snapshot['corrected']} corrected) from {snapshot['store']}", flush=True)
     with open_dict(cfg):

@@ -39,6 +39,11 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     sources = _sources(cfg)
     limits = Limits(**to_plain(cfg.limits))
     batching = to_plain(cfg.batching)
+    size, window = batching.get("max_batch_size"), batching.get("window_ms")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"batching.max_batch_size must be an integer >= 1, got {size!r}")
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window <= 10_000:
+        raise UserError(f"batching.window_ms must be a number of milliseconds in [0, 10000], got {window!r}")
     token = cfg.get("token") or os.environ.get(TOKEN_ENV) or None
     host, port = str(cfg.host), int(cfg.port)
     _check_port(host, port)
@@ -59,10 +64,12 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
           f"/v1/completions, /v1/chat/completions, /feedback, /metrics); Ctrl-C stops",
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    from genframe.tasks import Terminated
+
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn stops cleanly on Ctrl-C / SIGTERM, then raises it again
-        pass
+    except (KeyboardInterrupt, Terminated):  # uvicorn stops cleanly on Ctrl-C / SIGTERM,
+        pass                                 # then raises the signal again
     finally:
         for m in served:
             m.worker.close()
@@ -114,6 +121,9 @@ def _check_port(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+        except socket.gaierror:
+            raise UserError(f"host={host}: not an address or a name this machine can resolve; "
+                            "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
         except OSError as exc:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose "
                             "another port=... (or stop what uses it)") from None
