@@ -138,8 +138,16 @@ def summarize(store: FeedbackStore, model_version: str | None = None) -> dict[st
 
 
 def plot(summary: dict[str, Any], path: Path) -> Path:
-    """A bar chart of the mean rating and the share rated up per model version (PNG)."""
-    import matplotlib
+    """A bar chart of the mean rating and the share rated up per model version (PNG).
+
+    Raises:
+        UserError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("the plot of feedback report out=... needs matplotlib: "
+                        "pip install 'genframe[serve]' (or leave out out=)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

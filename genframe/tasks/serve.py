@@ -30,6 +30,7 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         UserError: no model or a bad one, a bad limit, a port that is taken.
     """
+    _check_installed()
     import uvicorn
 
     from genframe.feedback import FeedbackStore
@@ -76,6 +77,15 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     update_run(out_dir, status="completed")
     print("stopped", flush=True)
     return {"run_dir": out_dir, "metrics": {}, "models": versions}
+
+
+def _check_installed() -> None:
+    """Refuse, naming the extra, when the serving libraries are not installed."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"genframe serve needs {', '.join(missing)}: pip install 'genframe[serve]'")
 
 
 def _sources(cfg: DictConfig) -> dict[str, str]:
