@@ -22,10 +22,12 @@ malformed body, 503 a request that waited longer than ``limits.timeout_s``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import queue
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -648,3 +650,35 @@ def _version() -> str:
 
     return __version__
 
+
+@contextlib.contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` with uvicorn in a background thread for the duration of the block;
+    yields its base URL (``http://host:port``). Port 0 takes a free one. For notebooks,
+    benchmarks and tests; `genframe serve` runs uvicorn in the foreground.
+
+    Raises:
+        RuntimeError: the server did not start within 30 s.
+    """
+    import socket
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, name="genframe-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    if not server.started:
+        server.should_exit = True
+        raise RuntimeError(f"the server on {host}:{port} did not start")
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
