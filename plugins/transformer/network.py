@@ -290,7 +290,8 @@ class PastKeyValues:
         return k, v
 
     def advance(self, n: int) -> None:
-        pass
+        """`KVCache.advance`'s counterpart: nothing to count here, as each call of an
+        exported graph starts from the past it is given."""
 
     def present(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack(self._k), torch.stack(self._v)
