@@ -75,7 +75,8 @@ def test_generate_images_and_texts_with_ids_recorded(client, app, tmp_path):
 
 def test_openai_completions_chat_and_streaming(client):
     r = client.post("/v1/completions", headers=AUTH, json={
-        "model": "lm", "prompt": ["The ", "A "], "max_tokens": 5, "n": 2, "temperature": 0, "user": "x"})
+        "model": "lm", "prompt": ["The ", "A "], "max_tokens": 5, "n": 2, "temperature": 0, "user": "x",
+        "logprobs": None, "echo": False, "frequency_penalty": 0})  # "off" values of what is not supported
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and len(body["choices"]) == 4
@@ -133,6 +134,9 @@ def test_openai_completions_chat_and_streaming(client):
     ("post", "/v1/completions", {"model": "lm", "prompt": "x" * 200, "stream": True, "max_tokens": 2},
      AUTH, 400, "context"),
     ("get", "/docs", None, {}, 401, "bearer token"),
+    ("post", "/v1/completions", {"model": "lm", "prompt": "x", "logprobs": 2}, AUTH, 422, "logprobs is not supported"),
+    ("post", "/v1/chat/completions", {"model": "lm", "messages": [{"role": "user", "content": "x"}],
+                                      "tools": [{"type": "function"}]}, AUTH, 422, "tools is not supported"),
     ("get", "/v1/models/nope", None, AUTH, 404, "no model named 'nope'"),
     ("get", "/nothing", None, AUTH, 404, "Not Found"),
 ])

@@ -129,6 +129,30 @@ class _TextRequest(_Body):
     top_p: Finite | StrictInt | None = Field(None, gt=0, le=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)  # OpenAI's newer name of max_tokens
     stream_options: dict[StrictStr, StrictBool] | None = None
+    # OpenAI options genframe does not implement: accepted at their "off" values only, so a
+    # client that relies on one is told instead of silently getting something else.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    best_of: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    functions: Any = None
+    response_format: Any = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        off = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+               "best_of": (None, 1), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+               "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+               "response_format": (None, {"type": "text"})}
+        for key, allowed in off.items():
+            value = getattr(self, key)
+            if not any(value == a and type(value) is type(a) for a in allowed if a is not None) and value is not None:
+                raise ValueError(f"{key} is not supported by genframe serve (leave it out)")
+        return self
     n: StrictInt = Field(1, ge=1)
     stream: StrictBool = False
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
