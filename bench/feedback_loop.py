@@ -107,7 +107,7 @@ def main() -> None:
             folder = root / f"after-{version.replace(':', '-')}"
             genframe(env, "generate", f"hub={version}", f"num_samples={opts.samples}", "seed=1",
                      "feedback.record=false", f"hydra.run.dir={folder}")
-            _, made = read_samples(folder) if (folder / "samples" / "manifest.jsonl").exists() else ([], None)
+            _, made = read_samples(folder)
             label, confidence = predict(classifier, made)
             share = float(((label == opts.digit) & (confidence >= 0.5)).float().mean())
             print(f"{version:<10} {share:>18.3f} {float(confidence.mean()):>16.3f} "

@@ -357,26 +357,27 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
         sm.model.check_sampling(chosen)
         return chosen
 
-    def record(sm: ServedModel, samples: Samples, *, prompts: list[str | None], settings: dict[str, Any]
-               ) -> list[str]:
+    def record(sm: ServedModel, samples: Samples, *, settings: dict[str, Any]) -> tuple[list[str], list[bytes]]:
+        """Give each sample an id, save images as PNG files (`samples_dir`) and record every
+        sample in the store; returns the ids and the PNG bytes of image samples ([] for texts)."""
         ids = [new_id() for _ in range(len(samples))]
         metrics.samples.labels(sm.name).inc(len(samples))
         files: list[str | None] = [None] * len(samples)
-        if samples.images is not None and samples_dir is not None:
+        pngs: list[bytes] = []
+        if samples.images is not None:
             from genframe.sample_writer import png_bytes
 
-            samples_dir.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(samples.images):
-                path = samples_dir / f"{ids[i]}.png"
-                path.write_bytes(png_bytes(image))
-                files[i] = str(path)
+            pngs = [png_bytes(image) for image in samples.images]
+            if samples_dir is not None:
+                samples_dir.mkdir(parents=True, exist_ok=True)
+                for i, data in enumerate(pngs):
+                    path = samples_dir / f"{ids[i]}.png"
+                    path.write_bytes(data)
+                    files[i] = str(path)
         if store is not None:
-            records = sample_records(samples, ids, source="serve", model=sm.model.registered_name,
-                                     model_version=sm.version, settings=settings, files=files)
-            for record, prompt in zip(records, prompts):
-                record.prompt = prompt
-            store.add_samples(records)
-        return ids
+            store.add_samples(sample_records(samples, ids, source="serve", model=sm.model.registered_name,
+                                             model_version=sm.version, settings=settings, files=files))
+        return ids, pngs
 
     @app.post("/generate", dependencies=auth)
     def generate(body: GenerateRequest) -> dict[str, Any]:
@@ -412,14 +413,12 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
         samples = wait(sm, Job(body.num_samples, prompt=body.prompt, label=body.label, seed=body.seed,
                                sampling=options, extra=extra))
         settings = {**options, **({"steps": body.steps} if body.steps else {})}
-        ids = record(sm, samples, prompts=[body.prompt] * len(samples), settings=settings)
+        ids, pngs = record(sm, samples, settings=settings)
         out = []
         for i, sample_id in enumerate(ids):
             item: dict[str, Any] = {"id": sample_id, "condition": _plain(samples.conditions[i])}
-            if samples.images is not None:
-                from genframe.sample_writer import png_bytes
-
-                item["image"] = base64.b64encode(png_bytes(samples.images[i])).decode()
+            if pngs:
+                item["image"] = base64.b64encode(pngs[i]).decode()
             else:
                 item["text"] = samples.texts[i]
                 item.update({("finish_reason" if k == "finish_reasons" else k): v[i]
@@ -448,8 +447,8 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
             except (ValueError, TypeError) as exc:
                 raise ApiError(400, f"the model refused the request: {exc}") from None
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        for p, samples in zip(prompts, results):
-            ids = record(sm, samples, prompts=[p] * len(samples), settings=dict(options))
+        for samples in results:
+            ids, _ = record(sm, samples, settings=dict(options))
             for i, sample_id in enumerate(ids):
                 text = samples.texts[i]
                 reason = samples.per_sample.get("finish_reasons", ["length"] * len(samples))[i]
@@ -565,7 +564,7 @@ def create_app(served: list[ServedModel], *, limits: Limits | None = None, token
             except Exception as exc:  # failed after the first piece: the status is sent
                 yield f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n"
                 return
-            ids = record_fn(sm, samples, prompts=[prompt], settings=dict(options))
+            ids, _ = record_fn(sm, samples, settings=dict(options))
             reason = samples.per_sample.get("finish_reasons", ["length"])[0]
             final = event(None, reason, sample_id=ids[0])
             if usage:
