@@ -6,6 +6,7 @@ import functools
 import inspect
 import random
 import warnings
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -39,6 +40,9 @@ class GenerativeModule(pl.LightningModule):
         needs: batch keys the model reads (``"image"``, ``"label"``, ``"tokens"``,
             ``"caption"``). An instance may narrow or widen it in ``__init__`` (a
             class-conditional model needs ``"label"`` only when it is conditional).
+        also_trains_on: other sets of batch keys the model trains on, each with its own
+            objective (a language model: preference pairs, with DPO); data that provides
+            one of them fits as well as data that provides `needs`.
         condition_keys: keys ``generate(condition=...)`` accepts, empty when the model is
             unconditional.
         uses_tokenizer: True for text models: genframe hands them their data's tokenizer
@@ -56,6 +60,7 @@ class GenerativeModule(pl.LightningModule):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"image"})
+    also_trains_on: ClassVar[tuple[frozenset[str], ...]] = ()
     ddp_find_unused_parameters: ClassVar[bool] = False
     condition_keys: ClassVar[frozenset[str]] = frozenset()
     uses_tokenizer: ClassVar[bool] = False
@@ -443,3 +448,12 @@ def _recording_name(legacy_generate):
 
     generate._genframe_entry = True
     return generate
+
+
+def trains_on(model: Any, provides: Iterable[str]) -> bool:
+    """Whether data providing the batch keys `provides` can train `model` (a model or
+    its class): it provides the model's `needs`, or one of its `also_trains_on` sets."""
+    keys = set(provides)
+    return any(set(needs) <= keys for needs in (getattr(model, "needs", ()),
+                                                  *getattr(model, "also_trains_on", ())))
+

@@ -17,6 +17,8 @@ def genframe_register_data(register):
              description="captioned shapes genframe draws (offline); test = held-out pairs")
     register("chat", "genframe.data.chat:ChatDataModule",
              description="chat conversations from JSONL; the loss covers the assistant's turns")
+    register("preference", "genframe.data.preference:PreferenceDataModule",
+             description="prompt + chosen/rejected completions from JSONL, for DPO fine-tuning")
     register("image_shards", "genframe.data.shards:ImageShardsDataModule",
              description="images streamed from WebDataset shards (genframe shards); a part per rank")
     register("text_shards", "genframe.data.shards:TextShardsDataModule",

@@ -4,25 +4,19 @@ with a loss mask that trains only on the assistant's turns."""
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from genframe.data.base import (
-    SPLIT_WORDS,
-    SPLITS,
-    DictDataset,
-    GenerativeDataModule,
-    split_counts,
-)
+from genframe.data.base import SPLIT_WORDS, SPLITS, DictDataset
+from genframe.data.text import TokenizedDataModule
 from genframe.errors import UserError
 
 log = logging.getLogger("genframe")
 
 
-class ChatDataModule(GenerativeDataModule):
+class ChatDataModule(TokenizedDataModule):
     """Conversations from a chat JSONL file as ``{"tokens", "loss_mask"}`` rows.
 
     Each conversation is rendered with the chat template and becomes one row of
@@ -64,62 +58,29 @@ class ChatDataModule(GenerativeDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
-        from genframe.data.text import check_text_args
         from genframe.text.chat import ChatTemplate
 
         if not path:
             raise UserError("data.path is not set; expected a chat JSONL file, e.g. "
                             "data.path=chats.jsonl")
-        check_text_args(tokenizer, block_size, batch_size, val_fraction, test_fraction)
+        super().__init__(tokenizer=tokenizer, vocab_size=vocab_size, block_size=block_size,
+                         batch_size=batch_size, val_fraction=val_fraction,
+                         test_fraction=test_fraction, seed=seed, num_workers=num_workers)
         self.path = path
         self.template = ChatTemplate.from_mapping(template, where="data.template")
-        self.tokenizer_kind = tokenizer
-        self.bpe_vocab_size = vocab_size
-        self.block_size = block_size
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.seed = seed
-        self.tokenizer = None
-        self.vocab_size: int | None = None
         #: After setup: conversations read, and per split how many were truncated/dropped.
         self.stats: dict[str, int] = {}
-
-    def use_tokenizer(self, tokenizer) -> None:
-        """Tokenise with `tokenizer` (the model's, when fine-tuning) instead of training
-        one; characters it does not know become id 0 (``<unk>``; counted and logged)."""
-        if self.train_set is not None:
-            raise RuntimeError("use_tokenizer() must come before setup()")
-        self.tokenizer = tokenizer
-        self.tokenizer_kind = tokenizer.kind
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         from genframe.text.chat import read_chat_jsonl
-        from genframe.text.tokenize import build_tokenizer
 
         conversations = read_chat_jsonl(self.path)
-        _, n_val, n_test = split_counts(len(conversations), self.val_fraction,
-                                        self.test_fraction, what="conversations",
-                                        where=f"data.path={self.path}")
-        order = list(range(len(conversations)))
-        random.Random(self.seed).shuffle(order)
-        picked = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val],
-                  "test": order[:n_test]}
-        split = {s: [conversations[i] for i in sorted(idx)] for s, idx in picked.items()}
-        given = self.tokenizer is not None
-        if not given:
-            texts = [self.template.render(c) for c in split["train"]]
-            self.tokenizer = build_tokenizer(self.tokenizer_kind, texts,
-                                             vocab_size=self.bpe_vocab_size)
-        self.vocab_size = self.tokenizer.vocab_size
+        split = self.split_items(conversations, "conversations", f"data.path={self.path}")
         self.stats = {"conversations": len(conversations)}
-        from genframe.data.text import report_unknown_per_split
-
-        unknown = report_unknown_per_split(
-            self.tokenizer, {s: [self.template.render(c) for c in split[s]] for s in SPLITS},
-            given=given, where=f"data.path={self.path}")
+        unknown = self.fit_tokenizer({s: [self.template.render(c) for c in split[s]] for s in SPLITS},
+                                     where=f"data.path={self.path}")
         self.stats.update({f"{s}_unknown_characters": n for s, n in unknown.items()})
         for s in SPLITS:
             if split[s]:  # data.test_fraction=0 leaves test_set None
@@ -161,9 +122,3 @@ class ChatDataModule(GenerativeDataModule):
             "tokens": torch.tensor(tokens, dtype=torch.long),
             "loss_mask": torch.tensor(masks, dtype=torch.float32),
         })
-
-    def save_tokenizer(self, directory) -> None:
-        """Save the tokenizer (``tokenizer.json``) into a run directory."""
-        if self.tokenizer is None:
-            self.setup("fit")
-        self.tokenizer.save(directory)

@@ -202,8 +202,12 @@ class ImageFolderDataModule(GenerativeDataModule):
         labels: ``"auto"`` uses the sub-folders as labels when every image lies in one
             and there are at least 2 of them; ``true`` always does (an error if images
             lie directly in `root`); ``false`` never does. YAML booleans are accepted.
-        num_classes: number of classes; 0 fills it in from the sub-folders. A value that
-            differs from the number of sub-folders is an error.
+        num_classes: number of classes; 0 fills it in from the sub-folders (or from
+            `classes`). A value that differs from that number is an error.
+        classes: the class names in label order (label k is ``classes[k]``), for labelled
+            data whose folders do not hold every class (a class with no images keeps its
+            number); None: the sorted sub-folder names. A sub-folder not in the list is
+            an error. Implies labels.
         num_levels: grey levels per channel, 2..256; below 256 the pixel values are
             snapped to that many evenly spaced levels.
         batch_size: images per batch.
@@ -245,8 +249,17 @@ class ImageFolderDataModule(GenerativeDataModule):
         seed: int = 0,
         num_workers: int = 0,
         cache: str | bool = "auto",
+        classes: list[str] | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        if classes is not None:
+            classes = [str(c) for c in classes]
+            if not classes or len(set(classes)) != len(classes):
+                raise UserError(f"data.classes must be a list of distinct class names, got {classes}")
+            if _choice(labels, "data.labels", ("auto", "true", "false")) == "false":
+                raise UserError("data.classes names the classes of labelled data; data.labels=false "
+                                "turns labels off (remove one of them)")
+            labels = "true"
         self.cache = _choice(cache, "data.cache", CACHE_MODES)
         if channels not in (1, 3):
             raise UserError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels}")
@@ -305,6 +318,12 @@ class ImageFolderDataModule(GenerativeDataModule):
         else:
             use_labels = False
 
+        if use_labels and classes is not None:
+            unknown = [n for n in names if n not in classes]
+            if unknown:
+                raise UserError(f"data.root {self.root}: class folders {_short_list(unknown)} are not in "
+                                f"data.classes ({_short_list(classes)}); add them or remove the folders")
+            names = classes
         self.class_names: list[str] = names if use_labels else []
         #: Per split folder: the label of each file (None without labels).
         self._split_labels: dict[str, list[int] | None] = {}

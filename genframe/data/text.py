@@ -104,7 +104,74 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
     return float(-logp[np.asarray(val_tokens, dtype=np.int64)].mean())
 
 
-class TextDataModule(GenerativeDataModule):
+class TokenizedDataModule(GenerativeDataModule):
+    """What the text data modules share: the tokenizer settings and checks, the seeded
+    split of their items (documents, conversations, preference pairs), and a tokenizer
+    that is either handed in (`use_tokenizer`: the model's, when fine-tuning) or trained
+    on the training split.
+
+    Args: as `TextDataModule`'s of the same names.
+    """
+
+    def __init__(self, *, tokenizer: str, vocab_size: int, block_size: int, batch_size: int,
+                 val_fraction: float, test_fraction: float, seed: int, num_workers: int) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        check_text_args(tokenizer, block_size, batch_size, val_fraction, test_fraction)
+        self.tokenizer_kind = tokenizer
+        self.bpe_vocab_size = vocab_size
+        self.block_size = block_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.tokenizer = None
+        self.vocab_size: int | None = None
+
+    def split_items(self, items: list, what: str, where: str) -> dict[str, list]:
+        """The items of each split: a shuffled order's (seeded by ``seed``) first
+        ``test_fraction`` are the test items, the next ``val_fraction`` the validation
+        ones, the rest the training ones, each split in the items' own order (see
+        `genframe.data.base.split_indices` for why test comes first).
+
+        Raises:
+            UserError: a split would be empty (names `where` and `what`).
+        """
+        _, n_val, n_test = split_counts(len(items), self.val_fraction, self.test_fraction,
+                                        what=what, where=where)
+        order = list(range(len(items)))
+        random.Random(self.seed).shuffle(order)
+        picked = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val],
+                  "test": order[:n_test]}
+        return {split: [items[i] for i in sorted(idx)] for split, idx in picked.items()}
+
+    def fit_tokenizer(self, texts: dict[str, list[str]], where: str) -> dict[str, int]:
+        """Train the tokenizer on ``texts["train"]`` unless one was handed in, set
+        ``vocab_size``, and warn about the characters of each split it reads as
+        ``<unk>``; returns their count per split."""
+        from genframe.text.tokenize import build_tokenizer
+
+        given = self.tokenizer is not None
+        if not given:
+            self.tokenizer = build_tokenizer(self.tokenizer_kind, texts["train"],
+                                             vocab_size=self.bpe_vocab_size)
+        self.vocab_size = self.tokenizer.vocab_size
+        return report_unknown_per_split(self.tokenizer, texts, given=given, where=where)
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """Tokenise with `tokenizer` (e.g. the model's, when fine-tuning) instead of
+        training one; characters it does not know become ``<unk>`` (counted and logged)."""
+        if self.train_set is not None:
+            raise RuntimeError("use_tokenizer() must come before setup()")
+        self.tokenizer = tokenizer
+        self.tokenizer_kind = tokenizer.kind
+
+    def save_tokenizer(self, directory) -> None:
+        """Save the tokenizer (``tokenizer.json``) into a run directory."""
+        if self.tokenizer is None:
+            self.setup("fit")
+        self.tokenizer.save(directory)
+
+
+class TextDataModule(TokenizedDataModule):
     """Token windows of a text corpus for autoregressive language models.
 
     Args:
@@ -154,23 +221,16 @@ class TextDataModule(GenerativeDataModule):
         num_workers: int = 0,
         random_offsets: bool = True,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(tokenizer=tokenizer, vocab_size=vocab_size, block_size=block_size,
+                         batch_size=batch_size, val_fraction=val_fraction,
+                         test_fraction=test_fraction, seed=seed, num_workers=num_workers)
         if not isinstance(random_offsets, bool):
             raise UserError(f"data.random_offsets must be true or false, got {random_offsets!r}")
         self.random_offsets = random_offsets
-        check_text_args(tokenizer, block_size, batch_size, val_fraction, test_fraction)
         self.source = source
         self.path = path
         self.text_field = text_field
-        self.tokenizer_kind = tokenizer
-        self.bpe_vocab_size = vocab_size
-        self.block_size = block_size
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.seed = seed
         self.pseudonymize = pseudonymize
-        self.tokenizer = None
-        self.vocab_size: int | None = None
         self.cache_hits: dict[str, bool] = {}
         self.unigram_loss: float | None = None  # after setup: a context-free baseline
         self.token_counts: dict[str, int] = {}  # after setup: tokens per split
@@ -185,12 +245,7 @@ class TextDataModule(GenerativeDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from genframe.text import (
-            build_tokenizer,
-            clean_documents,
-            load_documents,
-            token_cache,
-        )
+        from genframe.text import clean_documents, load_documents, token_cache
 
         docs = load_documents(self.source, path=self.path, text_field=self.text_field)
         docs, _ = clean_documents(docs, pseudonymize=self.pseudonymize)
@@ -199,15 +254,9 @@ class TextDataModule(GenerativeDataModule):
                             "left after cleaning (all documents empty)")
         span = self.block_size + 1
         splits = self._split(docs)
-        given = self.tokenizer is not None
-        if not given:
-            self.tokenizer = build_tokenizer(self.tokenizer_kind, splits["train"],
-                                             vocab_size=self.bpe_vocab_size)
-        self.vocab_size = self.tokenizer.vocab_size
+        self.unknown_characters = self.fit_tokenizer(
+            splits, where=f"data.path={self.path}" if self.path else f"data.source={self.source}")
         sep = self._separator()
-        self.unknown_characters = report_unknown_per_split(
-            self.tokenizer, splits, given=given,
-            where=f"data.path={self.path}" if self.path else f"data.source={self.source}")
         tokens = {}
         for split in [s for s in SPLITS if splits[s]]:  # data.test_fraction=0: no test split
             tokens[split], self.cache_hits[split] = token_cache(splits[split], self.tokenizer,
@@ -236,16 +285,7 @@ class TextDataModule(GenerativeDataModule):
     def _split(self, docs: list[str]) -> dict[str, list[str]]:
         """The documents of each split (see the class docstring)."""
         if len(docs) >= 3:
-            n_train, n_val, n_test = split_counts(
-                len(docs), self.val_fraction, self.test_fraction, what="documents",
-                where=f"data.path={self.path} ({self.source})")
-            order = list(range(len(docs)))
-            random.Random(self.seed).shuffle(order)
-            # Test first: with equal fractions the test documents are the validation
-            # documents of genframe before test splits (see base.split_indices for why).
-            picked = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val],
-                      "test": order[:n_test]}
-            return {split: [docs[i] for i in sorted(idx)] for split, idx in picked.items()}
+            return self.split_items(docs, "documents", f"data.path={self.path} ({self.source})")
         # One or two documents: cut the text by position, the test text last (as the
         # validation text was before test splits).
         text = "\n\n".join(docs)
@@ -254,16 +294,3 @@ class TextDataModule(GenerativeDataModule):
         return {"train": [text[:val_cut]], "val": [text[val_cut:test_cut]],
                 "test": [text[test_cut:]] if self.test_fraction else []}
 
-    def use_tokenizer(self, tokenizer) -> None:
-        """Tokenise with `tokenizer` (e.g. the model's, when fine-tuning) instead of
-        training one; characters it does not know become ``<unk>`` (counted and logged)."""
-        if self.train_set is not None:
-            raise RuntimeError("use_tokenizer() must come before setup()")
-        self.tokenizer = tokenizer
-        self.tokenizer_kind = tokenizer.kind
-
-    def save_tokenizer(self, directory) -> None:
-        """Save the trained tokenizer (``tokenizer.json``) into a run directory."""
-        if self.tokenizer is None:
-            self.setup("fit")
-        self.tokenizer.save(directory)

@@ -186,17 +186,21 @@ _SHAPE_KEYS = {"in_channels": "channels", "image_size": "image_size", "num_class
 
 def check_fit(model, data, data_cfg: Mapping[str, Any]) -> None:
     """Refuse a model whose needs the data cannot meet, before any training starts."""
+    from genframe.module import trains_on
+
     needs = set(getattr(model, "needs", ()))
     provides = set(getattr(data, "provides", ()))
     spec = getattr(model, "model_spec", None)
     mname = spec.name if spec is not None else type(model).__name__
     dname = data_cfg.get("name", type(data).__name__)
     missing = needs - provides
-    if missing:
+    others = [set(keys) for keys in getattr(model, "also_trains_on", ())]
+    if not trains_on(model, provides):
+        also = "".join(f" (or {valid_list(keys)})" for keys in others)
         raise UserError(
-            f"model '{mname}' needs batch keys {valid_list(needs)}, but data '{dname}' provides "
-            f"only {valid_list(provides)} (missing: {valid_list(missing)}). Choose data that "
-            "provides them, or a model setting that does not need them."
+            f"model '{mname}' needs batch keys {valid_list(needs)}{also}, but data '{dname}' "
+            f"provides only {valid_list(provides)} (missing: {valid_list(missing)}). Choose data "
+            "that provides them, or a model setting that does not need them."
         )
     kwargs = spec.kwargs if spec is not None else {}
     _check_text_fit(kwargs, data, mname, dname)

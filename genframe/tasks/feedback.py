@@ -2,10 +2,16 @@
 version, prompt and setting, with a plot) and the training set ``finetune=feedback``
 builds from well-rated samples and corrected texts.
 
-Fine-tuning on the samples people rated well (and on their corrections) is the
-rejection-sampling form of learning from feedback (RAFT, Dong et al. 2023,
-https://arxiv.org/abs/2304.06767; the "best-of-n" fine-tuning of Touvron et al. 2023,
-https://arxiv.org/abs/2307.09288): the model is pulled toward what was preferred.
+Two objectives learn from the ratings:
+
+- ``sft`` fine-tunes on the samples people rated well (and on their corrections), the
+  rejection-sampling form of learning from feedback (RAFT, Dong et al. 2023,
+  https://arxiv.org/abs/2304.06767; the "best-of-n" fine-tuning of Touvron et al. 2023,
+  https://arxiv.org/abs/2307.09288): the model is pulled toward what was preferred.
+- ``dpo`` (language models) also pushes away from what was rated down: preference pairs
+  of one prompt, a sample rated up (or a corrected text) against one rated down (or the
+  text it corrected), trained with Direct Preference Optimization (Rafailov et al. 2023,
+  https://arxiv.org/abs/2305.18290; `genframe.data.preference`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from genframe.hub import FEEDBACK_SNAPSHOT as SNAPSHOT
 from genframe.tasks.common import parse_key_values
 
 DATA_DIR = "feedback_data"
+#: What ``feedback.objective`` may be.
+OBJECTIVES = ("sft", "dpo")
 
 
 # -- the training set -------------------------------------------------------------------
@@ -32,21 +40,33 @@ DATA_DIR = "feedback_data"
 
 def feedback_training_set(store: FeedbackStore, model_version: str, out_dir: Path, *,
                           min_rating: float, use_corrections: bool, min_samples: int,
-                          base_data: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write the samples of `model_version` rated at least `min_rating` (mean of their
-    ratings) and, for texts, the corrected texts into ``<out_dir>/feedback_data/``, and
-    return (the data config that reads them, the snapshot recorded with the run).
+                          base_data: dict[str, Any] | None, objective: str = "sft",
+                          num_classes: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write the training set `objective` learns from the rated samples of
+    `model_version` into ``<out_dir>/feedback_data/``, and return (the data config that
+    reads it, the snapshot recorded with the run).
 
-    Images are copied as PNG files (an ``image_folder``, at the base data's size,
-    channels and grey levels); texts are written one sample per document (``text``
-    data from that file): the prompt followed by the output, or by the corrected text
-    where one was given.
+    ``sft``: the samples rated at least `min_rating` (mean of their ratings) and, for
+    texts, the corrected texts. Images are copied as PNG files (an ``image_folder``, at
+    the base data's size, channels and grey levels; a class-conditional model's samples
+    go into one sub-folder per label, every one of its `num_classes` classes keeping its
+    number); texts are written one sample per document (``text`` data from that file):
+    the prompt followed by the output, or by the corrected text where one was given.
+
+    ``dpo``: preference pairs (`preference_pairs`) as ``preference`` data.
 
     Raises:
-        UserError: fewer than `min_samples` usable samples; a class-conditional image
-            model (labels are not kept yet); an image file that is gone.
+        UserError: fewer than `min_samples` usable samples (pairs for ``dpo``); ``dpo``
+            on images; an image file that is gone; a label outside the model's classes.
     """
+    if objective not in OBJECTIVES:
+        raise UserError(f"feedback.objective={objective}: expected one of {', '.join(OBJECTIVES)}"
+                        f"{did_you_mean(str(objective), OBJECTIVES)}")
     rated = store.rated_samples(model_version)
+    if objective == "dpo":
+        return _preference_set(store, rated, model_version, out_dir, min_rating=min_rating,
+                               use_corrections=use_corrections, min_samples=min_samples,
+                               base_data=base_data)
     chosen = [r for r in rated
               if (r["rating"] is not None and r["rating"] >= min_rating)
               or (use_corrections and r["kind"] == "text" and r["corrected_text"])]
@@ -71,34 +91,114 @@ def feedback_training_set(store: FeedbackStore, model_version: str, out_dir: Pat
                 "name": "text", "source": "jsonl", "path": str(path), "val_fraction": 0.25,
                 "test_fraction": 0.0}
     elif kinds == {"image"}:
-        if any((r.get("condition") or {}).get("label") is not None for r in chosen):
-            raise UserError("finetune=feedback: class-conditional image models are not supported "
-                            "yet (their labels would need to be kept); fine-tune an unconditional one")
-        for r in chosen:
+        labels = [(r.get("condition") or {}).get("label") for r in chosen]
+        labelled = num_classes > 0
+        if labelled and any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < num_classes
+                            for k in labels):
+            bad = next(k for k in labels if not isinstance(k, int) or not 0 <= k < num_classes)
+            raise UserError(f"finetune=feedback: a rated sample of {model_version} has label {bad!r}; the "
+                            f"model's classes are 0..{num_classes - 1} (was it made by another model?)")
+        for r, label in zip(chosen, labels):
             source = Path(r.get("file") or "")
             if not source.is_file():
                 raise UserError(f"finetune=feedback: the image of sample {r['id']} ({source}) is gone; "
                                 "remove its feedback or generate and rate again")
-            shutil.copyfile(source, folder / f"{r['id']}.png")
+            target = folder / str(label) if labelled else folder
+            target.mkdir(exist_ok=True)
+            shutil.copyfile(source, target / f"{r['id']}.png")
         base = base_data or {}
-        data = {"name": "image_folder", "root": str(folder), "labels": False,
+        class_keys = ({"labels": True, "classes": [str(k) for k in range(num_classes)],
+                       "num_classes": num_classes} if labelled else {"labels": False})
+        data = {"name": "image_folder", "root": str(folder), **class_keys,
                 "image_size": base.get("image_size", 32), "channels": base.get("channels", 3),
                 "num_levels": base.get("num_levels", 256),
                 "batch_size": min(int(base.get("batch_size", 64)), max(1, len(chosen) // 2)),
                 "val_fraction": 0.2, "test_fraction": 0.0}
     else:
         raise UserError(f"finetune=feedback: the rated samples of {model_version} mix images and texts")
-    ids = sorted(r["id"] for r in chosen)
+    return data, _snapshot(store, chosen, rated, out_dir, model_version=model_version, objective="sft",
+                           min_rating=min_rating, use_corrections=use_corrections)
+
+
+def _snapshot(store: FeedbackStore, used: list[dict[str, Any]], rated: list[dict[str, Any]], out_dir: Path,
+              **settings: Any) -> dict[str, Any]:
+    """What run.json records of the feedback a training set was built from (the ids
+    themselves go to ``<out_dir>/feedback_snapshot.json``)."""
+    ids = sorted({r["id"] for r in used})
     snapshot = {
-        "store": str(store.path), "model_version": model_version, "min_rating": min_rating,
-        "use_corrections": use_corrections, "samples": len(chosen),
-        "corrected": sum(bool(r["corrected_text"]) for r in chosen),
+        "store": str(store.path), **settings, "samples": len(ids),
+        "corrected": sum(bool(r["corrected_text"]) for r in {r["id"]: r for r in used}.values()),
         "rated_samples_of_version": len(rated),
         "feedback_rows_up_to": max((f["id"] for f in store.feedback()), default=0),
         "sample_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
     }
     atomic_write_json(out_dir / SNAPSHOT, {**snapshot, "sample_ids": ids})
-    return data, snapshot
+    return snapshot
+
+
+def preference_pairs(rated: list[dict[str, Any]], *, min_rating: float,
+                     use_corrections: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """Preference pairs ``{"prompt", "chosen", "rejected"}`` from rated text samples, and
+    the samples they use.
+
+    For each prompt, the samples rated at least `min_rating` (chosen; a corrected sample
+    by its corrected text) are paired with those rated below 0 (rejected), round robin so
+    that every sample of the larger group is used once. With `use_corrections`, each
+    corrected text is also paired against the sample's own output.
+    """
+    groups: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = defaultdict(
+        lambda: {"chosen": [], "rejected": []})
+    pairs: list[dict[str, str]] = []
+    used: list[dict[str, Any]] = []
+    for r in rated:
+        if r["kind"] != "text":
+            continue
+        prompt, output = r.get("prompt") or "", r.get("output") or ""
+        corrected = r["corrected_text"] if use_corrections and r["corrected_text"] else None
+        if corrected is not None and corrected != output and output:
+            pairs.append({"prompt": prompt, "chosen": corrected, "rejected": output})
+            used.append(r)
+        if r["rating"] is None:
+            continue
+        if r["rating"] >= min_rating and (corrected or output):
+            groups[prompt]["chosen"].append((corrected or output, r))
+        elif r["rating"] < 0 and output:
+            groups[prompt]["rejected"].append((output, r))
+    for prompt, sides in groups.items():
+        chosen, rejected = sides["chosen"], sides["rejected"]
+        if not chosen or not rejected:
+            continue
+        for i in range(max(len(chosen), len(rejected))):
+            (good, a), (bad, b) = chosen[i % len(chosen)], rejected[i % len(rejected)]
+            if good != bad:
+                pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
+                used += [a, b]
+    return pairs, used
+
+
+def _preference_set(store: FeedbackStore, rated: list[dict[str, Any]], model_version: str, out_dir: Path, *,
+                    min_rating: float, use_corrections: bool, min_samples: int,
+                    base_data: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    if any(r["kind"] != "text" for r in rated):
+        raise UserError(f"feedback.objective=dpo learns from preference pairs of texts; the rated samples "
+                        f"of {model_version} are images: use feedback.objective=sft")
+    pairs, used = preference_pairs(rated, min_rating=min_rating, use_corrections=use_corrections)
+    if len(pairs) < max(1, min_samples):
+        raise UserError(
+            f"finetune=feedback feedback.objective=dpo: {len(pairs)} preference pairs from the {len(rated)} "
+            f"rated samples of {model_version} in {store.path}; at least feedback.min_samples={min_samples} "
+            f"are needed. A pair is a sample rated >= feedback.min_rating={min_rating} and one rated below "
+            "0 for the same prompt, or a corrected text and the output it corrects")
+    folder = out_dir / DATA_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    path = folder / "pairs.jsonl"
+    atomic_write_bytes(path, "".join(json.dumps(p) + "\n" for p in pairs).encode())
+    data = {**_keep(base_data, ("tokenizer", "block_size", "batch_size")), "name": "preference",
+            "path": str(path), "val_fraction": 0.2, "test_fraction": 0.0}
+    snapshot = _snapshot(store, used, rated, out_dir, model_version=model_version, objective="dpo",
+                         min_rating=min_rating, use_corrections=use_corrections)
+    return data, {**snapshot, "pairs": len(pairs)}
 
 
 def _keep(node: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any]:

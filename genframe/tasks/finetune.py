@@ -22,7 +22,7 @@ from genframe.lora import (
 )
 from genframe.runs import update_run
 from genframe.tasks.build import check_fit, to_plain, trained_model_and_data
-from genframe.tasks.common import source_record
+from genframe.tasks.common import model_version, source_record
 from genframe.tasks.fit import Prepared, fit
 from genframe.tasks.preflight import check_generation, check_monitor, check_task_config
 from genframe.tasks.subject import subject_model_and_data
@@ -95,7 +95,6 @@ def _with_feedback_data(cfg: DictConfig) -> DictConfig:
     from omegaconf import OmegaConf, open_dict
 
     from genframe.runs import open_run
-    from genframe.tasks.common import model_version
     from genframe.tasks.feedback import feedback_training_set
 
     if cfg.get("_feedback_snapshot") is not None:  # a resumed run: its training set is built
@@ -117,10 +116,13 @@ def _with_feedback_data(cfg: DictConfig) -> DictConfig:
     data, snapshot = feedback_training_set(
         FeedbackStore(node.get("db")), str(version), Path(cfg.paths.output_dir),
         min_rating=float(min_rating), use_corrections=bool(node.get("use_corrections", True)),
-        min_samples=int(node.get("min_samples", 8)), base_data=run.data_config)
+        min_samples=int(node.get("min_samples", 8)), base_data=run.data_config,
+        objective=str(node.get("objective", "sft")),
+        num_classes=int(run.model_spec.kwargs.get("num_classes") or 0))
     data.update(to_plain(node.get("data")) or {})  # feedback.data.*: the built data's settings
-    print(f"feedback training set: {snapshot['samples']} samples of {version} "
-          f"({snapshot['corrected']} corrected) from {snapshot['store']}", flush=True)
+    pairs = f"{snapshot['pairs']} preference pairs from " if "pairs" in snapshot else ""
+    print(f"feedback training set ({snapshot['objective']}): {pairs}{snapshot['samples']} samples of "
+          f"{version} ({snapshot['corrected']} corrected) from {snapshot['store']}", flush=True)
     with open_dict(cfg):
         cfg.data = OmegaConf.create(data)
         cfg._feedback_snapshot = snapshot
@@ -160,6 +162,10 @@ def prepare_finetuning(cfg: DictConfig) -> Prepared:
         lineage["subject"] = subject
     if choices["finetune"] == "feedback":
         lineage["feedback_snapshot"] = to_plain(cfg.get("_feedback_snapshot"))
+    set_reference = getattr(data, "set_reference", None)
+    if set_reference is not None:  # preference pairs: DPO against the model as it starts
+        set_reference(model, source=model_version(cfg, run, weights))
+        lineage["dpo_reference"] = data.reference
     if has_lora(model):
         merge_lora(model)
         lineage["merged_adapters_of_start"] = True

@@ -298,12 +298,15 @@ def check_data_choice(cfg: DictConfig) -> None:
     registry = get_registry()
     if mname not in registry.models or dname not in registry.data:
         return  # unknown names get their own message where they are built
-    needs = set(getattr(registry.model(str(mname)).load(), "needs", ()))
+    from genframe.module import trains_on
+
+    model_class = registry.model(str(mname)).load()
+    needs = set(getattr(model_class, "needs", ()))
     data_classes = {name: registry.data_module(name).load() for name in registry.data}
     provides = set(getattr(data_classes[dname], "provides", ()))
-    if needs <= provides:
+    if trains_on(model_class, provides):
         return
-    fitting = [f"data={n}" for n, c in data_classes.items() if needs <= set(getattr(c, "provides", ()))]
+    fitting = [f"data={n}" for n, c in data_classes.items() if trains_on(model_class, getattr(c, "provides", ()))]
     fitting += [f"experiment={e}" for e in _experiments_with_model(str(mname))]
     raise UserError(
         f"model '{mname}' needs batch keys {valid_list(needs)}, but data '{dname}' (set in "

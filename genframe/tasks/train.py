@@ -61,6 +61,9 @@ def prepare_training(cfg: DictConfig, *, tokenizer: Any = None) -> Prepared:
         data.use_tokenizer(tokenizer)
     model = build_model(resolved_model_config(cfg), data)
     check_fit(model, data, data_cfg)
+    check_reference = getattr(data, "check_reference", None)
+    if check_reference is not None:  # preference pairs need the model training starts from
+        check_reference()
     check_generation(cfg, model)  # sampling.* now, not after the whole training
     check_monitor(cfg, model, data)
     return Prepared(model=model, data=data, data_cfg=data_cfg)

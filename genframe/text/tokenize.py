@@ -194,6 +194,15 @@ def report_unknown(tokenizer, texts: Iterable[str], what: str) -> str | None:
 TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
 
 
+def start_id(tokenizer) -> int:
+    """The token a language model's text starts from when there is no prompt: the
+    newline of a character tokenizer (documents are separated by one), ``<|endoftext|>``
+    (id 0) of the byte-level BPE tokenizer, and id 0 without a tokenizer."""
+    if tokenizer is not None and getattr(tokenizer, "kind", None) == "char":
+        return tokenizer.stoi.get("\n", 0)
+    return 0
+
+
 def build_tokenizer(kind: str, texts: Iterable[str], vocab_size: int = 512):
     """Train a tokenizer of `kind` ("char" or "bpe") on `texts` (the training split)."""
     if kind not in TOKENIZERS:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from genframe.data.preference import PREFERENCE_KEYS, REFERENCE_KEYS
 from genframe.errors import UserError, argument_check, did_you_mean, valid_list
 from genframe.module import GenerativeModule
 from genframe.samples import Samples
@@ -73,14 +74,32 @@ class Transformer(GenerativeModule):
         min_lr_ratio: final learning rate as a fraction of `lr`.
         grad_clip: clip the gradient norm to this when ``trainer.gradient_clip_val`` is
             unset (the trainer's value wins); 0 turns it off.
+        dpo_beta: strength of the reference in DPO (preference pairs only): larger keeps
+            the model closer to the reference; Rafailov et al. use 0.1-0.5.
+        rpo_alpha: weight of the chosen completions' next-token loss (nats per token)
+            added to DPO's (Pang et al. 2024, https://arxiv.org/abs/2404.19733; TRL's
+            ``rpo_alpha``): it keeps DPO from lowering the chosen side's likelihood
+            along with the rejected one's; 0 is plain DPO.
 
     A batch may hold ``loss_mask`` (tokens' shape, 1 where a token is a target to learn):
     the loss then averages over those targets only. Logs ``train/loss``, ``train/lr``,
     ``val/loss`` (nats per target token), ``val/ppl`` and, with a tokenizer,
     ``val/bpc`` (char tokenizer) or ``val/bpb`` (byte-level BPE).
+
+    On preference pairs (`genframe.data.preference`: ``chosen_*``/``rejected_*`` rows
+    with the reference model's log-probabilities) the objective is DPO instead (Rafailov
+    et al. 2023, https://arxiv.org/abs/2305.18290)::
+
+        loss = -log sigmoid(dpo_beta * ((log p(chosen) - log p_ref(chosen))
+                                        - (log p(rejected) - log p_ref(rejected))))
+
+    logging ``train/loss``, ``val/loss`` (that loss), ``val/reward_accuracy`` (share of
+    pairs whose chosen side gains more than the rejected one) and ``val/reward_margin``
+    (mean difference of the two implicit rewards, nats times `dpo_beta`).
     """
 
     needs = frozenset({"tokens"})
+    also_trains_on = (PREFERENCE_KEYS,)
     condition_keys = frozenset({"prompt", "prompt_ids"})
     uses_tokenizer = True
     lora_target_modules = ("*.attn.*", "*.mlp.*")  # attention and MLP layers (Hu et al. 2021)
@@ -103,6 +122,8 @@ class Transformer(GenerativeModule):
         lr_decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         grad_clip: float = 1.0,
+        dpo_beta: float = 0.1,
+        rpo_alpha: float = 0.0,
     ) -> None:
         super().__init__()
         _validate(locals())
@@ -117,6 +138,7 @@ class Transformer(GenerativeModule):
         self.register_buffer("unit_lengths", None, persistent=False)
         self._unit: str | None = None
         self._val_sums: torch.Tensor | None = None
+        self._val_preference = False
 
     def activation_checkpointing_blocks(self) -> tuple[type[torch.nn.Module], ...]:
         """The transformer layers (attention + MLP)."""
@@ -247,10 +269,47 @@ class Transformer(GenerativeModule):
             weights = mask[:, 1:].to(nll.dtype)
         return nll, weights, y
 
+    def sequence_logps(self, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Log-probability (nats, (B,)) of each row's masked targets: the sum over t of
+        ``loss_mask[:, t + 1] * log p(tokens[:, t + 1] | tokens[:, :t + 1])``."""
+        nll, weights, _ = self.token_nll({"tokens": tokens, "loss_mask": loss_mask})
+        return -(nll * weights).sum(dim=1)
+
+    def preference_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """DPO's per-pair loss and reward margin ((B,) each) of a preference batch; both
+        sides go through the network in one pass.
+
+        Raises:
+            UserError: the batch has no reference log-probabilities (they are computed
+                by ``genframe finetune`` from the model it starts from).
+        """
+        if not REFERENCE_KEYS <= batch.keys():
+            raise UserError(
+                "preference pairs without the reference model's log-probabilities: DPO trains "
+                "against the model fine-tuning starts from; use genframe finetune run=<trained "
+                "model> data=preference (they are computed before the first step)")
+        n = batch["chosen_tokens"].shape[0]
+        mask = torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+        logps = self.sequence_logps(torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]]), mask)
+        chosen = logps[:n] - batch["reference_chosen_logps"]
+        rejected = logps[n:] - batch["reference_rejected_logps"]
+        margin = self.hparams.dpo_beta * (chosen - rejected)
+        losses = -F.logsigmoid(margin)
+        if self.hparams.rpo_alpha:
+            lengths = mask[:n, 1:].sum(dim=1).clamp(min=1)
+            losses = losses - self.hparams.rpo_alpha * logps[:n] / lengths
+        return losses, margin
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        nll, weights, _ = self.token_nll(batch)
-        loss = (nll * weights).sum() / weights.sum().clamp(min=1)
-        n = batch["tokens"].shape[0]
+        if "chosen_tokens" in batch:
+            losses, margin = self.preference_terms(batch)
+            loss, n = losses.mean(), margin.shape[0]
+            if self.should_log_step():
+                self.log("train/reward_accuracy", (margin > 0).float().mean(), batch_size=n)
+        else:
+            nll, weights, _ = self.token_nll(batch)
+            loss = (nll * weights).sum() / weights.sum().clamp(min=1)
+            n = batch["tokens"].shape[0]
         # Only on the steps whose values reach the loggers: each self.log costs a few
         # hundred microseconds, which is noticeable next to a small model's step.
         if self.should_log_step():
@@ -262,8 +321,17 @@ class Transformer(GenerativeModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = None
+        self._val_preference = False
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "chosen_tokens" in batch:
+            losses, margin = self.preference_terms(batch)
+            # nats, pairs, pairs the chosen side wins, summed margins (see on_validation_epoch_end)
+            sums = torch.stack([losses.double().sum(), losses.new_tensor(len(losses), dtype=torch.float64),
+                                (margin > 0).double().sum(), margin.double().sum()])
+            self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+            self._val_preference = True
+            return
         nll, weights, y = self.token_nll(batch)
         nats = (nll.double() * weights).sum()
         units = nats.new_zeros(())
@@ -277,8 +345,15 @@ class Transformer(GenerativeModule):
             return
         # Exact corpus averages: sum nats and counts over every batch (and process)
         # first, then divide, rather than averaging per-batch means.
-        nats, count, units = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         self._val_sums = None
+        if self._val_preference:
+            nats, pairs, wins, margins = sums
+            self.log("val/loss", (nats / pairs).float(), prog_bar=True, sync_dist=True)
+            self.log("val/reward_accuracy", (wins / pairs).float(), sync_dist=True)
+            self.log("val/reward_margin", (margins / pairs).float(), sync_dist=True)
+            return
+        nats, count, units = sums
         if count <= 0:
             log.warning("validation had no target tokens (loss_mask all 0); no val/loss")
             return
@@ -502,10 +577,9 @@ class Transformer(GenerativeModule):
             )
 
     def _start_id(self) -> int:
-        tok = self.tokenizer
-        if tok is not None and getattr(tok, "kind", None) == "char":
-            return tok.stoi.get("\n", 0)
-        return 0  # <|endoftext|> of the BPE tokenizer; id 0 without a tokenizer
+        from genframe.text.tokenize import start_id
+
+        return start_id(self.tokenizer)
 
 
 def _ids_text(ids: Sequence[int]) -> str:
@@ -588,3 +662,5 @@ def _validate(args: dict[str, Any]) -> None:
     need(decay is None or decay >= 1, "lr_decay_steps", "null or at least 1")
     need(0 <= args["min_lr_ratio"] <= 1, "min_lr_ratio", "in [0, 1]")
     need(args["grad_clip"] >= 0, "grad_clip", ">= 0 (0: off)")
+    need(args["dpo_beta"] > 0, "dpo_beta", "> 0")
+    need(args["rpo_alpha"] >= 0, "rpo_alpha", ">= 0 (0: plain DPO)")
