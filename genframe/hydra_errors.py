@@ -118,7 +118,10 @@ def _unknown_key(cause, overrides: list[str], task: str) -> str:
         return (f"{full_key}: {node} is null, so it has no keys to set (command line: {given}). "
                 f"Add them with +{full_key}={value} (one '+' per key), or give {node} whole: "
                 f"'{node}={{{key}: {value}}}'")
-    if task == "finetune" and full_key.startswith("model."):
+    if task == "finetune" and full_key.startswith("feedback.") and key not in valid:
+        hint = (f" {full_key} is a setting of learning from feedback: add finetune=feedback "
+                "(see conf/finetune/feedback.yaml).")
+    elif task == "finetune" and full_key.startswith("model."):
         hint = (f" finetune keeps the run's model; change a hyperparameter with "
                 f"finetune.hparams.{full_key.removeprefix('model.')}={value}.")
     elif given is not None and key in valid and override_key(given) != key:

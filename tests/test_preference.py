@@ -25,7 +25,7 @@ def _write(path, rows):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{not json", "line 2: not JSON"),
+    ("{not json", "line 2: not valid JSON"),
     ('["a"]', "line 2: expected an object"),
     ('{"prompt": "x", "chosen": "a"}', "line 2: missing rejected"),
     ('{"chosen": "a", "rejected": "b", "score": 1}', "unknown keys score"),
@@ -39,10 +39,25 @@ def test_bad_pair_files_are_refused_with_the_line(tmp_path, line, message):
 
 
 def test_missing_and_empty_files_are_refused(tmp_path):
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(UserError, match="does not exist"):
         read_preference_jsonl(tmp_path / "none.jsonl")
+    with pytest.raises(UserError, match="is a folder"):
+        read_preference_jsonl(tmp_path)
     with pytest.raises(UserError, match="no preference pairs"):
         read_preference_jsonl(_write(tmp_path / "e.jsonl", [""]))
+
+
+def test_pairs_are_read_as_every_jsonl_file_is(tmp_path):
+    line = json.dumps({"prompt": "a\u2028b", "chosen": "c", "rejected": "d"}, ensure_ascii=False)
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\r\n")  # byte-order mark, raw U+2028, CRLF
+    assert read_preference_jsonl(path) == [{"prompt": "a\u2028b", "chosen": "c", "rejected": "d"}]
+    path.write_bytes(b'{"chosen": "caf\xe9", "rejected": "x"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(UserError, match="UTF-8"):
+        read_preference_jsonl(path)
+    path.write_text('{"choosen": "a", "rejected": "b"}\n')
+    with pytest.raises(UserError, match="chosen"):
+        read_preference_jsonl(path)
 
 
 def _pairs_module(tmp_path, pairs, block_size=16, **kw):
@@ -169,6 +184,14 @@ def test_dpo_finetuning_prefers_the_chosen_completion(tiny_lm_run, tmp_path, cli
     with torch.no_grad():
         before, after = margin(tiny_lm_run), margin(tmp_path / "dpo")
     assert after > before + 1.0, (before, after)
+    # evaluate scores the held-out pairs against the reference the run recorded
+    scored = cli("evaluate", f"run={tmp_path / 'dpo'}", "split=val", "trainer.enable_progress_bar=false")
+    assert scored.returncode == 0, scored.stderr
+    accuracy = float(scored.stdout.split("val/reward_accuracy")[1].split()[0])
+    assert accuracy == 1.0
+    unscored = cli("evaluate", f"run={tiny_lm_run}", "data=preference", f"data.path={path}",
+                   "data.block_size=32", "split=val")
+    assert unscored.returncode == 2 and "reference=<run dir>" in unscored.stderr
 
 
 def _loaded_pairs(tmp_path, path, model):

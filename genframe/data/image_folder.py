@@ -249,7 +249,7 @@ class ImageFolderDataModule(GenerativeDataModule):
         seed: int = 0,
         num_workers: int = 0,
         cache: str | bool = "auto",
-        classes: list[str] | None = None,
+        classes: list[str | int] | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         if classes is not None:

@@ -11,7 +11,6 @@ run measures against the same reference.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from genframe.data.base import SPLIT_WORDS, SPLITS, DictDataset
 from genframe.data.text import TokenizedDataModule
-from genframe.errors import UserError
+from genframe.errors import UserError, did_you_mean
 
 log = logging.getLogger("genframe")
 
@@ -33,35 +32,35 @@ PREFERENCE_KEYS = frozenset({"chosen_tokens", "chosen_loss_mask", "rejected_toke
 
 
 def read_preference_jsonl(path: str | Path) -> list[dict[str, str]]:
-    """The pairs of a JSONL file, one ``{"prompt", "chosen", "rejected"}`` object a line
-    (TRL's explicit-prompt preference format; ``prompt`` may be left out or empty).
+    """The pairs of a UTF-8 JSONL file, one ``{"prompt", "chosen", "rejected"}`` object a
+    line (TRL's explicit-prompt preference format; ``prompt`` may be left out, null or
+    empty). Lines are read as every genframe JSONL file is
+    (`genframe.text.sources.jsonl_records`: records end at newlines only, a byte-order
+    mark is not text, a byte that is not UTF-8 is named with its offset).
 
     Raises:
-        UserError: a missing or empty file, a line that is not such an object, a value
-            that is not a string, an empty completion.
+        UserError: a missing file or a folder, a line that is not such an object, a value
+            that is not a string, an empty completion, no pair at all.
     """
+    from genframe.text.sources import jsonl_records
+
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(f"data.path={path}: no such file; expected a JSONL file of preference "
-                        'pairs, one {"prompt": ..., "chosen": ..., "rejected": ...} a line')
+        what = "is a folder" if file.is_dir() else "does not exist"
+        raise UserError(f"data.path={path} {what}; expected a JSONL file of preference pairs, one "
+                        '{"prompt": ..., "chosen": ..., "rejected": ...} a line')
     pairs = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"data.path={path}, line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where}: not JSON ({exc.msg})") from None
+    for where, row in jsonl_records(file):
         if not isinstance(row, dict):
             raise UserError(f'{where}: expected an object {{"prompt", "chosen", "rejected"}}, '
                             f"got {type(row).__name__}")
-        unknown = set(row) - {"prompt", *SIDES}
+        unknown = sorted(set(row) - {"prompt", *SIDES})
         missing = [k for k in SIDES if k not in row]
         if missing or unknown:
-            raise UserError(f"{where}: " + (f"missing {', '.join(missing)}" if missing else
-                                            f"unknown keys {', '.join(sorted(unknown))}")
-                            + '; each line holds "prompt" (optional), "chosen" and "rejected"')
+            problem = (f"missing {', '.join(missing)}" if missing else f"unknown keys {', '.join(unknown)}")
+            hint = did_you_mean((unknown or [""])[0], ["prompt", *SIDES]) if unknown else ""
+            raise UserError(f'{where}: {problem}; each line holds "prompt" (optional), "chosen" and '
+                            f'"rejected".{hint}')
         pair = {"prompt": row.get("prompt") or "", **{k: row[k] for k in SIDES}}
         for key, value in pair.items():
             if not isinstance(value, str):
@@ -71,7 +70,7 @@ def read_preference_jsonl(path: str | Path) -> list[dict[str, str]]:
                 raise UserError(f"{where}: {key} is empty; each side of a pair needs a completion")
         pairs.append(pair)
     if not pairs:
-        raise UserError(f"data.path={path}: no preference pairs in the file")
+        raise UserError(f"data.path={path}: no preference pairs in the file (it is empty)")
     return pairs
 
 
@@ -169,12 +168,13 @@ class PreferenceDataModule(TokenizedDataModule):
         name = SPLIT_WORDS[split]
         if truncated or dropped:
             log.warning("preference data: %d %s rows cut to data.block_size + 1 = %d tokens; %d of %d "
-                        "pairs dropped (equal sides, or no completion token left)",
+                        "pairs dropped (sides equal as tokens, or no completion token left)",
                         truncated, name, span, dropped, len(pairs))
         if not columns["chosen_tokens"]:
             raise UserError(f"data.path={self.path}: none of the {len(pairs)} {name} preference pairs "
                             f"is usable within data.block_size + 1 = {span} tokens ({dropped} dropped: "
-                            "equal sides or no completion token left)")
+                            "sides equal as tokens, or no completion token left; characters the "
+                            "tokenizer does not know are all read as <unk>, which can make the sides equal)")
         return DictDataset({k: torch.tensor(v, dtype=torch.long if k.endswith("tokens") else torch.float32)
                             for k, v in columns.items()})
 

@@ -44,6 +44,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                         "(test: held out from training and checkpoint choice)")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, run, weights, data, data_cfg = trained_model_and_data(cfg, "evaluate")
+    if getattr(data, "set_reference", None) is not None:
+        _with_reference(cfg, run, data)
     loader = data.dataloader(split)  # refuses data without this split before any output
     image_metrics = cfg.metrics.enabled and "image" in model.needs
     prompts = alignment_prompts(cfg, model, data, split)
@@ -92,6 +94,30 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     report(out_dir, metrics, f"{split} metrics of {weights}:")
     return {"run_dir": out_dir, "metrics": metrics, "split": split,
             "objective": metrics.get(f"{split}/loss")}
+
+
+def _with_reference(cfg, run, data) -> None:
+    """Preference pairs are scored against a reference model (DPO): ``reference=`` or
+    the one the evaluated run was fine-tuned against (run.json's ``dpo_reference``)."""
+    from genframe.weights import load_model
+
+    reference = cfg.get("reference") or (run.info.get("dpo_reference") if run is not None else None)
+    if reference is None:
+        raise UserError("evaluate on preference pairs measures DPO against a reference model, and "
+                        "this model's run records none; give reference=<run dir> or "
+                        "reference=hub:NAME:VERSION (e.g. the model it was fine-tuned from)")
+    reference = str(reference)
+    if reference.startswith("hub:"):
+        from genframe.hub import verified
+
+        source = str(verified(reference.removeprefix("hub:"), key="reference").path)
+    else:
+        source = reference
+    try:
+        model, _, _ = load_model(source, None)
+    except UserError as exc:
+        raise UserError(f"reference={reference}: {exc}") from exc
+    data.set_reference(model, source=reference)
 
 
 def _with_prefix(key: str, split: str) -> str:

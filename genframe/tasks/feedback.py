@@ -60,7 +60,7 @@ def feedback_training_set(store: FeedbackStore, model_version: str, out_dir: Pat
             on images; an image file that is gone; a label outside the model's classes.
     """
     if objective not in OBJECTIVES:
-        raise UserError(f"feedback.objective={objective}: expected one of {', '.join(OBJECTIVES)}"
+        raise UserError(f"feedback.objective={objective}: expected one of {', '.join(OBJECTIVES)}."
                         f"{did_you_mean(str(objective), OBJECTIVES)}")
     rated = store.rated_samples(model_version)
     if objective == "dpo":

@@ -266,14 +266,22 @@ def with_hparams(model, changes: dict[str, Any]):
     new_spec = spec.with_kwargs(**changes)
     try:
         return build_from_spec(new_spec, model.state_dict())
-    except (UserError, RuntimeError) as exc:
-        changed = ", ".join(f"{k}={v}" for k, v in changes.items())
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else "")[:200]
-        raise UserError(
-            f"finetune.hparams: {changed} does not fit the trained weights ({first}); only "
-            "training settings (lr, warm-up, dropout, ...) can change when fine-tuning"
-        ) from exc
+    except UserError as exc:
+        if "size mismatch" not in str(exc) and "not fit" not in str(exc):
+            # A value the model refuses (model.dpo_beta must be > 0): say so, as set here.
+            raise UserError(str(exc).replace("model.", "finetune.hparams.")) from exc
+        raise _does_not_fit(changes, exc) from exc
+    except RuntimeError as exc:
+        raise _does_not_fit(changes, exc) from exc
+
+
+def _does_not_fit(changes: dict[str, Any], exc: Exception) -> UserError:
+    changed = ", ".join(f"{k}={v}" for k, v in changes.items())
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    first = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else "")[:200]
+    return UserError(
+        f"finetune.hparams: {changed} does not fit the trained weights ({first}); only "
+        "training settings (lr, warm-up, dropout, ...) can change when fine-tuning")
 
 
 _LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "merge")
