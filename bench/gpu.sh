@@ -10,8 +10,9 @@
 # one log per check; a failed check is recorded and the script goes on.
 #
 # Sections: scale-out (the trainer presets on a GPU: gpu with bf16, fsdp on one GPU,
-# torch.compile, one short run per model family). The performance section (throughput,
-# MFU and the peers on the GPU) is added beside it by that work.
+# torch.compile, one short run per model family) and performance (bench/gpu_perf.py:
+# GPT-2 small tokens/s and MFU with bf16 and torch.compile, cached generation against
+# transformers, diffusion training and DDIM-50 images/s; OUT_DIR/gpu_perf.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,5 +58,12 @@ check family_autoencoder 60 trainer=gpu experiment=shapes_autoencoder "${SHORT[@
 check family_text2image 90 trainer=gpu experiment=shapes_text2image "${SHORT[@]}"
 check family_upscaler 60 trainer=gpu model=upscaler data.image_size=16 "${SHORT[@]}"
 check family_transformer 60 trainer=gpu data=text model=transformer_mini "${SHORT[@]}"
+
+# -- performance: throughput, MFU and a peer on the GPU (bench/gpu_perf.py) -------------------
+t0=$(date +%s)
+timeout 240 "$PY" bench/gpu_perf.py --out "$OUT" > "$OUT/gpu_perf.log" 2>&1
+status=$?
+printf '%s\t%s\t%s\t%s\n' "gpu_perf" "$status" "$(( $(date +%s) - t0 ))" "-" | tee -a "$OUT/gpu.tsv"
+cat "$OUT/gpu_perf.log" | grep -E '^(lm_train|lm_generate|diffusion) '
 
 echo "all checks: $(( $(date +%s) - START )) s (budget 480 s); results in $OUT/gpu.tsv"

@@ -144,7 +144,12 @@ def export_graph(graph: ExportGraph, path: Path, fmt: str) -> dict[str, Any]:
     worst = 0.0
     for inputs in [graph.inputs, *graph.check_inputs]:
         expected = [t.float() for t in _as_tuple(graph.run(inputs))]
-        got = run(inputs)
+        try:
+            got = run(inputs)
+        except Exception as exc:  # onnxruntime's InvalidArgument, TorchScript's RuntimeError
+            reason = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"the exported {fmt} graph refuses inputs of shapes {_shapes(inputs)} that "
+                            f"PyTorch runs (a size is baked into it): {reason}") from exc
         if len(got) != len(expected):
             raise UserError(f"the exported file returns {len(got)} outputs, PyTorch {len(expected)}")
         for name, want, have in zip(graph.outputs, expected, got):

@@ -18,7 +18,9 @@ GENFRAME_TRAINER_KEYS = ("compile", "activation_checkpointing")
 
 
 @functools.cache
+@functools.lru_cache(maxsize=1)
 def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bf16 tiles (read once from /proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             return "amx_bf16" in f.read()

@@ -258,9 +258,11 @@ class GenerativeModule(pl.LightningModule):
                 f"{type(self).__name__} has no `lr` constructor argument, so the default "
                 "optimiser (AdamW from lr and weight_decay) does not apply: define "
                 "configure_optimizers()")
+        from genframe.optim import adamw
+
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=float(self.hparams.lr),
-                                 weight_decay=float(self.hparams.get("weight_decay", 0.0)))
+        return adamw(params, lr=float(self.hparams.lr),
+                     weight_decay=float(self.hparams.get("weight_decay", 0.0)))
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Lightning's step, then the gradients are freed at once.

@@ -19,12 +19,13 @@ from genframe.testing import build_tiny
 from tests.conftest import FAST
 
 FAMILIES = ["vae", "gan", "diffusion", "autoencoder", "upscaler", "text2image", "transformer",
-            "latent_diffusion"]
+            "latent_diffusion", "modern_transformer"]
 EXPECTED_GRAPHS = {
     "vae": {"decoder"}, "gan": {"generator"}, "diffusion": {"unet"},
     "autoencoder": {"encoder", "decoder"}, "upscaler": {"unet"},
     "text2image": {"unet", "text_encoder"}, "transformer": {"decoder_model", "decoder_with_past_model"},
     "latent_diffusion": {"unet", "vae_decoder"},
+    "modern_transformer": {"decoder_model", "decoder_with_past_model"},
 }
 
 
@@ -39,6 +40,9 @@ def tiny_family(family: str):
         model = build_tiny("diffusion", tiny)
     elif family == "diffusion":
         model = build_tiny("diffusion", {**get_registry().model("diffusion").tiny, "num_classes": 3})
+    elif family == "modern_transformer":  # rotary positions, RMSNorm, QK-norm, squared ReLU
+        model = build_tiny("transformer", {**get_registry().model("transformer").tiny, "positions": "rotary",
+                                           "norm": "rmsnorm", "qk_norm": True, "activation": "relu2"})
     else:
         model = build_tiny(family)
     with torch.no_grad():

@@ -38,6 +38,7 @@ from torch import nn
 from genframe.errors import UserError, argument_check, valid_list
 from genframe.exporters import ExportGraph, latent_decoder_graph
 from genframe.module import GenerativeModule
+from genframe.optim import adamw
 from genframe.samplers.base import Sampler
 from genframe.samplers.ddim import DDIMSampler
 from genframe.samplers.schedules import make_schedule
@@ -376,10 +377,8 @@ class Diffusion(GenerativeModule):
     def configure_optimizers(self) -> Any:
         # Only what trains: the EMA copies are updated by hand, not by gradients, and
         # frozen weights (LoRA's base layers) have none.
-        opt = torch.optim.AdamW(
-            [p for p in self.parameters() if p.requires_grad],
-            lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-        )
+        opt = adamw([p for p in self.parameters() if p.requires_grad],
+                    lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         warmup = self.hparams.warmup_steps
         if warmup <= 0:
             return opt

@@ -50,6 +50,7 @@ import torch.nn as nn
 from genframe.errors import UserError, argument_check, did_you_mean, valid_list
 from genframe.exporters import ExportGraph, latent_decoder_graph
 from genframe.module import GenerativeModule
+from genframe.optim import implementation
 from genframe.samples import Samples
 from genframe_plugins.gan.augment import AUGMENTS, diff_augment
 from genframe_plugins.gan.losses import (
@@ -218,8 +219,9 @@ class GAN(GenerativeModule):
 
     def configure_optimizers(self) -> Any:
         betas = tuple(self.hparams.betas)
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr_g, betas=betas)
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr_d, betas=betas)
+        g, d = list(self.generator.parameters()), list(self.discriminator.parameters())
+        opt_g = torch.optim.Adam(g, lr=self.hparams.lr_g, betas=betas, **implementation(g))
+        opt_d = torch.optim.Adam(d, lr=self.hparams.lr_d, betas=betas, **implementation(d))
         return [opt_g, opt_d]
 
     def configure_callbacks(self) -> list[Any]:

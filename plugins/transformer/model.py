@@ -19,10 +19,14 @@ import torch.nn.functional as F
 from genframe.data.preference import PREFERENCE_KEYS, REFERENCE_KEYS
 from genframe.errors import UserError, argument_check, did_you_mean, valid_list
 from genframe.module import GenerativeModule
+from genframe.optim import MuonWithAdamW, adamw
 from genframe.samples import Samples
 
 from .generation import RowText, choose_tokens, decode
-from .network import GPT, POSITIONS, Block, DecoderGraph, DecoderWithPastGraph
+from .network import ACTIVATIONS, GPT, NORMS, POSITIONS, Block, DecoderGraph, DecoderWithPastGraph
+
+#: ``optimizer``: AdamW, or Muon for the blocks' matrices with AdamW for the rest.
+OPTIMIZERS = ("adamw", "muon")
 
 log = logging.getLogger("genframe")
 
@@ -65,7 +69,12 @@ class Transformer(GenerativeModule):
             faster and as good).
         positions: ``"learned"`` position embeddings (GPT-2) or ``"rotary"`` (RoPE).
         tie_weights: share the token embedding with the output layer.
-        lr: peak AdamW learning rate.
+        norm: ``"layernorm"`` (GPT-2) or ``"rmsnorm"``.
+        qk_norm: RMS-normalise queries and keys per head before attention.
+        activation: the MLP's ``"gelu"`` (GPT-2) or ``"relu2"`` (squared ReLU, Primer).
+        optimizer: ``"adamw"``, or ``"muon"``: Muon for the blocks' weight matrices and
+            AdamW for the rest, one learning rate (`genframe.optim.MuonWithAdamW`).
+        lr: peak learning rate.
         weight_decay: AdamW weight decay, on matrices and embeddings only.
         betas: AdamW betas.
         warmup_steps: optimizer steps of linear learning-rate warm-up.
@@ -115,6 +124,10 @@ class Transformer(GenerativeModule):
         bias: bool = False,
         positions: str = "learned",
         tie_weights: bool = True,
+        norm: str = "layernorm",
+        qk_norm: bool = False,
+        activation: str = "gelu",
+        optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         betas: list[float] = (0.9, 0.95),  # type: ignore[assignment]  # immutable default
@@ -133,6 +146,7 @@ class Transformer(GenerativeModule):
         self.net = GPT(
             vocab_size, block_size, n_layer, n_head, n_embd,
             dropout=dropout, bias=bias, positions=positions, tie_weights=tie_weights,
+            norm=norm, qk_norm=qk_norm, activation=activation,
         )
         # Characters (or bytes) each token id stands for, from the tokenizer: val/bpc.
         self.register_buffer("unit_lengths", None, persistent=False)
@@ -192,9 +206,11 @@ class Transformer(GenerativeModule):
                 {"input_ids": sequence}, check_inputs=[{"input_ids": ids(3, short + 1)}], notes=notes,
                 output_axes={"logits": sequence}),
             "decoder_with_past_model": ExportGraph(
-                DecoderWithPastGraph(net), with_past(2, 1, short), ("logits", "present_keys", "present_values"),
+                # Traced with 2 new tokens: torch.export fixes a dimension of size 1 (its
+                # 0/1 specialisation), and the step of cached generation is 1 token.
+                DecoderWithPastGraph(net), with_past(2, 2, short), ("logits", "present_keys", "present_values"),
                 {"input_ids": sequence, "past_keys": past, "past_values": past},
-                check_inputs=[with_past(3, 2, short + 1), with_past(1, 1, 1)], notes=notes,
+                check_inputs=[with_past(3, 1, short + 1), with_past(1, 1, 1)], notes=notes,
                 output_axes={"logits": sequence, "present_keys": present, "present_values": present}),
         }
 
@@ -377,8 +393,16 @@ class Transformer(GenerativeModule):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
-        extra = {"fused": True} if self.device.type == "cuda" else {}
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), **extra)
+        if hp.optimizer == "muon":
+            # Muon for the blocks' weight matrices; embeddings, the output layer, gains
+            # and biases stay with AdamW (modded-nanoGPT).
+            in_blocks = {id(p) for name, p in self.net.transformer["h"].named_parameters() if p.dim() == 2}
+            matrices = [p for p in params if id(p) in in_blocks]
+            others = [{**g, "params": [p for p in g["params"] if id(p) not in in_blocks]} for g in groups]
+            optimizer = MuonWithAdamW(matrices, others, lr=hp.lr, weight_decay=hp.weight_decay,
+                                      betas=hp.betas)
+        else:
+            optimizer = adamw(groups, lr=hp.lr, betas=hp.betas)
         schedule = WarmupCosine(hp.warmup_steps, self._decay_steps(), hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {
@@ -641,11 +665,13 @@ def _validate(args: dict[str, Any]) -> None:
         raise UserError(
             f"model.n_embd={args['n_embd']} must be divisible by model.n_head={args['n_head']}"
         )
-    if args["positions"] not in POSITIONS:
-        raise UserError(
-            f"model.positions must be one of {valid_list(POSITIONS)}, got "
-            f"{args['positions']!r}.{did_you_mean(str(args['positions']), POSITIONS)}"
-        )
+    for key, valid in (("positions", POSITIONS), ("norm", NORMS), ("activation", ACTIVATIONS),
+                       ("optimizer", OPTIMIZERS)):
+        if args[key] not in valid:
+            raise UserError(f"model.{key} must be one of {valid_list(valid)}, got "
+                            f"{args[key]!r}.{did_you_mean(str(args[key]), valid)}")
+    if not isinstance(args["qk_norm"], bool):
+        raise UserError(f"model.qk_norm must be true or false, got {args['qk_norm']!r}")
     head_dim = args["n_embd"] // args["n_head"]
     if args["positions"] == "rotary" and head_dim % 2:
         raise UserError(

@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 POSITIONS = ("learned", "rotary")
+#: ``norm``: LayerNorm (GPT-2) or RMSNorm (Zhang & Sennrich 2019, LLaMA).
+NORMS = ("layernorm", "rmsnorm")
+#: ``activation`` of the MLP: GELU (GPT-2) or squared ReLU (So et al. 2021, "Primer").
+ACTIVATIONS = ("gelu", "relu2")
 ROPE_BASE = 10000.0
 
 
@@ -80,14 +84,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
+def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
+    """The normalisation layer `kind` (`NORMS`) over the last `dim` features."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=bias)
+
+
+class SquaredReLU(nn.Module):
+    """relu(x)^2 (So et al. 2021, https://arxiv.org/abs/2109.08668)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+    """Multi-head causal self-attention; with `qk_norm`, queries and keys are
+    RMS-normalised per head before the rotary rotation and the dot product (Dehghani et
+    al. 2023, https://arxiv.org/abs/2302.05442), which bounds the attention logits."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool,
+                 qk_norm: bool = False) -> None:
         super().__init__()
         self.n_head = n_head
         self.dropout = dropout
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of every head
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
+        head_dim = n_embd // n_head
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
 
     def forward(
         self,
@@ -101,6 +127,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         shape = (B, T, self.n_head, C // self.n_head)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # 3 x (B, H, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -114,10 +142,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool) -> None:
+    def __init__(self, n_embd: int, dropout: float, bias: bool, activation: str = "gelu") -> None:
         super().__init__()
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU()
+        self.gelu = SquaredReLU() if activation == "relu2" else nn.GELU()  # GPT-2's module name
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
@@ -128,12 +156,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)) (GPT-2)."""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, norm: str = "layernorm",
+                 qk_norm: bool = False, activation: str = "gelu") -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
+        self.ln_1 = make_norm(norm, n_embd, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm)
+        self.ln_2 = make_norm(norm, n_embd, bias)
+        self.mlp = MLP(n_embd, dropout, bias, activation)
 
     def forward(self, x, rope, attn_mask, cache, layer):
         x = x + self.attn(self.ln_1(x), rope, attn_mask, cache, layer)
@@ -153,6 +182,9 @@ class GPT(nn.Module):
         positions: ``"learned"`` (an embedding per position, GPT-2) or ``"rotary"``
             (q and k rotated by their position, RoFormer).
         tie_weights: share the token embedding with the output projection.
+        norm: ``"layernorm"`` (GPT-2) or ``"rmsnorm"`` (`NORMS`).
+        qk_norm: RMS-normalise queries and keys per head (`CausalSelfAttention`).
+        activation: the MLP's ``"gelu"`` (GPT-2) or ``"relu2"`` (`ACTIVATIONS`).
     """
 
     def __init__(
@@ -166,10 +198,15 @@ class GPT(nn.Module):
         bias: bool = False,
         positions: str = "learned",
         tie_weights: bool = True,
+        norm: str = "layernorm",
+        qk_norm: bool = False,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
-        if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        for name, value, valid in (("positions", positions, POSITIONS), ("norm", norm, NORMS),
+                                   ("activation", activation, ACTIVATIONS)):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.n_layer = n_layer
@@ -179,8 +216,9 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(vocab_size, n_embd),
             "drop": nn.Dropout(dropout),
-            "h": nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)),
-            "ln_f": nn.LayerNorm(n_embd, bias=bias),
+            "h": nn.ModuleList(Block(n_embd, n_head, dropout, bias, norm, qk_norm, activation)
+                               for _ in range(n_layer)),
+            "ln_f": make_norm(norm, n_embd, bias),
         })
         if not self.rotary:
             self.transformer["wpe"] = nn.Embedding(block_size, n_embd)
