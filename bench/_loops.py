@@ -134,7 +134,7 @@ def _optimizers(conf: Any):
     raise TypeError(f"configure_optimizers returned {type(conf).__name__}")
 
 
-def _automatic_step(model, cfg, warmup_plus_steps: int):
+def _automatic_step(model, cfg):
     hp = model.hparams
     (opt,), scheds = _optimizers(model.configure_optimizers())
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -224,7 +224,7 @@ def plain_window(experiment: str, overrides: list[str], warmup: int, steps: int,
         # genframe decays over the trainer's max_steps; without a trainer, say so.
         model.hparams.lr_decay_steps = warmup + steps + 1
     model.train()
-    step = (_automatic_step(model, cfg, warmup + steps) if model.automatic_optimization
+    step = (_automatic_step(model, cfg) if model.automatic_optimization
             else _gan_step(model))
     data.setup("fit")
     loader = data.train_dataloader()

@@ -67,11 +67,14 @@ def machine_info() -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
+    from importlib import metadata
+
     versions = {"torch": torch.__version__, "python": platform.python_version()}
-    for name in ("pytorch_lightning", "diffusers", "transformers"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
+    for name in ("pytorch-lightning", "diffusers", "transformers", "genframe"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     return {
         **info,
         "cores": os.cpu_count(),

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown families {sorted(unknown)}; choose from {list(FAMILIES)}")
     if args.smoke:
-        families, sizes, args.rounds, args.warmup, args.steps, args.rss_steps = ["vae"], ["small"], 1, 2, 5, 2
+        families, sizes, args.rounds, args.warmup, args.steps, args.rss_steps = ["vae"], ["small"], 1, 1, 3, 1
         args.max_wait, args.retries = min(args.max_wait, 5.0), 0
     speeds, memories, main_lines = [], [], []
     if not args.main_job_only:

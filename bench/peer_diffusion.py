@@ -190,9 +190,10 @@ def profile(args, sides: Sides) -> None:
     sides.diffusers_sample(args.samples, 2)
     sides.genframe_train_step()
     sides.diffusers_train_step()
+    n = args.samples
     for label, fn in [
-        (f"genframe DDIM-{steps}, {args.samples} images", lambda: sides.genframe_sample(args.samples, steps)),
-        (f"diffusers DDIM-{steps}, {args.samples} images", lambda: sides.diffusers_sample(args.samples, steps)),
+        (f"genframe DDIM-{steps}, {n} images", lambda: sides.genframe_sample(n, steps)),
+        (f"diffusers DDIM-{steps}, {n} images", lambda: sides.diffusers_sample(n, steps)),
         ("genframe train step", sides.genframe_train_step),
         ("diffusers train step", sides.diffusers_train_step),
     ]:
@@ -200,7 +201,7 @@ def profile(args, sides: Sides) -> None:
         print(f"\n== torch.profiler: {label} ({seconds * 1000:.0f} ms unprofiled)")
         print(_suite.torch_profile(fn, rows=args.profile_rows))
     print(f"\n== cProfile: genframe DDIM-{steps} (Python time by function)")
-    print(_suite.python_profile(lambda: sides.genframe_sample(args.samples, steps), rows=args.profile_rows))
+    print(_suite.python_profile(lambda: sides.genframe_sample(n, steps), rows=args.profile_rows))
 
 
 def main(argv: list[str] | None = None) -> None:

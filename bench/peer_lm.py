@@ -277,8 +277,9 @@ def profile(args) -> None:
     ids = torch.tensor([data.tokenizer.encode(p) for p in PROMPTS[:batch]])
     gf_generate(gf, batch, 4)
     hf_generate(hf, ids, 4)
-    for label, fn in [(f"genframe generate {size}, batch {batch}, {new} new tokens", lambda: gf_generate(gf, batch, new)),
-                      (f"transformers generate {size}, batch {batch}, {new} new tokens", lambda: hf_generate(hf, ids, new))]:
+    case = f"{size}, batch {batch}, {new} new tokens"
+    for label, fn in [(f"genframe generate {case}", lambda: gf_generate(gf, batch, new)),
+                      (f"transformers generate {case}", lambda: hf_generate(hf, ids, new))]:
         print(f"\n== torch.profiler: {label} ({fn():.0f} tokens/s unprofiled)")
         print(_suite.torch_profile(fn, rows=args.profile_rows))
         print(f"\n== cProfile: {label}")

@@ -2,8 +2,8 @@
 markdown report (the machine, a table of every ratio with its median and spread over
 rounds and its target, then each script's own output).
 
-    python bench/run.py                      # every comparison (about 25 minutes on 2 cores)
-    python bench/run.py --smoke              # the smallest configurations, for CI (< 2 min)
+    python bench/run.py                      # every comparison (~40 min on 2 busy cores, 1 thread)
+    python bench/run.py --smoke              # the smallest configurations, for CI (< 2 min, 1 thread)
     python bench/run.py --only peer_lm --only main_job
     python bench/run.py --list
 
@@ -108,7 +108,8 @@ def _stop(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)  # a killed suite stops its running script
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="the smallest configurations only")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest configurations only, one torch thread unless --threads")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help="run only this comparison (repeatable, or comma-separated)")
     parser.add_argument("--list", action="store_true", help="list the comparisons and exit")
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                                         (not args.smoke or COMPARISONS[n][2] is not None))]
     if args.smoke and only:
         names = [n for n in names if COMPARISONS[n][2] is not None] or names
+    if args.smoke and args.threads is None:
+        # A smoke run checks that every script runs, not what it measures: one thread
+        # keeps it fast on shared CI cores (two threads beside a busy neighbour crawl).
+        args.threads = 1
     _suite.set_threads(args.threads)
     machine = _suite.machine_info()
     started = time.strftime("%Y-%m-%d %H:%M")
