@@ -78,10 +78,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             dtype = torch.bfloat16 if group["params"] and fast_bf16(group["params"][0].device) else torch.float32
             for p in group["params"]:
@@ -168,10 +165,7 @@ class MuonWithAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for member in self.members:
             member.step()
         return loss
@@ -190,3 +184,12 @@ class MuonWithAdamW(Optimizer):
         for member, state in zip(self.members, saved):
             member.load_state_dict(state)
         self.param_groups = [g for m in self.members for g in m.param_groups]
+
+
+def _evaluate(closure) -> Any:
+    """The loss of an optimizer's `closure` (forward and backward, with gradients on
+    inside ``step``'s ``no_grad``), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
