@@ -313,6 +313,42 @@ def test_rows_leaving_the_batch_do_not_change_the_others(tok, monkeypatch):
     assert len(prefills) == 3  # at the start, the re-pad, the halving at 17 tokens
 
 
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_rows_of_one_length_decode_without_a_mask(tok, positions, monkeypatch):
+    # Rows without padding take the fast step: no attention mask for the one new query
+    # (SDPA's fused kernel). It must give the reference path's tokens, also after a row
+    # leaves the batch.
+    model = make_model(tok, positions=positions)
+    rows = [tok.encode(t) for t in ("the f", "lazy ", "Hello")]  # 5 tokens each
+    assert len({len(r) for r in rows}) == 1
+
+    def greedy(logits):
+        return logits.argmax(-1)
+
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kw):
+        if q.shape[2] == 1 and k.shape[2] > 1:  # a cached decode step
+            masks.append((attn_mask, kw.get("is_causal")))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    def stop_row_1(row, token):
+        return row == 1 and len(seen[1]) >= 3
+
+    seen = {0: [], 1: [], 2: []}
+    with torch.no_grad():
+        plain = decode(model.net, rows, max_new_tokens=12, choose=greedy, use_cache=False,
+                       on_token=lambda r, t: seen[r].append(t) or stop_row_1(r, t))
+        seen = {0: [], 1: [], 2: []}
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+        cached = decode(model.net, rows, max_new_tokens=12, choose=greedy,
+                        on_token=lambda r, t: seen[r].append(t) or stop_row_1(r, t))
+    assert cached == plain
+    assert [len(c) for c in cached] == [12, 3, 12]
+    assert masks and all(m is None and not causal for m, causal in masks)
+
+
 def test_top_k_1_is_greedy(tok):
     model = make_model(tok)
     greedy = gen(model, PROMPTS, temperature=0)

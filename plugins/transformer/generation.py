@@ -129,9 +129,12 @@ def decode(
     rows = list(range(len(ctx)))  # the rows still running, in batch order
     cache: KVCache | None = None
     real = torch.empty(0)  # (B, L) real-token mask of the cache's columns
+    padded = False  # whether the cache holds padding columns (rows of different lengths)
+    last = torch.empty(0)  # (B, 1) the newest token of each running row
 
     def prefill(remaining: int) -> torch.Tensor:
-        nonlocal cache, real
+        nonlocal cache, real, padded
+        padded = len({len(ctx[r]) for r in rows}) > 1
         ids, real, positions, attn = _left_padded([ctx[r] for r in rows], device)
         # Room for the tokens still to feed, never more than one window.
         cache = net.new_cache(min(block, ids.shape[1] + remaining - 1))
@@ -153,13 +156,16 @@ def decode(
         elif cache.length >= cache.capacity:
             # Only padding columns of rows that left the batch fill the cache: re-pad.
             logits = prefill(remaining)
-        else:
+        elif padded:
             real = torch.cat([real, real.new_ones(len(rows), 1)], dim=1)  # (B, L)
             positions = real.sum(dim=1, keepdim=True) - 1  # (B, 1): the row's own count
-            last = torch.tensor([[ctx[r][-1]] for r in rows], device=device)  # (B, 1)
             logits = net(last, positions=positions, attn_mask=real[:, None, None, :],
                          cache=cache, last_only=True)
-        tokens = choose(logits[:, -1]).tolist()  # (B,) -> host: stop strings need text
+        else:
+            # No padding: positions follow the cache, and one query needs no mask.
+            logits = net(last, cache=cache, last_only=True)
+        chosen = choose(logits[:, -1])  # (B,)
+        tokens = chosen.tolist()  # -> host: stop strings need text
         keep = []
         for j, (r, t) in enumerate(zip(rows, tokens)):
             out[r].append(t)
@@ -168,6 +174,7 @@ def decode(
                 ctx[r] = ctx[r][-block:]  # only the window is ever read again
             if on_token is None or not on_token(r, t):
                 keep.append(j)
+        last = chosen[:, None]  # (B, 1)
         if len(keep) < len(rows):
             rows = [rows[j] for j in keep]
             if not rows:
@@ -175,7 +182,9 @@ def decode(
             if cache is not None:
                 index = torch.tensor(keep, device=device)
                 cache.select(index)
-                real = real[index]
+                last = last[index]
+                if padded:
+                    real = real[index]
     return out
 
 
