@@ -107,6 +107,19 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def same_allocator() -> str:
+    """Tune the C allocator for this whole process now, as `genframe train` does when it
+    builds its trainer (`genframe.hardware.tune_allocator`), so every side of an in-process
+    comparison runs on the same malloc settings and the ratios compare code, not
+    allocators. ``GENFRAME_MALLOC_TUNING=0`` runs every side on glibc's defaults instead
+    (and the children's `genframe train` too). Returns a line for the report."""
+    from genframe.hardware import ALLOCATOR_ENV, tune_allocator
+
+    if tune_allocator():
+        return "allocator: glibc malloc tuned for every side (genframe.hardware.tune_allocator)"
+    return f"allocator: as the process found it (tuning off or not glibc; {ALLOCATOR_ENV}=0 to force off)"
+
+
 def quiet_logs() -> None:
     """Lightning's and the libraries' info lines and warnings off (a measurement prints
     its own table)."""

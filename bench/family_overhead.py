@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _suite.quiet_logs()
     _suite.set_threads(args.threads)
+    allocator = _suite.same_allocator()
     if args.child:
         child(args)
         return
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         families, sizes, args.rounds, args.warmup, args.steps, args.rss_steps = ["vae"], ["small"], 1, 1, 3, 1
         args.max_wait, args.retries = min(args.max_wait, 5.0), 0
     speeds, memories, main_lines = [], [], []
+    print(allocator, flush=True)
     if not args.main_job_only:
         for family in families:
             for size in sizes:

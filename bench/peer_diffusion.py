@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         args.max_wait, args.retries = min(args.max_wait, 5.0), 0
     _suite.quiet_logs()
     _suite.set_threads(args.threads)
+    print(_suite.same_allocator())
     sides = Sides()
     import diffusers
 

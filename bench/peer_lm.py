@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         GENERATION["0.8M"] = [(8, 16)]
     _suite.quiet_logs()
     _suite.set_threads(args.threads)
+    print(_suite.same_allocator())
     import transformers
 
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, "

@@ -2,7 +2,7 @@
 markdown report (the machine, a table of every ratio with its median and spread over
 rounds and its target, then each script's own output).
 
-    python bench/run.py                      # every comparison (~40 min on 2 busy cores, 1 thread)
+    python bench/run.py                      # every comparison (~60 min on 2 busy cores, 1 thread)
     python bench/run.py --smoke              # the smallest configurations, for CI (< 2 min, 1 thread)
     python bench/run.py --only peer_lm --only main_job
     python bench/run.py --list
@@ -46,6 +46,8 @@ COMPARISONS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "main_job": ("family_overhead.py", ["--main-job-only"], None),
     "lm_throughput": ("lm_throughput.py", ["--rounds", "3"], None),
     "cli_startup": ("cli_startup.py", ["--repeat", "5"], ["--repeat", "1"]),
+    # trainer.compile per family, compile time included (~20 min: it compiles 7 models).
+    "compile": ("compile_families.py", [], None),
 }
 # Scripts that take the suite's --json, --max-wait and --retries.
 SUITE_SCRIPTS = {"peer_diffusion.py", "peer_lm.py", "family_overhead.py"}

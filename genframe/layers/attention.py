@@ -112,8 +112,9 @@ class SelfAttention2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
-        # one sequence of H*W tokens: 3 x (B, H*W, C)
-        q, k, v = qkv.flatten(2).transpose(1, 2).chunk(3, dim=-1)
+        # one sequence of H*W tokens: 3 x (B, H*W, C). Made contiguous first: q, k, v
+        # whose features are strided by H*W send SDPA to its slow math path.
+        q, k, v = qkv.flatten(2).transpose(1, 2).contiguous().chunk(3, dim=-1)
         h = multihead_attention(q, k, v, self.num_heads)  # (B, H*W, C)
         h = h.transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj(h)

@@ -273,7 +273,12 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
     import pytorch_lightning as pl
 
     from genframe.callbacks import AtomicCheckpointIO, FiniteLossGuard, ResumeState
-    from genframe.hardware import GENFRAME_TRAINER_KEYS, prepare_launch, resolve_trainer_kwargs
+    from genframe.hardware import (
+        GENFRAME_TRAINER_KEYS,
+        prepare_launch,
+        resolve_trainer_kwargs,
+        tune_allocator,
+    )
 
     kwargs = to_plain(cfg.trainer)
     settings = {key: kwargs.pop(key, None) for key in GENFRAME_TRAINER_KEYS}
@@ -282,6 +287,7 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
     kwargs = resolve_trainer_kwargs(kwargs, n_params, choice, source=source_map("trainer"))
     if train:
         prepare_launch(kwargs, launcher=launcher, choice=choice)
+        tune_allocator()  # training steps reuse freed memory instead of faulting it in
     if getattr(model, "ddp_find_unused_parameters", False) and kwargs.get("strategy") in ("ddp", "ddp_spawn"):
         kwargs["strategy"] += "_find_unused_parameters_true"  # Lightning's registered name
     kwargs = check_kwargs(pl.Trainer, kwargs, where="trainer", source=source_map("trainer"))
