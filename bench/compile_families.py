@@ -16,8 +16,9 @@ Printed per family: the steady steps/s of each side and their ratio (compiled / 
 higher = compile faster per step); each child's whole wall time (imports and compiling
 included; each child compiles cold, with an empty inductor cache); the compile cost,
 estimated as the wall-time difference less the steps' difference; and the break-even:
-how many steps a run needs before the compiled one finishes first (``-`` when a compiled step is not faster). `--json FILE` writes the rows
-for `bench/run.py`. Results go in docs/BENCHMARKS.md: `trainer.compile` stays off by
+how many steps a run needs before the compiled one finishes first (``-`` when a compiled step is not faster). `--json FILE` also writes the
+rows; `bench/run.py` (its `compile` entry) shows the printed table in its report. Results
+go in docs/BENCHMARKS.md: `trainer.compile` stays off by
 default wherever the break-even is beyond what the family's presets train.
 """
 

@@ -42,7 +42,8 @@ def test_tune_allocator_keeps_large_blocks_on_the_heap(monkeypatch):
     monkeypatch.delenv(hardware.ALLOCATOR_ENV, raising=False)
 
     def probe(mode: str) -> str:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
         return subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
                               check=True, env=env).stdout.split()
 
@@ -51,6 +52,7 @@ def test_tune_allocator_keeps_large_blocks_on_the_heap(monkeypatch):
 
 
 @pytest.mark.parametrize("env", [{hardware.ALLOCATOR_ENV: "0"}, {"MALLOC_ARENA_MAX": "2"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
                                  {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
 def test_tune_allocator_leaves_a_tuned_or_opted_out_process_alone(monkeypatch, env):
     for key, value in env.items():

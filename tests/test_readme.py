@@ -28,8 +28,9 @@ def test_every_hook_has_a_docstring():
 
 def test_readme_names_every_config_group_and_env_switch():
     from genframe.config import config_groups
+    from genframe.hardware import ALLOCATOR_ENV
     from genframe.plugins import ALLOW_ENV, AUTOLOAD_ENV
 
     for group in config_groups():
         assert f"`{group}`" in README, group
-    assert ALLOW_ENV in README and AUTOLOAD_ENV in README
+    assert ALLOW_ENV in README and AUTOLOAD_ENV in README and f"`{ALLOCATOR_ENV}=0`" in README

@@ -140,8 +140,19 @@ class CausalSelfAttention(nn.Module):
         layer: int,
         causal: bool = True,
     ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). Without `attn_mask`, query t sees keys 0..t when
-        `causal`, or every key when not (one new token over a cache: nothing to hide)."""
+        """x (B, T, C) -> (B, T, C).
+
+        Args:
+            rope: cos and sin of the rotary angles, each (B, 1, T, D/2); None for learned
+                positions.
+            attn_mask: boolean (B, 1, T, L) (or broadcastable), True where a query may
+                attend to a key, L = cached + new positions. It is needed whenever the
+                cache holds keys and T > 1: SDPA's ``is_causal`` aligns its triangle to
+                the top left, which is right only without past keys.
+            cache: a `KVCache` (or `PastKeyValues`) to read and extend, layer `layer`.
+            causal: without `attn_mask`, query t sees keys 0..t (True) or every key
+                (False: one new token over a cache, with nothing to hide).
+        """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         shape = (B, T, self.n_head, C // self.n_head)
@@ -183,7 +194,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(norm, n_embd, bias)
         self.mlp = MLP(n_embd, dropout, bias, activation)
 
-    def forward(self, x, rope, attn_mask, cache, layer, causal=True):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                attn_mask: torch.Tensor | None, cache: KVCache | None, layer: int,
+                causal: bool = True) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); the other arguments as for `CausalSelfAttention`."""
         x = x + self.attn(self.ln_1(x), rope, attn_mask, cache, layer, causal)
         return x + self.mlp(self.ln_2(x))
 
