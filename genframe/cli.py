@@ -136,6 +136,11 @@ def run_task(task: str, overrides: list[str]) -> int:
     roots = _config_roots(task)
     overrides = _with_resumed_groups(overrides, roots)
     overrides = [_open_key(a, roots) for a in overrides]
+    if any(a in ("-h", "--help") for a in overrides):
+        text = _task_help(task, [a for a in overrides if a not in ("-h", "--help")])
+        if text is not None:
+            print(text)
+            return 0
     overrides = _for_rank(task, overrides)
     overrides = _with_genframe_launcher(overrides)
     if "hub" in roots:
@@ -147,6 +152,41 @@ def run_task(task: str, overrides: list[str]) -> int:
         finally:
             _remove_unless_completed(export_out)
     return _run_hydra(task, overrides)
+
+
+def _task_help(task: str, overrides: list[str]) -> str | None:
+    """``genframe <task> --help``: the text of Hydra's help template (conf/hydra/default.yaml's
+    ``hydra.help``) with the task's config groups and composed config, or None to let Hydra
+    answer (other flags given, or an override that does not compose: Hydra then reports it).
+
+    Hydra's own help lists every group's options by composing once per group, its own
+    ``hydra/*`` groups included, even where the template does not show them: 2.2 s for
+    `genframe train --help` here, against ~0.5 s for this.
+    """
+    import string
+
+    from omegaconf import OmegaConf
+
+    from genframe.config import compose, conf_dir, config_groups
+    from genframe.plugins import get_registry
+
+    if any(a.startswith("-") for a in overrides):
+        return None
+    try:
+        cfg = compose(task, overrides)
+    except Exception:  # noqa: BLE001 - Hydra's run reports it, with genframe's messages
+        return None
+    hydra_cfg = OmegaConf.load(conf_dir() / "hydra" / "default.yaml")
+    help_cfg = OmegaConf.to_container(hydra_cfg.help, resolve=False)  # raw ${...} kept
+    groups = config_groups([root for _, root in get_registry().config_dirs])
+    listing = "\n".join(f"{group}: {', '.join(choices)}" for group, choices in groups.items())
+    fill = {"${hydra.help.header}": help_cfg["header"], "${hydra.help.footer}": help_cfg["footer"]}
+    text = help_cfg["template"]
+    for key, value in fill.items():
+        text = text.replace(key, value)
+    text = text.replace("${task_name}", task)
+    return string.Template(text).safe_substitute(
+        APP_CONFIG_GROUPS=listing + "\n", CONFIG=OmegaConf.to_yaml(cfg)).rstrip("\n")
 
 
 def _run_hydra(task: str, overrides: list[str]) -> int:

@@ -25,6 +25,17 @@ def test_task_help_shows_groups_and_config(cli):
     assert f"model: {models}" in result.stdout and "latent_dim" in result.stdout
 
 
+def test_task_help_composes_the_overrides_and_refuses_a_bad_one(cli):
+    # genframe answers --help itself (Hydra's help composes once per group, its own
+    # hydra/* groups included); an override that does not compose is still refused.
+    result = cli("train", "model.latent_dim=5", "experiment=digits_vae", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "latent_dim: 5" in result.stdout and "max_epochs: 100" in result.stdout
+    assert "launcher:" not in result.stdout and "Usage: genframe train" in result.stdout
+    bad = cli("train", "model=nope", "--help")
+    assert bad.returncode == 2 and "no such choice in config group 'model'" in bad.stderr
+
+
 def test_cfg_job_prints_overridden_config(cli):
     result = cli("train", "model.latent_dim=5", "~logger", "+trainer.profiler=simple", "--cfg", "job")
     assert result.returncode == 0, result.stderr
