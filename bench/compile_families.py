@@ -95,7 +95,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default=",".join(family_overhead.FAMILIES))
+    parser.add_argument("--families", default=",".join(family_overhead.FAMILIES),
+                        help=f"comma-separated, of {', '.join(family_overhead.FAMILIES)}")
     parser.add_argument("--size", default="small", choices=["small", "medium"])
     parser.add_argument("--warmup", type=int, default=30,
                         help="untimed steps: the first compiles, and an epoch's short last batch recompiles")
@@ -112,10 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"children: OMP_NUM_THREADS={args.threads or 'unset (torch: one thread per core)'}, "
           f"{args.warmup} untimed + {args.steps} timed steps, size {args.size}", flush=True)
     rows = []
+    print(markdown([]), flush=True)  # the header; each family's row as it comes
     for family in families:
         rows.append(compare(family, args))
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    print("\n" + markdown(rows))
+    print("\nbreak-even: the steps a run needs before the compiled one finishes first "
+          "('-': a compiled step is not faster, so never)\n\n" + markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

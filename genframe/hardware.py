@@ -36,6 +36,23 @@ ALLOCATOR_SETTINGS = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 256 << 20,
 ALLOCATOR_ENV = "GENFRAME_MALLOC_TUNING"
 
 
+_OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on", "")
+
+
+def allocator_tuning_wanted() -> bool:
+    """``GENFRAME_MALLOC_TUNING``: on when unset, empty or 1/true/yes/on; off for
+    0/false/no/off (any case).
+
+    Raises:
+        UserError: any other value.
+    """
+    value = os.environ.get(ALLOCATOR_ENV, "").strip().lower()
+    if value in _OFF or value in _ON:
+        return value not in _OFF
+    raise UserError(f"{ALLOCATOR_ENV}={os.environ[ALLOCATOR_ENV]!r}: expected 0 (leave glibc's "
+                    "malloc as it is) or 1 (tune it for training; the default)")
+
+
 @functools.lru_cache(maxsize=1)
 def tune_allocator() -> bool:
     """Make glibc's malloc keep and reuse freed tensor memory in this process; True if set.
@@ -51,14 +68,19 @@ def tune_allocator() -> bool:
     256 MiB of free heap per arena stays resident (the main job's peak RSS: 1,043 against
     1,033 MB).
 
-    Does nothing (False) off glibc, when ``GENFRAME_MALLOC_TUNING=0``, when any
+    Does nothing (False) off glibc, when ``GENFRAME_MALLOC_TUNING=0`` (or false, no,
+    off; `allocator_tuning_wanted`), when any
     ``MALLOC_*`` variable or a ``glibc.malloc.*`` tunable in ``GLIBC_TUNABLES`` is set
-    (the user tuned glibc already) or when ``LD_PRELOAD`` brings another allocator.
+    (the user tuned glibc already) or when ``LD_PRELOAD`` brings another allocator
+    (jemalloc, tcmalloc, mimalloc).
+
+    Raises:
+        UserError: a ``GENFRAME_MALLOC_TUNING`` value that is neither on nor off.
     Applied once per process, by `genframe train`/`finetune`.
     """
     import ctypes
 
-    if os.environ.get(ALLOCATOR_ENV, "1").strip() == "0":
+    if not allocator_tuning_wanted():
         return False
     if any(name.startswith("MALLOC_") for name in os.environ):
         return False

@@ -69,3 +69,20 @@ def test_tune_allocator_leaves_a_tuned_or_opted_out_process_alone(monkeypatch, e
 def test_devices_beyond_the_gpus_are_refused_with_the_count(devices, expected):
     with pytest.raises(hardware.UserError, match=expected.replace(".", r"\.")):
         hardware._check_devices(devices, on_gpu=True, n_gpus=2, strategy="auto", where="")
+
+
+@pytest.mark.parametrize("value, wanted", [("0", False), ("false", False), ("OFF", False), (" no ", False),
+                                           ("1", True), ("true", True), ("", True)])
+def test_the_allocator_switch_reads_on_and_off_words(monkeypatch, value, wanted):
+    monkeypatch.setenv(hardware.ALLOCATOR_ENV, value)
+    assert hardware.allocator_tuning_wanted() is wanted
+
+
+def test_the_allocator_switch_refuses_other_values(monkeypatch):
+    monkeypatch.setenv(hardware.ALLOCATOR_ENV, "fast")
+    hardware.tune_allocator.cache_clear()
+    try:
+        with pytest.raises(hardware.UserError, match="GENFRAME_MALLOC_TUNING='fast': expected 0"):
+            hardware.tune_allocator()
+    finally:
+        hardware.tune_allocator.cache_clear()

@@ -54,10 +54,16 @@ class TorchCompile(pl.Callback):
         self._compiled: list[nn.Module] = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for _, child in pl_module.named_children():
+        from pytorch_lightning.utilities import rank_zero_info
+
+        names = []
+        for name, child in pl_module.named_children():
             if any(p.requires_grad for p in child.parameters()):
                 child.compile(mode=None if self.mode == "default" else self.mode)
                 self._compiled.append(child)
+                names.append(name)
+        rank_zero_info(f"trainer.compile: torch.compile (mode {self.mode}) of {', '.join(names)}; "
+                       "the first steps (and a shorter last batch) compile, which takes a while")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for child in self._compiled:
