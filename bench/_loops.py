@@ -78,6 +78,19 @@ class Window:
         return 1000 * statistics.median(b - a for a, b in itertools.pairwise(self.clock))
 
 
+def timed_batches(loader, warmup: int, steps: int, clock: list[float]):
+    """(step index, batch) for `warmup + steps` steps of a plain loop, epoch after epoch;
+    `clock` gets the time at the start of each timed step and after the last one, as
+    `StepTimer` times `genframe train`."""
+    batches = (batch for _ in itertools.count() for batch in loader)
+    for i, batch in enumerate(batches):
+        if i >= warmup:
+            clock.append(time.perf_counter())
+        if i == warmup + steps:
+            return
+        yield i, batch
+
+
 def train_overrides(warmup: int, steps: int, out: str | None = None,
                     steps_per_batch: int = 1) -> list[str]:
     """What turns `genframe train` into a timed window (beside the experiment's own).
@@ -227,13 +240,7 @@ def plain_window(experiment: str, overrides: list[str], warmup: int, steps: int,
     step = (_automatic_step(model, cfg) if model.automatic_optimization
             else _gan_step(model))
     data.setup("fit")
-    loader = data.train_dataloader()
-    batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
     clock, loss = [], None
-    for i, batch in enumerate(batches):
-        if i >= warmup:
-            clock.append(time.perf_counter())
-        if i == warmup + steps:
-            break
+    for i, batch in timed_batches(data.train_dataloader(), warmup, steps, clock):
         loss = step(batch, i)
     return Window(clock, None if loss is None else float(loss), torch.get_num_threads(), model)

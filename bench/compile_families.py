@@ -28,38 +28,23 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _loops  # noqa: E402
 import _suite  # noqa: E402
 import family_overhead  # noqa: E402
 
 
 def run_side(family: str, size: str, compiled: bool, warmup: int, steps: int,
              threads: int | None) -> dict:
-    """One child `genframe train`: steady steps/s, wall seconds, peak RSS MB."""
-    experiment, overrides = family_overhead.spec(family, size)
-    env = _suite.child_env()
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    per_batch = family_overhead.STEPS_PER_BATCH.get(family, 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        # A cold compile, as a first run sees it: no kernels cached by an earlier run.
-        env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
-        env["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton")
-        out = os.path.join(tmp, "timer.json")
-        cmd = [family_overhead.genframe_command(), "train", f"experiment={experiment}", *overrides,
-               *_loops.train_overrides(warmup, steps, out=out, steps_per_batch=per_batch),
-               f"trainer.compile={str(compiled).lower()}", f"hydra.run.dir={tmp}/run"]
-        m = _suite.run_measured(cmd, cwd=tmp, env=env)
-        if m.returncode != 0:
-            return {"error": f"exit {m.returncode}: {m.stderr.strip().splitlines()[-1:]}"}
-        with open(out) as f:
-            clock = json.load(f)["clock"]
-    return {"steps_per_s": (len(clock) - 1) / (clock[-1] - clock[0]), "wall_s": m.wall_s,
-            "peak_rss_mb": m.peak_rss_mb}
+    """One child `genframe train` (`family_overhead.genframe_child`, compiling cold):
+    steady steps/s, wall seconds, peak RSS MB."""
+    rate, m = family_overhead.genframe_child(
+        family, size, warmup, steps, threads, extra=[f"trainer.compile={str(compiled).lower()}"],
+        cache_dirs=True)
+    if rate is None:
+        return {"error": f"exit {m.returncode}: {m.stderr.strip().splitlines()[-1:]}"}
+    return {"steps_per_s": rate, "wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb}
 
 
 def compare(family: str, args) -> dict:

@@ -136,8 +136,12 @@ def genframe_command() -> str:
     return shutil.which("genframe") or os.path.join(os.path.dirname(sys.executable), "genframe")
 
 
-def rss_child(family: str, size: str, side: str, warmup: int, steps: int, threads: int | None):
-    """(steps/s, peak RSS MB, wall s) of one child process."""
+def genframe_child(family: str, size: str, warmup: int, steps: int, threads: int | None,
+                   extra: list[str] = (), cache_dirs: bool = False):
+    """One child ``genframe train experiment=... <extra>`` with the timed window:
+    (steps/s, `_suite.Measured`), steps/s None when it failed.
+
+    `cache_dirs`: give the child empty torch.compile caches (a cold compile)."""
     import _loops
 
     experiment, overrides = spec(family, size)
@@ -145,25 +149,39 @@ def rss_child(family: str, size: str, side: str, warmup: int, steps: int, thread
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        if side == "genframe":
-            out = os.path.join(tmp, "timer.json")
-            cmd = [genframe_command(), "train", f"experiment={experiment}", *overrides,
-                   *_loops.train_overrides(warmup, steps, out=out,
-                                           steps_per_batch=STEPS_PER_BATCH.get(family, 1)),
-                   f"hydra.run.dir={tmp}/run"]
-        else:
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{family}:{size}",
-                   "--warmup", str(warmup), "--steps", str(steps), "--medium-steps", str(steps)]
+        if cache_dirs:
+            env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
+            env["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton")
+        out = os.path.join(tmp, "timer.json")
+        cmd = [genframe_command(), "train", f"experiment={experiment}", *overrides,
+               *_loops.train_overrides(warmup, steps, out=out,
+                                       steps_per_batch=STEPS_PER_BATCH.get(family, 1)),
+               *extra, f"hydra.run.dir={tmp}/run"]
         m = _suite.run_measured(cmd, cwd=tmp, env=env)
         if m.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {m.returncode}:\n{m.stderr[-3000:]}")
-        if side == "genframe":
-            with open(out) as f:
-                clock = json.load(f)["clock"]
-            rate = (len(clock) - 1) / (clock[-1] - clock[0])
-        else:
-            rate = _suite.parse_result(m.stdout)["steps_per_s"]
-    return rate, m.peak_rss_mb, m.wall_s
+            return None, m
+        with open(out) as f:
+            clock = json.load(f)["clock"]
+    return (len(clock) - 1) / (clock[-1] - clock[0]), m
+
+
+def rss_child(family: str, size: str, side: str, warmup: int, steps: int, threads: int | None):
+    """(steps/s, peak RSS MB, wall s) of one child process."""
+    if side == "genframe":
+        rate, m = genframe_child(family, size, warmup, steps, threads)
+        if rate is None:
+            raise RuntimeError(f"genframe train ({family} {size}) exited {m.returncode}:\n{m.stderr[-3000:]}")
+        return rate, m.peak_rss_mb, m.wall_s
+    env = _suite.child_env()
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{family}:{size}",
+           "--warmup", str(warmup), "--steps", str(steps), "--medium-steps", str(steps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        m = _suite.run_measured(cmd, cwd=tmp, env=env)
+    if m.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {m.returncode}:\n{m.stderr[-3000:]}")
+    return _suite.parse_result(m.stdout)["steps_per_s"], m.peak_rss_mb, m.wall_s
 
 
 def memory(args, family: str, size: str) -> tuple[_suite.Comparison, _suite.Comparison]:

@@ -106,8 +106,6 @@ class HFTrainer:
         self.data.setup("fit")
 
     def window(self, warmup: int, steps: int) -> _loops.Window:
-        import itertools
-
         from genframe_plugins.transformer.model import WarmupCosine
 
         hp = self.gf_model.hparams
@@ -118,14 +116,8 @@ class HFTrainer:
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, WarmupCosine(hp.warmup_steps, warmup + steps + 1, hp.min_lr_ratio))
-        loader = self.data.train_dataloader()
-        batches = (batch for _ in itertools.count() for batch in loader)
         clock, loss = [], None
-        for i, batch in enumerate(batches):
-            if i >= warmup:
-                clock.append(time.perf_counter())
-            if i == warmup + steps:
-                break
+        for _, batch in _loops.timed_batches(self.data.train_dataloader(), warmup, steps, clock):
             tokens = batch["tokens"]
             x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
             logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
