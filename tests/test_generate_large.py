@@ -5,6 +5,7 @@ and an interrupted or failing generation keeps what it wrote with a matching man
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -244,3 +245,15 @@ def test_text_models_stream_prompts_times_num_samples(lm_run, compose_task, spy,
                                         r"would need about .* GB"):
         task.generate(compose_task("generate", f"run={lm_run}", f"prompt_file={prompts}",
                                    "num_samples=1000000"))
+
+
+def test_a_list_of_prompts_is_a_batch_of_prompts(lm_run, compose_task):
+    import genframe.tasks.generate as task
+
+    cfg = compose_task("generate", f"run={lm_run}", "prompt=[The for,A while]", "num_samples=2",
+                       "stream=false")
+    manifest = manifest_of(task.generate(cfg)["folder"])
+    assert [m["condition"]["prompt"] for m in manifest] == ["The for"] * 2 + ["A while"] * 2
+    for bad, shown in (("prompt=[]", "not an empty list"), ("prompt=[a,[b]]", "not ['b']")):
+        with pytest.raises(UserError, match=re.escape(shown)):
+            task.generate(compose_task("generate", f"run={lm_run}", bad))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from genframe.errors import UserError
@@ -304,3 +305,30 @@ def test_log_samples_and_config_skip_loggers_that_take_nothing(tmp_path):
     log_config(_Trainer(), {"model": {"latent_dim": 2}})
     csv.save()
     assert "latent_dim: 2" in (tmp_path / "csv" / "hparams.yaml").read_text()
+
+
+def test_self_log_skips_lightnings_move_to_the_device_it_is_on(monkeypatch):
+    """`skip_repeated_metric_moves`: a value logged again on its device does not walk the
+    running metric (Lightning's `to`); the epoch mean is still the batch-weighted mean, and
+    a move to another device still happens."""
+    from pytorch_lightning.trainer.connectors.logger_connector import result
+
+    from genframe.loggers import skip_repeated_metric_moves
+
+    assert skip_repeated_metric_moves()
+    assert skip_repeated_metric_moves()  # idempotent
+    walks = []
+    real = result.apply_to_collection
+    monkeypatch.setattr(result, "apply_to_collection", lambda *a, **k: walks.append(1) or real(*a, **k))
+    collection = result._ResultCollection(training=True)
+    values, sizes = [0.5, 2.0, -1.0, 4.0], [8, 2, 4, 1]
+    for value, size in zip(values, sizes):
+        collection.log("training_step", "train/loss", torch.tensor(value), on_step=True,
+                       on_epoch=True, batch_size=size)
+    assert walks == []
+    metric = collection["training_step.train/loss"]
+    expected = sum(v * n for v, n in zip(values, sizes)) / sum(sizes)
+    assert metric.compute().item() == pytest.approx(expected)
+    metric.to(torch.device("meta"))
+    assert walks and metric.value.device.type == "meta"
+    assert metric.cumulated_batch_size.device.type == "meta"

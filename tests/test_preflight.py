@@ -122,6 +122,23 @@ def test_monitor_on_a_training_metric_is_accepted(compose_task):
     assert prepared.model is not None
 
 
+def test_a_validation_monitor_is_found_without_a_training_step(compose_task, monkeypatch):
+    """The usual val/* monitor is found by one validation batch; only a monitor that
+    validation does not log (train/loss here) costs the probe a training step."""
+    from genframe.tasks.train import prepare_training
+
+    cfg = compose_task("train", *QUICK)
+    model_cls = type(prepare_training(cfg).model)
+    steps = []
+    original = model_cls.training_step
+    monkeypatch.setattr(model_cls, "training_step",
+                        lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    prepare_training(compose_task("train", *QUICK, "monitor=val/loss"))
+    assert steps == []
+    prepare_training(compose_task("train", *QUICK, "monitor=train/loss"))
+    assert steps == [1]
+
+
 def test_sampling_typo_refused_before_training(capsys, tmp_path):
     line = refused(capsys, tmp_path, "train", "sampling.temprature=1", *QUICK)
     assert_names(line, "sampling.temprature", "'temperature'", "command line")

@@ -279,6 +279,7 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
         resolve_trainer_kwargs,
         tune_allocator,
     )
+    from genframe.loggers import skip_repeated_metric_moves
 
     kwargs = to_plain(cfg.trainer)
     settings = {key: kwargs.pop(key, None) for key in GENFRAME_TRAINER_KEYS}
@@ -288,6 +289,7 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
     if train:
         prepare_launch(kwargs, launcher=launcher, choice=choice)
         tune_allocator()  # training steps reuse freed memory instead of faulting it in
+    skip_repeated_metric_moves()  # self.log without Lightning's per-call device walk
     if getattr(model, "ddp_find_unused_parameters", False) and kwargs.get("strategy") in ("ddp", "ddp_spawn"):
         kwargs["strategy"] += "_find_unused_parameters_true"  # Lightning's registered name
     kwargs = check_kwargs(pl.Trainer, kwargs, where="trainer", source=source_map("trainer"))

@@ -464,12 +464,26 @@ def _duration(seconds: float) -> str:
 def prompts_of(cfg: DictConfig) -> list[str] | None:
     """The prompts of ``prompt``, ``prompt_file`` and ``template`` (None if no prompt).
 
-    A ``.jsonl`` prompt file holds one ``{"prompt": ...}`` object per line (prompts may
-    span lines); any other file holds one prompt per non-empty line.
+    ``prompt`` is one prompt, or a list of them (``'prompt=[a red circle,a blue
+    square]'``). A ``.jsonl`` prompt file holds one ``{"prompt": ...}`` object per line
+    (prompts may span lines); any other file holds one prompt per non-empty line.
+
+    Raises:
+        UserError: an empty ``prompt`` list, or a list entry that is not a text.
     """
+    from omegaconf import ListConfig
+
     prompts: list[str] = []
-    if cfg.get("prompt") is not None:
-        prompts.append(str(cfg.prompt))
+    given = cfg.get("prompt")
+    if isinstance(given, ListConfig):
+        entries = to_plain(given)
+        bad = [e for e in entries if isinstance(e, (list, dict)) or e is None]
+        if not entries or bad:
+            raise UserError(f"prompt={entries}: give one prompt (prompt=\"a text\") or a list of "
+                            f"texts ('prompt=[first,second]'), {'not an empty list' if not entries else f'not {bad[0]!r}'}")
+        prompts += [str(e) for e in entries]
+    elif given is not None:
+        prompts.append(str(given))
     if cfg.get("prompt_file"):
         prompts += read_prompt_file(cfg.prompt_file)
     from genframe.text.prompts import render_template_config

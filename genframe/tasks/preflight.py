@@ -416,9 +416,12 @@ def check_monitor(cfg: DictConfig, model, data) -> set[str]:
     """Refuse a ``monitor`` (or a callback's ``monitor``) that the model never logs, and a
     ``monitor_mode`` other than min/max, before training starts.
 
-    The keys logged are found by Lightning itself: one training batch and one validation
-    batch on a copy of the model (the model and the random state stay as they were),
-    plus the keys that configured callbacks declare (``metric_keys``).
+    The keys logged are found by Lightning itself, on a copy of the model (the model and
+    the random state stay as they were): one validation batch, and only when that does
+    not log every watched key (a ``train/*`` monitor, a wrong name), one training batch
+    and one validation batch; plus the keys that configured callbacks declare
+    (``metric_keys``). A training step costs a backward pass and the optimiser's state,
+    so the usual ``val/*`` monitor is checked without one.
 
     Returns:
         the metric keys a run logs.
@@ -432,7 +435,10 @@ def check_monitor(cfg: DictConfig, model, data) -> set[str]:
                 and entry["mode"] not in ("min", "max"):
             key = "monitor_mode" if entry["mode"] == cfg.get("monitor_mode") else f"callbacks.{name}.mode"
             raise _refuse(key, entry["mode"], "min or max")
-    logged = logged_metrics(model, data) | _callback_metric_keys(callbacks, model)
+    declared = _callback_metric_keys(callbacks, model)
+    logged = logged_metrics(model, data, train=False) | declared
+    if any(metric not in logged for _, metric in watched):
+        logged = logged_metrics(model, data) | declared
     for key, metric in watched:
         if metric in logged:
             continue
@@ -463,10 +469,11 @@ def _callback_metric_keys(callbacks: Mapping[str, Any], model) -> set[str]:
     return keys
 
 
-def logged_metrics(model, data) -> set[str]:
+def logged_metrics(model, data, *, train: bool = True) -> set[str]:
     """The metric keys `model` logs in training and validation, as Lightning records
     them: one training batch and one validation batch of `data` on a copy of `model`,
-    on the CPU, writing nothing."""
+    on the CPU, writing nothing; with ``train=False``, one validation batch alone (the
+    ``val/*`` keys, without a backward pass or an optimiser)."""
     import copy
     import logging
     import tempfile
@@ -474,6 +481,9 @@ def logged_metrics(model, data) -> set[str]:
 
     import pytorch_lightning as pl
 
+    val_loader = data.val_dataloader()
+    if not train and val_loader is None:
+        return set()
     probe = copy.deepcopy(model)
     lightning_log = logging.getLogger("pytorch_lightning")
     level = lightning_log.level
@@ -486,8 +496,11 @@ def logged_metrics(model, data) -> set[str]:
                 limit_val_batches=1, num_sanity_val_steps=0, logger=False,
                 enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, default_root_dir=tmp)
-            trainer.fit(probe, train_dataloaders=data.train_dataloader(),
-                        val_dataloaders=data.val_dataloader())
+            if train:
+                trainer.fit(probe, train_dataloaders=data.train_dataloader(),
+                            val_dataloaders=val_loader)
+            else:
+                trainer.validate(probe, dataloaders=val_loader, verbose=False)
             keys = set(trainer.callback_metrics)
     finally:
         lightning_log.setLevel(level)
