@@ -139,6 +139,24 @@ def test_a_validation_monitor_is_found_without_a_training_step(compose_task, mon
     assert steps == [1]
 
 
+def test_a_validation_that_needs_fitting_set_up_is_probed_by_fitting(compose_task, monkeypatch):
+    """A plugin whose validation needs what on_fit_start sets up still passes the monitor
+    check: the validation-only probe fails, the fitting probe finds val/loss."""
+    from genframe.tasks.train import prepare_training
+
+    model_cls = type(prepare_training(compose_task("train", *QUICK)).model)
+    validation_step = model_cls.validation_step
+
+    def needs_fit(self, *args, **kwargs):
+        assert self._fit_started, "on_fit_start has not run"
+        return validation_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_cls, "_fit_started", False, raising=False)
+    monkeypatch.setattr(model_cls, "on_fit_start", lambda self: setattr(self, "_fit_started", True))
+    monkeypatch.setattr(model_cls, "validation_step", needs_fit)
+    assert prepare_training(compose_task("train", *QUICK)).model is not None
+
+
 def test_sampling_typo_refused_before_training(capsys, tmp_path):
     line = refused(capsys, tmp_path, "train", "sampling.temprature=1", *QUICK)
     assert_names(line, "sampling.temprature", "'temperature'", "command line")

@@ -436,7 +436,10 @@ def check_monitor(cfg: DictConfig, model, data) -> set[str]:
             key = "monitor_mode" if entry["mode"] == cfg.get("monitor_mode") else f"callbacks.{name}.mode"
             raise _refuse(key, entry["mode"], "min or max")
     declared = _callback_metric_keys(callbacks, model)
-    logged = logged_metrics(model, data, train=False) | declared
+    try:
+        logged = logged_metrics(model, data, train=False) | declared
+    except Exception:  # noqa: BLE001 - validation may need what fitting sets up (a plugin's
+        logged = set()  # on_fit_start); the probe below fits and raises what is really wrong
     if any(metric not in logged for _, metric in watched):
         logged = logged_metrics(model, data) | declared
     for key, metric in watched:
