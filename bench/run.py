@@ -46,11 +46,12 @@ COMPARISONS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "main_job": ("family_overhead.py", ["--main-job-only"], None),
     "lm_throughput": ("lm_throughput.py", ["--rounds", "3"], None),
     "cli_startup": ("cli_startup.py", ["--repeat", "5"], ["--repeat", "1"]),
+    "log_cost": ("log_cost.py", [], ["--smoke"]),
     # trainer.compile per family, compile time included (~20 min: it compiles 7 models).
     "compile": ("compile_families.py", [], None),
 }
 # Scripts that take the suite's --json, --max-wait and --retries.
-SUITE_SCRIPTS = {"peer_diffusion.py", "peer_lm.py", "family_overhead.py"}
+SUITE_SCRIPTS = {"peer_diffusion.py", "peer_lm.py", "family_overhead.py", "log_cost.py"}
 
 
 def lm_throughput_comparison(text: str) -> _suite.Comparison | None:

@@ -181,6 +181,13 @@ def test_conditional_vae_generates_the_requested_label(compose_task):
     assert [m["condition"] for m in manifest] == [{"label": 3}] * 4
     with pytest.raises(UserError, match="condition.label"):
         generate(compose_task("generate", f"run={run}", "condition.label=12"))
+    # One label a sample, across batches: sample i gets label i.
+    result = generate(compose_task("generate", f"run={run}", "num_samples=5", "batch_size=2",
+                                   "condition.label=[1,2,3,4,5]"))
+    manifest = [json.loads(x) for x in (result["run_dir"] / "samples/manifest.jsonl").read_text().splitlines()]
+    assert [m["condition"]["label"] for m in manifest] == [1, 2, 3, 4, 5]
+    with pytest.raises(UserError, match=r"condition.label: 2 labels for 3 samples"):
+        generate(compose_task("generate", f"run={run}", "num_samples=3", "condition.label=[1,2]"))
 
 
 def test_condition_on_an_unconditional_model_is_refused(trained, compose_task):

@@ -121,10 +121,17 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     folder = out_dir / "samples"
 
+    labels = to_plain(condition.get("label"))
+    if isinstance(labels, (list, tuple)) and len(labels) != total:
+        raise UserError(f"condition.label: {len(labels)} labels for {total} samples (num_samples="
+                        f"{cfg.num_samples}): give one label a sample, or one for all (condition.label=3)")
+
     def batch_condition(start: int, n: int) -> dict[str, Any] | None:
         cond = dict(condition)
         if prompts:  # sample i continues prompt i // per_prompt (never a list of all rows)
             cond["prompt"] = [prompts[i // per_prompt] for i in range(start, start + n)]
+        if isinstance(labels, (list, tuple)):  # sample i gets label i
+            cond["label"] = list(labels[start:start + n])
         return cond or None
 
     batch = min(cfg.batch_size, total)
@@ -468,22 +475,26 @@ def prompts_of(cfg: DictConfig) -> list[str] | None:
     square]'``). A ``.jsonl`` prompt file holds one ``{"prompt": ...}`` object per line
     (prompts may span lines); any other file holds one prompt per non-empty line.
 
+    The three add up, in that order: ``prompt=hi prompt_file=F`` generates for ``hi`` and
+    then for each prompt of F.
+
     Raises:
-        UserError: an empty ``prompt`` list, or a list entry that is not a text.
+        UserError: an empty ``prompt`` list, or a prompt (or list entry) that is a mapping,
+            a nested list or null.
     """
     from omegaconf import ListConfig
 
     prompts: list[str] = []
     given = cfg.get("prompt")
-    if isinstance(given, ListConfig):
-        entries = to_plain(given)
+    entries = to_plain(given) if isinstance(given, (ListConfig, DictConfig)) else given
+    if entries is not None:
+        entries = entries if isinstance(entries, list) else [entries]
         bad = [e for e in entries if isinstance(e, (list, dict)) or e is None]
         if not entries or bad:
-            raise UserError(f"prompt={entries}: give one prompt (prompt=\"a text\") or a list of "
+            shown = given if isinstance(given, str) else to_plain(given)
+            raise UserError(f"prompt={shown}: give one prompt (prompt=\"a text\") or a list of "
                             f"texts ('prompt=[first,second]'), {'not an empty list' if not entries else f'not {bad[0]!r}'}")
         prompts += [str(e) for e in entries]
-    elif given is not None:
-        prompts.append(str(given))
     if cfg.get("prompt_file"):
         prompts += read_prompt_file(cfg.prompt_file)
     from genframe.text.prompts import render_template_config
