@@ -142,6 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.calls, args.warmup, args.steps = 1, 200, 1, 2
+        args.max_wait, args.retries = min(args.max_wait, 5.0), 0
     _suite.set_threads(args.threads)
     _suite.quiet_logs()
     print(f"allocator: {_suite.same_allocator()}")
