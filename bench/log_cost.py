@@ -8,7 +8,8 @@ the device the metric is already on.
     python bench/log_cost.py --smoke
 
 1. Per call: ``_ResultCollection.log`` of one scalar (on_step and on_epoch, a batch size),
-   `--calls` times, microseconds a call, both sides in each round (the first swaps).
+   `--calls` times, microseconds a call, both sides in each round (which goes first
+   alternates from round to round).
 2. Per training step: `genframe train` steps/s of each family in `--families` (their
    small sizes from bench/family_overhead.py; the GAN logs six values a batch, the VAE
    three) with Lightning's path and with genframe's, against the plain loop in the same
@@ -72,7 +73,9 @@ def microseconds_a_call(calls: int) -> float:
 def per_call(args) -> _suite.Comparison:
     from genframe.loggers import skip_repeated_metric_moves
 
-    skip_repeated_metric_moves()
+    if not skip_repeated_metric_moves():
+        raise SystemExit("this Lightning's _ResultMetric.to is not the one genframe's skip is made "
+                         "for: both sides would run Lightning's path")
     c = _suite.Comparison("self.log: one _ResultCollection.log call", "calls/ms", [], [],
                           "Lightning's to()")
 

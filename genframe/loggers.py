@@ -294,18 +294,22 @@ def skip_repeated_metric_moves() -> bool:
 
     Lightning's ``_ResultCollection.log`` calls ``_ResultMetric.to(value.device)`` on every
     ``self.log`` call, and that walks the metric's whole ``__dict__`` (a torchmetrics
-    ``Metric``: ~50 attributes, recursively) to move its tensors: ~250 us of the ~330 us a
-    call costs on a 2.45 GHz AVX2 core; the small GAN's six calls a batch made `genframe
+    ``Metric``: ~50 attributes, recursively) to move its tensors: 335 us a call on a 2.45
+    GHz AVX2 core, 73 us with this; the small GAN's six calls a batch made `genframe
     train` 0.91x of a plain loop (``bench/log_cost.py`` measures both paths side by side).
-    Here ``to(device)`` returns at once when the metric's tensors (its states, their
-    defaults, the cached values) are all on `device` already; any other call, a device
+    Here ``to(device)`` returns at once when every tensor Lightning's move would reach
+    (its states, their defaults, the cached values; the walk is the same one, without
+    the copies) is on `device` already; any other call, a device
     change (the first log on a GPU, Lightning's move to the CPU after fitting) or a metric
     wrapping a torchmetrics object, takes Lightning's own path. Applied only while
     ``_ResultMetric.to`` is Lightning's own method (as in 2.6); a version that moves or
     renames it keeps its behaviour and its cost. Idempotent.
     """
+    import dataclasses
+
     import torch
     from pytorch_lightning.trainer.connectors.logger_connector import result
+    from torchmetrics import Metric
 
     metric_cls = getattr(result, "_ResultMetric", None)
     original = getattr(metric_cls, "to", None)
@@ -315,15 +319,29 @@ def skip_repeated_metric_moves() -> bool:
             or original.__module__ != result.__name__:
         return False
 
-    def on(value: Any, device: torch.device) -> bool:
-        return not isinstance(value, torch.Tensor) or value.device == device
+    plain = {type(None), bool, int, float, str, torch.device, torch.dtype, type(len), type(lambda: 0)}
+
+    def settled(value: Any, device: torch.device) -> bool:
+        """Whether Lightning's move would leave `value` as it is: every tensor in it (in
+        the containers Lightning's ``apply_to_collection`` walks) is on `device`."""
+        kind = type(value)
+        if kind in plain:
+            return True
+        if isinstance(value, torch.Tensor):
+            return value.device == device
+        if isinstance(value, dict):
+            return all(settled(v, device) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return all(settled(v, device) for v in value)
+        if isinstance(value, Metric):  # a logged torchmetrics object: Lightning moves it
+            return False
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return all(settled(getattr(value, f.name), device) for f in dataclasses.fields(value))
+        return True
 
     def to(self, *args: Any, **kwargs: Any):
         device = args[0] if len(args) == 1 and not kwargs else None
-        state = self.__dict__
-        if isinstance(device, torch.device) and state.get("is_tensor") \
-                and all(on(v, device) for v in state.values()) \
-                and all(on(v, device) for v in state.get("_defaults", {}).values()):
+        if isinstance(device, torch.device) and settled(self.__dict__, device):
             return self
         return original(self, *args, **kwargs)
 

@@ -315,6 +315,8 @@ def test_self_log_skips_lightnings_move_to_the_device_it_is_on(monkeypatch):
 
     from genframe.loggers import skip_repeated_metric_moves
 
+    installed = result._ResultMetric.to
+    monkeypatch.setattr(result._ResultMetric, "to", getattr(installed, "_genframe_original", installed))
     assert skip_repeated_metric_moves()
     assert skip_repeated_metric_moves()  # idempotent
     walks = []
@@ -332,3 +334,18 @@ def test_self_log_skips_lightnings_move_to_the_device_it_is_on(monkeypatch):
     metric.to(torch.device("meta"))
     assert walks and metric.value.device.type == "meta"
     assert metric.cumulated_batch_size.device.type == "meta"
+
+
+def test_building_a_trainer_installs_the_cheap_self_log(compose_task, monkeypatch):
+    from pytorch_lightning.trainer.connectors.logger_connector import result
+
+    from genframe.tasks.build import build_trainer
+    from genframe.tasks.train import prepare_training
+
+    installed = result._ResultMetric.to
+    lightnings = getattr(installed, "_genframe_original", installed)
+    monkeypatch.setattr(result._ResultMetric, "to", lightnings)
+    cfg = compose_task("train", *FAST, "logger=none")
+    build_trainer(cfg, prepare_training(cfg).model)
+    assert result._ResultMetric.to is not lightnings
+    assert result._ResultMetric.to._genframe_original is lightnings

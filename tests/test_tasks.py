@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,6 +189,14 @@ def test_conditional_vae_generates_the_requested_label(compose_task):
     assert [m["condition"]["label"] for m in manifest] == [1, 2, 3, 4, 5]
     with pytest.raises(UserError, match=r"condition.label: 2 labels for 3 samples"):
         generate(compose_task("generate", f"run={run}", "num_samples=3", "condition.label=[1,2]"))
+    # Every label is checked before a sample is written, not only the first batch's.
+    cfg = compose_task("generate", f"run={run}", "batch_size=1", "condition.label=[1,2,12]")
+    with pytest.raises(UserError, match=r"0\.\.9.*got 12"):
+        generate(cfg)
+    assert not (Path(cfg.paths.output_dir) / "samples").exists()
+    # Without num_samples, one image a label.
+    result = generate(compose_task("generate", f"run={run}", "condition.label=[7,0]"))
+    assert result["num_samples"] == 2
 
 
 def test_condition_on_an_unconditional_model_is_refused(trained, compose_task):

@@ -48,9 +48,11 @@ WORK_FACTOR = 4  # memory a batch needs while it is made, in multiples of its ou
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Generate samples from ``run`` or ``ckpt``.
 
-    Image models make ``num_samples`` images (default 64). Text models continue each
-    prompt (``prompt``, the lines of ``prompt_file``, or a ``template`` with its
-    variables) ``num_samples`` times (default 1; 4 unconditional texts without a prompt)
+    Image models make ``num_samples`` images (default 64; with a list of class labels,
+    ``condition.label=[...]``, one image a label). Text models continue each prompt
+    (``prompt``, one or a list, then the lines of ``prompt_file``, then a ``template``
+    with its variables) ``num_samples`` times (default 1; 4 unconditional texts without
+    a prompt)
     and, with ``stream=true``, print the text as it is made. Samples are made in
     batches of ``batch_size``; batch ``b`` uses seed ``seed + b``, so the same seed and
     batch size give the same samples.
@@ -101,8 +103,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                             "a text-to-image model)")
         if "prompt" in condition:
             raise UserError("give the prompt once: prompt=... or condition.prompt=..., not both")
-    elif "prompt" in condition:
-        prompts = [str(condition.pop("prompt"))]
+    elif "prompt" in condition:  # condition.prompt=...: read as prompt=...
+        prompts = prompt_list(condition.pop("prompt"), key="condition.prompt")
     if prompts and getattr(model, "tokenizer", None) is not None:
         from genframe.text.tokenize import report_unknown
 
@@ -111,7 +113,10 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             print(f"({note})", file=sys.stderr, flush=True)
     # A model that trains on images makes images, prompt or not (text-to-image).
     text_model = "prompt" in getattr(model, "condition_keys", ()) and "image" not in model.needs
-    per_prompt = cfg.num_samples or (1 if prompts else 4 if text_model else 64)
+    labels = to_plain(condition.get("label"))
+    if not isinstance(labels, (list, tuple)) or "label" not in getattr(model, "condition_keys", ()):
+        labels = None  # one label for all (or the model's own refusal of a label)
+    per_prompt = cfg.num_samples or (len(labels) if labels else 1 if prompts else 4 if text_model else 64)
     total = per_prompt * len(prompts) if prompts else per_prompt
     sampling = generation_options(cfg, model)
     # What the manifest records beside the model's own metadata: the file, not its pixels.
@@ -121,16 +126,19 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     folder = out_dir / "samples"
 
-    labels = to_plain(condition.get("label"))
-    if isinstance(labels, (list, tuple)) and len(labels) != total:
-        raise UserError(f"condition.label: {len(labels)} labels for {total} samples (num_samples="
-                        f"{cfg.num_samples}): give one label a sample, or one for all (condition.label=3)")
+    if labels is not None:  # one label a sample: all checked before anything is written
+        if len(labels) != total:
+            raise UserError(f"condition.label: {len(labels)} labels for {total} samples: give one "
+                            f"label a sample (num_samples={len(labels)}, or leave it unset), or one "
+                            "for all (condition.label=3)")
+        if callable(getattr(model, "labels_for", None)) and getattr(model, "num_classes", None):
+            model.labels_for(total, {"label": labels}, model.num_classes)
 
     def batch_condition(start: int, n: int) -> dict[str, Any] | None:
         cond = dict(condition)
         if prompts:  # sample i continues prompt i // per_prompt (never a list of all rows)
             cond["prompt"] = [prompts[i // per_prompt] for i in range(start, start + n)]
-        if isinstance(labels, (list, tuple)):  # sample i gets label i
+        if labels is not None:  # sample i gets label i
             cond["label"] = list(labels[start:start + n])
         return cond or None
 
@@ -482,19 +490,9 @@ def prompts_of(cfg: DictConfig) -> list[str] | None:
         UserError: an empty ``prompt`` list, or a prompt (or list entry) that is a mapping,
             a nested list or null.
     """
-    from omegaconf import ListConfig
-
     prompts: list[str] = []
-    given = cfg.get("prompt")
-    entries = to_plain(given) if isinstance(given, (ListConfig, DictConfig)) else given
-    if entries is not None:
-        entries = entries if isinstance(entries, list) else [entries]
-        bad = [e for e in entries if isinstance(e, (list, dict)) or e is None]
-        if not entries or bad:
-            shown = given if isinstance(given, str) else to_plain(given)
-            raise UserError(f"prompt={shown}: give one prompt (prompt=\"a text\") or a list of "
-                            f"texts ('prompt=[first,second]'), {'not an empty list' if not entries else f'not {bad[0]!r}'}")
-        prompts += [str(e) for e in entries]
+    if cfg.get("prompt") is not None:
+        prompts += prompt_list(cfg.prompt)
     if cfg.get("prompt_file"):
         prompts += read_prompt_file(cfg.prompt_file)
     from genframe.text.prompts import render_template_config
@@ -503,6 +501,25 @@ def prompts_of(cfg: DictConfig) -> list[str] | None:
     if rendered is not None:
         prompts.append(rendered)
     return prompts or None
+
+
+def prompt_list(given: Any, *, key: str = "prompt") -> list[str]:
+    """The prompts of one ``prompt=`` value: a text, or a list of texts.
+
+    Raises:
+        UserError: an empty list, or a mapping, nested list or null as the prompt or in it.
+    """
+    from omegaconf import ListConfig
+
+    entries = to_plain(given) if isinstance(given, (ListConfig, DictConfig)) else given
+    entries = entries if isinstance(entries, list) else [entries]
+    bad = [e for e in entries if isinstance(e, (list, dict)) or e is None]
+    if not entries or bad:
+        shown = given if isinstance(given, str) else to_plain(given)
+        raise UserError(f"{key}={shown}: give one prompt ({key}=\"a text\") or a list of texts "
+                        f"('{key}=[first,second]'), "
+                        + ("not an empty list" if not entries else f"not {bad[0]!r}"))
+    return [str(e) for e in entries]
 
 
 def read_prompt_file(path: str) -> list[str]:

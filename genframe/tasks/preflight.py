@@ -424,7 +424,8 @@ def check_monitor(cfg: DictConfig, model, data) -> set[str]:
     so the usual ``val/*`` monitor is checked without one.
 
     Returns:
-        the metric keys a run logs.
+        the metric keys found: those validation logs and the callbacks declare, or, when
+        the fitting probe ran, every key a run logs.
     """
     callbacks = to_plain(cfg.get("callbacks")) or {}
     watched = [("monitor", cfg.get("monitor"))]
@@ -441,6 +442,9 @@ def check_monitor(cfg: DictConfig, model, data) -> set[str]:
     except Exception:  # noqa: BLE001 - validation may need what fitting sets up (a plugin's
         logged = set()  # on_fit_start); the probe below fits and raises what is really wrong
     if any(metric not in logged for _, metric in watched):
+        import gc
+
+        gc.collect()  # the first probe's copy (trainer and model refer to each other) goes first
         logged = logged_metrics(model, data) | declared
     for key, metric in watched:
         if metric in logged:
@@ -484,9 +488,6 @@ def logged_metrics(model, data, *, train: bool = True) -> set[str]:
 
     import pytorch_lightning as pl
 
-    val_loader = data.val_dataloader()
-    if not train and val_loader is None:
-        return set()
     probe = copy.deepcopy(model)
     lightning_log = logging.getLogger("pytorch_lightning")
     level = lightning_log.level
@@ -494,6 +495,9 @@ def logged_metrics(model, data, *, train: bool = True) -> set[str]:
     try:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), kept_random_state():
             warnings.simplefilter("ignore")
+            val_loader = data.val_dataloader()  # here: a lazy set-up may draw random numbers
+            if not train and val_loader is None:
+                return set()
             trainer = pl.Trainer(
                 accelerator="cpu", devices=1, max_steps=1, max_epochs=1, limit_train_batches=1,
                 limit_val_batches=1, num_sanity_val_steps=0, logger=False,
