@@ -254,6 +254,11 @@ def test_a_list_of_prompts_is_a_batch_of_prompts(lm_run, compose_task):
                        "stream=false")
     manifest = manifest_of(task.generate(cfg)["folder"])
     assert [m["condition"]["prompt"] for m in manifest] == ["The for"] * 2 + ["A while"] * 2
+    cfg = compose_task("generate", f"run={lm_run}", "+condition.prompt=[The for,A while]", "stream=false")
+    manifest = manifest_of(task.generate(cfg)["folder"])
+    assert [m["condition"]["prompt"] for m in manifest] == ["The for", "A while"]
+    with pytest.raises(UserError, match=re.escape("condition.prompt=[]: give one prompt")):
+        task.generate(compose_task("generate", f"run={lm_run}", "+condition.prompt=[]"))
     for bad, shown in (("prompt=[]", "not an empty list"), ("prompt=[a,[b]]", "not ['b']"),
                        ("prompt={a:b}", "not {'a': 'b'}")):
         with pytest.raises(UserError, match=re.escape(shown)):
