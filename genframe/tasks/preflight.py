@@ -488,6 +488,10 @@ def logged_metrics(model, data, *, train: bool = True) -> set[str]:
 
     import pytorch_lightning as pl
 
+    with kept_random_state():  # a lazy set-up of the data may draw random numbers
+        val_loader = data.val_dataloader()
+    if not train and val_loader is None:
+        return set()
     probe = copy.deepcopy(model)
     lightning_log = logging.getLogger("pytorch_lightning")
     level = lightning_log.level
@@ -495,9 +499,6 @@ def logged_metrics(model, data, *, train: bool = True) -> set[str]:
     try:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), kept_random_state():
             warnings.simplefilter("ignore")
-            val_loader = data.val_dataloader()  # here: a lazy set-up may draw random numbers
-            if not train and val_loader is None:
-                return set()
             trainer = pl.Trainer(
                 accelerator="cpu", devices=1, max_steps=1, max_epochs=1, limit_train_batches=1,
                 limit_val_batches=1, num_sanity_val_steps=0, logger=False,
