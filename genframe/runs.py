@@ -298,8 +298,14 @@ def open_run(path: str | os.PathLike, *, key: str = "run") -> Run:
     except json.JSONDecodeError as exc:
         raise UserError(f"{key}={path}: {RUN_INFO} is not valid JSON ({exc})") from exc
     if not isinstance(info, dict) or "model" not in info:
-        task = info.get("task") if isinstance(info, dict) else None
-        raise UserError(f"{key}={path}: this run holds no model (it was a '{task}' run)")
+        record = info if isinstance(info, dict) else {}
+        message = f"{key}={path}: this '{record.get('task')}' run holds no model"
+        if record.get("status") in ("failed", "interrupted"):
+            # `end_run`'s short record: the task stopped before training started.
+            how = "failed" if record["status"] == "failed" else "was interrupted"
+            message += (f": it {how} before training started, with: "
+                        f"{record.get('error') or 'no error recorded'}")
+        raise UserError(message)
     return Run(p.resolve(), migrate_run_info(info, where=f"{key}={path}"))
 
 

@@ -314,7 +314,8 @@ def load_model(run: str | None = None, ckpt: str | None = None,
         UserError: naming the key (``run=``, ``ckpt=``, ``adapter=``) and the file.
     """
     if run is None and ckpt is None:
-        raise UserError("give run=<run directory> or ckpt=<checkpoint file>")
+        raise UserError("give the model: run=<run directory>, ckpt=<checkpoint file> or "
+                        "hub=NAME[:VERSION] (genframe hub list shows the entries)")
     opened = open_run(run) if run is not None else None
     if opened is not None:
         from genframe.hub import entry_at, verify

@@ -279,3 +279,9 @@ def test_a_key_under_a_null_mapping_says_how_to_set_it(fail):
     message = fail("chat", "run=/nowhere", "chat_template.user=x")
     assert "chat_template is null" in message and "+chat_template.user=x" in message, message
     assert "'chat_template={user: x}'" in message, message
+
+
+@pytest.mark.parametrize("task", ["generate", "evaluate", "export", "chat"])
+def test_a_task_without_a_model_names_every_source(fail, task):
+    message = fail(task)
+    assert all(key in message for key in ("run=", "ckpt=", "hub=")), message

@@ -204,3 +204,14 @@ def test_evaluate_progress_bar_names_the_split(tmp_path, capsys):
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "Evaluating (test split)" in text and "Validation" not in text, text[-2000:]
+
+
+@pytest.mark.parametrize("max_epochs, shown", [(-1, "Epoch 3"), (5, "Epoch 3/4")])
+def test_rich_bar_has_no_epoch_total_when_epochs_are_unbounded(max_epochs, shown):
+    from genframe.callbacks import RichProgressBar
+
+    bar = RichProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=max_epochs)  # what the description reads
+    description = bar._get_train_description(3)
+    assert description.strip() == shown and "-" not in description
+    assert len(description) >= len(bar.validation_description)  # padded like Lightning's

@@ -216,6 +216,7 @@ def test_metrics_title_names_the_weights_really_used(trained, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "best checkpoint" not in out.split("final metrics")[1].splitlines()[0]
     assert "no checkpoint was chosen as best" in out
+    assert "monitor=val/loss was never logged while training" in out
 
 
 
@@ -231,6 +232,16 @@ def test_a_refused_command_can_be_repeated_in_the_same_folder(trained, tmp_path,
     # a run that started is never overwritten
     assert main(["generate", f"run={trained}", "num_samples=2", f"hydra.run.dir={run_dir}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_refused_before_training_says_why(tmp_path, capsys):
+    run_dir = tmp_path / "refused"
+    assert main(["train", *FAST, "data.batch_size=abc", f"hydra.run.dir={run_dir}"]) == 2
+    capsys.readouterr()
+    assert main(["resume", f"run={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no model" in err and "failed before training started" in err
+    assert "data.batch_size" in err  # the recorded error, so the user sees what to fix
 
 
 def test_a_run_dir_inside_an_existing_run_is_refused(trained, capsys):

@@ -531,7 +531,7 @@ def test_a_prompt_longer_than_the_context_is_refused(tok):
     model.generate(1, condition={"prompt": "x" * 7}, max_new_tokens=3, seed=0)  # 7 fits
     with pytest.raises(UserError, match=r"prompt is 8 tokens.*block_size=8"):
         model.generate(1, condition={"prompt": "x" * 8}, max_new_tokens=3)
-    with pytest.raises(UserError, match="prompt 1 is 9 tokens"):
+    with pytest.raises(UserError, match="prompt 2 of 2 is 9 tokens"):
         model.generate(2, condition={"prompt": ["ok", "y" * 9]})
 
 

@@ -224,3 +224,16 @@ class SplitProgressBar(pl.callbacks.TQDMProgressBar):
     @property
     def validation_description(self) -> str:
         return f"Evaluating ({self.split} split)"
+
+
+class RichProgressBar(pl.callbacks.RichProgressBar):
+    """Lightning's rich progress bar, without an epoch total when the epochs are
+    unbounded (``max_epochs=-1``, a run limited by ``max_steps``): Lightning 2.6 shows
+    ``Epoch 3/-2`` there (its fix, Lightning-AI/pytorch-lightning#21924, ships in 2.7)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is None or max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        # Padded to the validation bar's description, as Lightning's (no flicker).
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"

@@ -114,6 +114,8 @@ def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: 
     except MisconfigurationException as exc:
         raise UserError(f"{exc}".splitlines()[0] + f" (monitor={cfg.monitor})") from exc
 
+    # Read before the final validation below logs it: was the monitor seen while training?
+    monitor_seen = cfg.get("monitor") in trainer.callback_metrics
     best = _best_checkpoint(trainer, out_dir)
     if best is not None:  # export and sample from the best weights, not the last ones
         _, state = read_weights(best, where=f"the run's best checkpoint {best}")
@@ -147,7 +149,11 @@ def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: 
     update_run(out_dir, status="completed", best_checkpoint=str(best) if best else None,
                epochs=trainer.current_epoch, steps=trainer.global_step)
     weights_used = ("the best checkpoint's weights" if best is not None else
-                    "the last weights: no checkpoint was chosen as best")
+                    "the last weights: no checkpoint was chosen as best" + (
+                        "" if monitor_seen or not cfg.get("monitor") else
+                        f", as monitor={cfg.monitor} was never logged while training (validation "
+                        "runs every trainer.val_check_interval steps or check_val_every_n_epoch "
+                        "epochs)"))
     report(out_dir, metrics, f"final metrics (val/* measured with {weights_used}):")
     monitor = cfg.get("monitor")
     return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get(monitor),

@@ -574,7 +574,8 @@ class Transformer(GenerativeModule):
             if p in encoded:
                 continue
             ids = self.tokenizer.encode(p) or start
-            self._check_fits(len(ids), f"prompt {i}" if len(set(prompts)) > 1 else "the prompt")
+            which = f"prompt {i + 1} of {len(prompts)}" if len(set(prompts)) > 1 else "the prompt"
+            self._check_fits(len(ids), which)
             encoded[p] = ids
         return [list(encoded[p]) for p in prompts]
 
@@ -587,9 +588,9 @@ class Transformer(GenerativeModule):
         for i, row in enumerate(rows):
             if not row or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                   for t in row):
-                raise UserError(f"condition.prompt_ids: row {i} must be a non-empty list of "
+                raise UserError(f"condition.prompt_ids: row {i + 1} of {n} must be a non-empty list of "
                                 f"token ids in 0..{vocab - 1}")
-            self._check_fits(len(row), "the prompt" if n == 1 else f"prompt {i}")
+            self._check_fits(len(row), "the prompt" if n == 1 else f"prompt {i + 1} of {n}")
         return [list(r) for r in rows]
 
     def _check_fits(self, length: int, which: str) -> None:
