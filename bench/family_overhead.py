@@ -68,6 +68,11 @@ FAMILIES: dict[str, tuple[str, list[str], dict[str, list[str]]]] = {
         "small": [],
         "medium": ["model.n_layer=6", "model.n_head=6", "model.n_embd=384",
                    "model.block_size=256", "data.block_size=256"]}),
+    # The modern recipe (rotary, RMSNorm, QK-norm, squared ReLU, Muon) at the same sizes.
+    "transformer_modern": ("pydoc_char_lm_modern", [], {
+        "small": [],
+        "medium": ["model.n_layer=6", "model.n_head=6", "model.n_embd=384",
+                   "model.block_size=256", "data.block_size=256"]}),
     "autoencoder": ("shapes_autoencoder", [], {
         "small": ["model.block_out_channels=[16,32,32]"],
         "medium": []}),

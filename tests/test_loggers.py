@@ -234,7 +234,8 @@ def test_many_writes_csv_tensorboard_and_mlflow_but_not_wandb(cli):
     logs = run / "logs"
     assert sorted(p.name for p in logs.iterdir()) == ["csv", "mlflow", "tensorboard"]
     assert "val/loss" in (logs / "csv" / "metrics.csv").read_text().splitlines()[0]
-    assert "val/loss" in _events(logs / "tensorboard").Tags()["scalars"]
+    scalars = _events(logs / "tensorboard").Tags()["scalars"]
+    assert "val/loss" in scalars and "final/val/loss" in scalars  # logged after fitting too
     assert (logs / "mlflow" / "mlflow.db").stat().st_size > 0
     assert list((logs / "mlflow" / "artifacts").rglob("samples~final+*.png"))
 
@@ -349,3 +350,16 @@ def test_building_a_trainer_installs_the_cheap_self_log(compose_task, monkeypatc
     build_trainer(cfg, prepare_training(cfg).model)
     assert result._ResultMetric.to is not lightnings
     assert result._ResultMetric.to._genframe_original is lightnings
+
+
+def test_the_final_validation_is_logged_once_under_final(tiny_vae_run):
+    import csv
+
+    with open(tiny_vae_run / "logs" / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    curve = [r for r in rows if r.get("val/loss")]
+    final = [r for r in rows if r.get("final/val/loss")]
+    assert len(curve) == 1, rows  # one epoch: one validation while training, one point
+    assert len(final) == 1, rows
+    saved = json.loads((tiny_vae_run / "metrics.json").read_text())
+    assert float(final[0]["final/val/loss"]) == pytest.approx(saved["val/loss"])

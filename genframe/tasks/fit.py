@@ -11,7 +11,7 @@ from typing import Any
 
 from genframe.errors import TrainingDiverged, UserError
 from genframe.files import atomic_write_json
-from genframe.loggers import log_config, log_samples
+from genframe.loggers import log_config, log_final_metrics, log_samples
 from genframe.hardware import is_rank_zero
 from genframe.runs import (
     METRICS,
@@ -126,8 +126,16 @@ def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: 
         save_weights(model, out_dir / WEIGHTS)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    val = trainer.validate(model, datamodule=data, verbose=False)
-    metrics.update({k: float(v) for k, v in (val[0] if val else {}).items()})
+    # The loggers' curves keep what training measured: this pass, with the weights saved
+    # (often an earlier step's), is logged once under final/ instead of as one more point.
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        val = trainer.validate(model, datamodule=data, verbose=False)
+    finally:
+        trainer.loggers = loggers
+    final = {k: float(v) for k, v in (val[0] if val else {}).items()}
+    log_final_metrics(loggers, final, trainer.global_step)
+    metrics.update(final)
     # Lightning also reports `x_step`/`x_epoch` copies of metrics logged both ways.
     metrics = {k: v for k, v in sorted(metrics.items())
                if not k.endswith("_step") and not (k.endswith("_epoch") and k[:-6] in metrics)}
