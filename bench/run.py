@@ -47,7 +47,7 @@ COMPARISONS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "lm_throughput": ("lm_throughput.py", ["--rounds", "3"], None),
     "cli_startup": ("cli_startup.py", ["--repeat", "5"], ["--repeat", "1"]),
     "log_cost": ("log_cost.py", [], ["--smoke"]),
-    # trainer.compile per family, compile time included (~20 min: it compiles 7 models).
+    # trainer.compile per family, compile time included (~25 min: it compiles 8 models).
     "compile": ("compile_families.py", [], None),
 }
 # Scripts that take the suite's --json, --max-wait and --retries.

@@ -225,17 +225,21 @@ def flat_params(params: dict[str, Any], prefix: str = "") -> dict[str, bool | in
 @rank_zero_only
 def log_final_metrics(loggers: list[Any], metrics: dict[str, float], step: int) -> None:
     """Log the metrics of the run's final validation (the weights the run saved) to every
-    logger once, as ``final/<key>`` at the last `step`, so that the ``val/*`` curves hold
-    only what was measured while training. Loggers write on rank zero only (Lightning's
-    ``log_metrics`` is rank-zero only)."""
+    logger once, as ``final/<key>`` at `step` (the last one), so that the ``val/*`` curves
+    hold only what was measured while training. Only rank zero logs. A logger that fails
+    (a server gone) is warned about and skipped: the trained run is not lost to it."""
     if not metrics:
         return
     final = {f"final/{key}": value for key, value in metrics.items()}
     for logger in loggers:
-        logger.log_metrics(final, step=step)
-        logger.save()
+        try:
+            logger.log_metrics(final, step=step)
+            logger.save()
+        except Exception as exc:  # losing them in one logger must not end the run
+            rank_zero_warn(f"{type(logger).__name__} did not take the final metrics: {exc}")
 
 
+@rank_zero_only
 def log_samples(loggers: list[Any], samples: Any, step: int, key: str = "samples") -> None:
     """Send `samples` (a `genframe.samples.Samples`) to every logger that takes them.
 

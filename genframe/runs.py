@@ -299,12 +299,12 @@ def open_run(path: str | os.PathLike, *, key: str = "run") -> Run:
         raise UserError(f"{key}={path}: {RUN_INFO} is not valid JSON ({exc})") from exc
     if not isinstance(info, dict) or "model" not in info:
         record = info if isinstance(info, dict) else {}
-        message = f"{key}={path}: this '{record.get('task')}' run holds no model"
-        if record.get("status") in ("failed", "interrupted"):
-            # `end_run`'s short record: the task stopped before training started.
-            how = "failed" if record["status"] == "failed" else "was interrupted"
-            message += (f": it {how} before training started, with: "
-                        f"{record.get('error') or 'no error recorded'}")
+        task = record.get("task") or "unknown"
+        message = f"{key}={path}: this '{task}' run holds no model"
+        if never_started(p):  # `end_run`'s short record of a task its checks refused
+            how = "failed" if record.get("status") == "failed" else "was stopped"
+            message += (f": it {how} before it started ({record.get('error') or 'no error recorded'});"
+                        " correct that and run its command again (the folder may be reused)")
         raise UserError(message)
     return Run(p.resolve(), migrate_run_info(info, where=f"{key}={path}"))
 

@@ -363,3 +363,66 @@ def test_the_final_validation_is_logged_once_under_final(tiny_vae_run):
     assert len(final) == 1, rows
     saved = json.loads((tiny_vae_run / "metrics.json").read_text())
     assert float(final[0]["final/val/loss"]) == pytest.approx(saved["val/loss"])
+
+
+def test_samples_and_final_metrics_are_logged_from_rank_zero_only(tmp_path, monkeypatch):
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from genframe.loggers import log_final_metrics, log_samples
+    from genframe.samples import Samples
+
+    calls = []
+
+    class Recording(TensorBoardLogger):  # records instead of writing, on any rank
+        def log_metrics(self, metrics, step=None):
+            calls.append(("metrics", metrics, step))
+
+        def save(self):
+            calls.append(("save",))
+
+        @property
+        def experiment(self):
+            calls.append(("experiment",))
+            return _Writer()
+
+    class _Writer:
+        def add_image(self, *args, **kwargs):
+            calls.append(("image",))
+
+        def flush(self):
+            pass
+
+    logger = Recording(save_dir=tmp_path)
+    samples = Samples(images=torch.rand(2, 1, 8, 8))
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    log_final_metrics([logger], {"val/loss": 1.0}, 5)
+    log_samples([logger], samples, 5)
+    assert calls == []
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    log_final_metrics([logger], {"val/loss": 1.0}, 5)
+    log_samples([logger], samples, 5)
+    assert calls[:2] == [("metrics", {"final/val/loss": 1.0}, 5), ("save",)]
+    assert ("image",) in calls
+
+
+def test_a_failing_final_validation_ends_the_loggers_as_failed():
+    from genframe.tasks.fit import _final_validation
+
+    ended = []
+
+    class Logger:
+        def finalize(self, status):
+            ended.append(status)
+
+    class Trainer:
+        loggers = [Logger()]
+
+        def validate(self, *args, **kwargs):
+            assert self.loggers == []  # detached: nothing goes on the curves
+            raise RuntimeError("validation broke (simulated)")
+
+    trainer = Trainer()
+    with pytest.raises(RuntimeError, match="simulated"):
+        _final_validation(trainer, model=None, data=None)
+    assert ended == ["failed"] and len(trainer.loggers) == 1  # ended, and given back

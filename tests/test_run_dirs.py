@@ -217,6 +217,7 @@ def test_metrics_title_names_the_weights_really_used(trained, tmp_path, capsys):
     assert "best checkpoint" not in out.split("final metrics")[1].splitlines()[0]
     assert "no checkpoint was chosen as best" in out
     assert "monitor=val/loss was never logged while training" in out
+    assert "validation was off (trainer.limit_val_batches=0)" in out
 
 
 
@@ -240,8 +241,26 @@ def test_resume_of_a_run_refused_before_training_says_why(tmp_path, capsys):
     capsys.readouterr()
     assert main(["resume", f"run={run_dir}"]) == 2
     err = capsys.readouterr().err
-    assert "holds no model" in err and "failed before training started" in err
+    assert "holds no model" in err and "failed before it started" in err
     assert "data.batch_size" in err  # the recorded error, so the user sees what to fix
+
+
+def test_a_generate_run_that_failed_after_starting_is_not_said_to_have_not_started(
+        trained, tmp_path, monkeypatch, capsys):
+    import genframe.tasks.generate as generate
+    from genframe.errors import UserError
+
+    def fail(*args, **kwargs):
+        raise UserError("disk full (simulated)")
+
+    monkeypatch.setattr(generate, "atomic_write_json", fail)  # its metrics.json, at the end
+    run_dir = tmp_path / "gen"
+    assert main(["generate", f"run={trained}", "num_samples=2", f"hydra.run.dir={run_dir}"]) == 2
+    assert status_of(run_dir)["status"] == "failed"
+    capsys.readouterr()
+    assert main(["resume", f"run={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "this 'generate' run holds no model" in err and "before it started" not in err
 
 
 def test_a_run_dir_inside_an_existing_run_is_refused(trained, capsys):

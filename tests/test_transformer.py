@@ -533,6 +533,11 @@ def test_a_prompt_longer_than_the_context_is_refused(tok):
         model.generate(1, condition={"prompt": "x" * 8}, max_new_tokens=3)
     with pytest.raises(UserError, match="prompt 2 of 2 is 9 tokens"):
         model.generate(2, condition={"prompt": ["ok", "y" * 9]})
+    ids = tok.encode("y" * 9)
+    with pytest.raises(UserError, match="condition.prompt_ids: prompt 2 of 2 is 9 tokens"):
+        model.generate(2, condition={"prompt_ids": [ids[:2], ids]})
+    with pytest.raises(UserError, match="condition.prompt_ids: the prompt is 9 tokens"):
+        model.generate(2, condition={"prompt_ids": ids})  # one list for every sample
 
 
 @pytest.mark.parametrize("options, match", [

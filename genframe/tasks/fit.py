@@ -126,16 +126,7 @@ def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: 
         save_weights(model, out_dir / WEIGHTS)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    # The loggers' curves keep what training measured: this pass, with the weights saved
-    # (often an earlier step's), is logged once under final/ instead of as one more point.
-    loggers, trainer.loggers = trainer.loggers, []
-    try:
-        val = trainer.validate(model, datamodule=data, verbose=False)
-    finally:
-        trainer.loggers = loggers
-    final = {k: float(v) for k, v in (val[0] if val else {}).items()}
-    log_final_metrics(loggers, final, trainer.global_step)
-    metrics.update(final)
+    metrics.update(_final_validation(trainer, model, data))
     # Lightning also reports `x_step`/`x_epoch` copies of metrics logged both ways.
     metrics = {k: v for k, v in sorted(metrics.items())
                if not k.endswith("_step") and not (k.endswith("_epoch") and k[:-6] in metrics)}
@@ -157,15 +148,48 @@ def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: 
     update_run(out_dir, status="completed", best_checkpoint=str(best) if best else None,
                epochs=trainer.current_epoch, steps=trainer.global_step)
     weights_used = ("the best checkpoint's weights" if best is not None else
-                    "the last weights: no checkpoint was chosen as best" + (
-                        "" if monitor_seen or not cfg.get("monitor") else
-                        f", as monitor={cfg.monitor} was never logged while training (validation "
-                        "runs every trainer.val_check_interval steps or check_val_every_n_epoch "
-                        "epochs)"))
-    report(out_dir, metrics, f"final metrics (val/* measured with {weights_used}):")
+                    "the last weights: no checkpoint was chosen as best")
+    title = f"final metrics (val/* measured with {weights_used}):"
+    if best is None and not monitor_seen and cfg.get("monitor"):
+        title = f"{_unseen_monitor(cfg)}\n{title}"
+    report(out_dir, metrics, title)
     monitor = cfg.get("monitor")
     return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get(monitor),
             "model": model, "trainer": trainer, "samples": samples}
+
+
+def _final_validation(trainer, model, data) -> dict[str, float]:
+    """Validate `model` (the weights the run saved) once more and return its metrics.
+
+    The loggers' curves keep what training measured: this pass (often with an earlier
+    step's weights) is logged once as ``final/<key>`` instead of as one more point. Should
+    it fail, the loggers are ended as failed, as Lightning ends them when fitting fails.
+    """
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        val = trainer.validate(model, datamodule=data, verbose=False)
+    except BaseException:
+        for logger in loggers:
+            logger.finalize("failed")
+        raise
+    finally:
+        trainer.loggers = loggers
+    final = {k: float(v) for k, v in (val[0] if val else {}).items()}
+    log_final_metrics(loggers, final, trainer.global_step)
+    return final
+
+
+def _unseen_monitor(cfg) -> str:
+    """Why no checkpoint was chosen: the monitor was never logged while training."""
+    limit = cfg.trainer.get("limit_val_batches")
+    if limit is not None and not isinstance(limit, bool) and limit == 0:
+        why = "validation was off (trainer.limit_val_batches=0)"
+    elif str(cfg.monitor).startswith("val/"):
+        why = ("no validation ran before training ended (see trainer.val_check_interval and "
+               "trainer.check_val_every_n_epoch)")
+    else:
+        why = "the model logged no value under that name"
+    return f"no best checkpoint: monitor={cfg.monitor} was never logged while training; {why}"
 
 
 def _best_checkpoint(trainer, out_dir: Path) -> str | None:

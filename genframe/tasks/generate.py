@@ -210,8 +210,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     writer.close()
     _close(base_writer)
     progress.update(writer.count, final=True)
-    update_run(out_dir, status="completed", num_samples=total)
     atomic_write_json(out_dir / "metrics.json", {})
+    update_run(out_dir, status="completed", num_samples=total)  # last: nothing can fail after it
     print(f"run directory: {out_dir}\n  {plural(total, 'sample')} in {folder}", flush=True)
     return {"run_dir": out_dir, "folder": folder, "num_samples": writer.count,
             "samples": kept, "metrics": {}}

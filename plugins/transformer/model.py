@@ -581,22 +581,24 @@ class Transformer(GenerativeModule):
 
     def _given_contexts(self, value: Any, n: int) -> list[list[int]]:
         """Rows' token ids from ``condition["prompt_ids"]`` (one list, or one per row)."""
-        rows = value if value and all(isinstance(r, (list, tuple)) for r in value) else [value] * n
+        single = not (value and all(isinstance(r, (list, tuple)) for r in value))
+        rows = [value] * n if single else value
         if len(rows) != n:
             raise UserError(f"condition.prompt_ids: got {len(rows)} prompts for {n} samples")
         vocab = self.hparams.vocab_size
         for i, row in enumerate(rows):
+            which = "the prompt" if single or n == 1 else f"prompt {i + 1} of {n}"
             if not row or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                   for t in row):
-                raise UserError(f"condition.prompt_ids: row {i + 1} of {n} must be a non-empty list of "
+                raise UserError(f"condition.prompt_ids: {which} must be a non-empty list of "
                                 f"token ids in 0..{vocab - 1}")
-            self._check_fits(len(row), "the prompt" if n == 1 else f"prompt {i + 1} of {n}")
+            self._check_fits(len(row), which, key="condition.prompt_ids")
         return [list(r) for r in rows]
 
-    def _check_fits(self, length: int, which: str) -> None:
+    def _check_fits(self, length: int, which: str, key: str = "condition.prompt") -> None:
         if length > self.block_size - 1:
             raise UserError(
-                f"condition.prompt: {which} is {length} tokens; this model's context "
+                f"{key}: {which} is {length} tokens; this model's context "
                 f"window is block_size={self.block_size} tokens, and at least one new "
                 f"token must fit: shorten it to {self.block_size - 1} tokens or fewer"
             )
