@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from genframe.errors import UserError
+from genframe.errors import UserError, plural
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -215,18 +215,18 @@ def load_state_dict_strict(module: Any, state: dict[str, Any], *, where: str,
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+    wrong_shape = [f"{k}: {tuple(state[k].shape)} in the weights, {tuple(own[k].shape)} in the model"
                    for k in own if k in state and state[k].shape != own[k].shape]
     what = what or type(module).__name__
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+            parts.append(f"{plural(len(missing), 'key')} missing (e.g. {missing[:3]})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+            parts.append(f"{plural(len(unexpected), 'key')} unexpected (e.g. {unexpected[:3]})")
         if wrong_shape:
-            parts.append(f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:2]})")
-        raise UserError(f"{where}: the weights do not fit {what}: keys " + "; ".join(parts))
+            parts.append(f"{plural(len(wrong_shape), 'key')} of another shape (e.g. {wrong_shape[:2]})")
+        raise UserError(f"{where}: the weights do not fit {what}: " + "; ".join(parts))
     checked = state if finite == "all" else dict(module.named_parameters())
     bad = [k for k, v in state.items()
            if k in checked and v.is_floating_point() and not torch.isfinite(v).all()]

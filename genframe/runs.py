@@ -286,7 +286,10 @@ def open_run(path: str | os.PathLike, *, key: str = "run") -> Run:
     if not p.exists():
         raise UserError(f"{key}={path}: no such directory")
     if not p.is_dir():
-        raise UserError(f"{key}={path}: not a directory (use ckpt= for a checkpoint file)")
+        holder = next((d for d in p.resolve().parents if (d / RUN_INFO).is_file()), None)
+        where = f"; the run directory holding it is {holder}" if holder is not None else ""
+        raise UserError(f"{key}={path}: not a directory{where} (tasks that read one checkpoint "
+                        "file, such as generate and export, take it as ckpt=)")
     info_path = p / RUN_INFO
     if not info_path.exists():
         raise UserError(
@@ -305,6 +308,11 @@ def open_run(path: str | os.PathLike, *, key: str = "run") -> Run:
             how = "failed" if record.get("status") == "failed" else "was stopped"
             message += (f": it {how} before it started ({record.get('error') or 'no error recorded'});"
                         " correct that and run its command again (the folder may be reused)")
+        else:  # a run of a task that makes no model: generate, evaluate, chat, ...
+            message += "; runs of train and finetune hold one"
+            source = record.get("source")
+            if isinstance(source, dict) and source.get("run"):
+                message += f" (this one read its model from run={source['run']})"
         raise UserError(message)
     return Run(p.resolve(), migrate_run_info(info, where=f"{key}={path}"))
 

@@ -357,7 +357,7 @@ def test_timm_trunk_refuses_weights_that_do_not_fit(tmp_path, monkeypatch):
     del state["layer1.0.conv1.weight"]
     partial = tmp_path / "partial.safetensors"
     save_file(state, str(partial))
-    with pytest.raises(UserError, match=r"1 missing .*layer1\.0\.conv1\.weight"):
+    with pytest.raises(UserError, match=r"1 key missing .*layer1\.0\.conv1\.weight"):
         tiny(d_backbone="test_resnet", d_backbone_weights=str(partial))
     # A stem of another width is another architecture, not a channel count to adapt.
     state = _timm_state("test_resnet")

@@ -215,3 +215,20 @@ def test_rich_bar_has_no_epoch_total_when_epochs_are_unbounded(max_epochs, shown
     description = bar._get_train_description(3)
     assert description.strip() == shown and "-" not in description
     assert len(description) >= len(bar.validation_description)  # padded like Lightning's
+
+
+def test_training_gets_genframes_bar_by_default_and_keeps_a_chosen_one(compose_task):
+    from genframe.callbacks import RichProgressBar, SplitProgressBar
+    from genframe.tasks.build import build_trainer
+    from genframe.tasks.train import prepare_training
+    from tests.conftest import FAST_TRAINING
+
+    fast = [o for o in FAST_TRAINING if not o.startswith("trainer.enable_progress_bar")]
+    cfg = compose_task("train", *fast, "logger=none", "model.latent_dim=2", "model.block_out_channels=[8,16]")
+    model = prepare_training(cfg).model
+    assert isinstance(build_trainer(cfg, model).progress_bar_callback, RichProgressBar)
+    chosen = SplitProgressBar("val")
+    assert build_trainer(cfg, model, extra_callbacks=[chosen]).progress_bar_callback is chosen
+    cfg = compose_task("train", *fast, "logger=none", "trainer.enable_progress_bar=false",
+                       "model.latent_dim=2", "model.block_out_channels=[8,16]")
+    assert build_trainer(cfg, model).progress_bar_callback is None

@@ -261,6 +261,10 @@ def test_a_generate_run_that_failed_after_starting_is_not_said_to_have_not_start
     assert main(["resume", f"run={run_dir}"]) == 2
     err = capsys.readouterr().err
     assert "this 'generate' run holds no model" in err and "before it started" not in err
+    assert "runs of train and finetune hold one" in err and f"run={trained}" in err
+    # a checkpoint file given as run= names the run directory holding it
+    assert main(["resume", f"run={trained / 'checkpoints' / 'last.ckpt'}"]) == 2
+    assert f"the run directory holding it is {trained.resolve()}" in capsys.readouterr().err
 
 
 def test_a_run_dir_inside_an_existing_run_is_refused(trained, capsys):
@@ -297,3 +301,15 @@ def test_diverged_message_names_the_checkpoint_really_kept(tmp_path):
     ckpt.write_bytes(b"x")
     saved = SimpleNamespace(checkpoint_callbacks=[SimpleNamespace(last_model_path=str(ckpt), best_model_path="")])
     assert f"The last good checkpoint is kept: {ckpt}" == _kept(saved)
+
+
+def test_a_run_shorter_than_its_validation_interval_says_so_with_the_numbers(tmp_path, capsys):
+    lm = ["model=transformer", "data=text", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
+          "model.block_size=16", "data.block_size=16", "trainer.max_steps=5",
+          "trainer.val_check_interval=50", "trainer.check_val_every_n_epoch=null",
+          "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "num_samples=0"]
+    assert main(["train", *lm, f"hydra.run.dir={tmp_path / 'lm'}"]) == 0
+    out = capsys.readouterr().out
+    assert "no best checkpoint: monitor=val/loss was never logged while training" in out
+    assert "no validation ran before training ended at step 5" in out
+    assert "trainer.val_check_interval=50" in out  # the setting to change

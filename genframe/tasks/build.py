@@ -299,6 +299,8 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
     if train:
         callbacks += model_settings(model, **settings)
     callbacks += extra_callbacks or []
+    if train and kwargs.get("enable_progress_bar", True):
+        callbacks += default_progress_bar(callbacks)
     # Checkpoints are written aside and renamed into place (a kill never tears one).
     plugins = [*(kwargs.pop("plugins", None) or []), AtomicCheckpointIO()]
     from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -316,6 +318,20 @@ def build_trainer(cfg: DictConfig, model, *, extra_callbacks: list | None = None
         # Lightning's own checks of argument combinations (strategy vs accelerator, a
         # progress-bar callback with enable_progress_bar=false, ...).
         raise UserError(f"trainer (preset '{choice}'): {exc}") from exc
+
+
+def default_progress_bar(callbacks: list) -> list:
+    """The progress bar Lightning would add to `callbacks` (rich's when rich is installed),
+    as genframe's `RichProgressBar` (no ``Epoch 3/-2`` for ``max_epochs=-1``); nothing
+    when a progress bar is configured or rich is missing (Lightning's tqdm bar then)."""
+    import pytorch_lightning as pl
+    from lightning_utilities.core.imports import RequirementCache
+
+    from genframe.callbacks import RichProgressBar
+
+    if any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks):
+        return []
+    return [RichProgressBar()] if RequirementCache("rich>=10.2.2") else []  # Lightning's own test
 
 
 def model_settings(model, *, compile: Any = None, activation_checkpointing: Any = None) -> list:

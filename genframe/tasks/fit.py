@@ -151,7 +151,7 @@ def _train_and_report(cfg, trainer, prepared: Prepared, out_dir: Path, *, task: 
                     "the last weights: no checkpoint was chosen as best")
     title = f"final metrics (val/* measured with {weights_used}):"
     if best is None and not monitor_seen and cfg.get("monitor"):
-        title = f"{_unseen_monitor(cfg)}\n{title}"
+        title = f"{_unseen_monitor(cfg, trainer)}\n{title}"
     report(out_dir, metrics, title)
     monitor = cfg.get("monitor")
     return {"run_dir": out_dir, "metrics": metrics, "objective": metrics.get(monitor),
@@ -179,14 +179,17 @@ def _final_validation(trainer, model, data) -> dict[str, float]:
     return final
 
 
-def _unseen_monitor(cfg) -> str:
+def _unseen_monitor(cfg, trainer) -> str:
     """Why no checkpoint was chosen: the monitor was never logged while training."""
-    limit = cfg.trainer.get("limit_val_batches")
+    settings = cfg.trainer
+    limit = settings.get("limit_val_batches")
     if limit is not None and not isinstance(limit, bool) and limit == 0:
         why = "validation was off (trainer.limit_val_batches=0)"
     elif str(cfg.monitor).startswith("val/"):
-        why = ("no validation ran before training ended (see trainer.val_check_interval and "
-               "trainer.check_val_every_n_epoch)")
+        why = (f"no validation ran before training ended at step {trainer.global_step} "
+               f"(trainer.val_check_interval={settings.get('val_check_interval')}, "
+               f"trainer.check_val_every_n_epoch={settings.get('check_val_every_n_epoch')}): "
+               "validate more often or train longer")
     else:
         why = "the model logged no value under that name"
     return f"no best checkpoint: monitor={cfg.monitor} was never logged while training; {why}"
