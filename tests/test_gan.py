@@ -363,7 +363,8 @@ def test_timm_trunk_refuses_weights_that_do_not_fit(tmp_path, monkeypatch):
     state = _timm_state("test_resnet")
     state["conv1.0.weight"] = torch.zeros(3, 3, 3, 3)
     save_file(state, str(partial))
-    with pytest.raises(UserError, match="of another shape"):
+    with pytest.raises(UserError, match=r"1 key of another shape .*conv1\.0\.weight: \(3, 3, 3, 3\) "
+                                         r"in the weights, \(16, 1, 3, 3\) in the model"):
         tiny(d_backbone="test_resnet", d_backbone_weights=str(partial))
     (tmp_path / "junk.safetensors").write_bytes(b"not weights")
     with pytest.raises(UserError, match="model.d_backbone_weights"):

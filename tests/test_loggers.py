@@ -391,7 +391,7 @@ def test_samples_and_final_metrics_are_logged_from_rank_zero_only(tmp_path, monk
             calls.append(("image",))
 
         def flush(self):
-            pass
+            calls.append(("flush",))
 
     logger = Recording(save_dir=tmp_path)
     samples = Samples(images=torch.rand(2, 1, 8, 8))

@@ -586,7 +586,7 @@ class Transformer(GenerativeModule):
         if len(rows) != n:
             raise UserError(f"condition.prompt_ids: got {len(rows)} prompts for {n} samples")
         vocab = self.hparams.vocab_size
-        for i, row in enumerate(rows):
+        for i, row in enumerate(rows[:1] if single else rows):  # one list for all: checked once
             which = "the prompt" if single or n == 1 else f"prompt {i + 1} of {n}"
             if not row or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                   for t in row):
